@@ -1,0 +1,556 @@
+//! Configuration: built-in defaults, then the TOML file, then `FENX_*` environment variables,
+//! then secrets from files or systemd credentials, into one plain [`Settings`] struct.
+//!
+//! This is the only module that knows figment. Everything else takes `Settings` (tests build it
+//! in code). It must never print or log a secret: `Settings` serialises secrets as redacted.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Metadata, Profile, Provider};
+use ipnet::IpNet;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::signature::RecipeChoice;
+
+/// The file read when neither `--config` nor `FENX_CONFIG` names one (skipped if absent).
+pub const DEFAULT_CONFIG_FILE: &str = "config/fenx-sync.toml";
+const ENV_PREFIX: &str = "FENX_";
+
+/// Keys whose environment values are taken verbatim: figment would otherwise turn a secret such
+/// as `0123` into the number 123 or strip quotes from `"abc"`.
+const VERBATIM_ENV_KEYS: [(&str, &str); 1] = [("webhook.secrets", "FENX_WEBHOOK__SECRETS")];
+
+/// The whole configuration. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub webhook: WebhookSettings,
+    pub store: StoreSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address the webhook listener binds.
+    pub listen: SocketAddr,
+    /// Most simultaneous connections; further ones wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Time a client has to send the request headers (also the idle keep-alive limit).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Time a client has to send the whole body once the headers are in.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Largest accepted body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Client networks allowed to post webhooks (empty: any). Others get 403.
+    pub allow_networks: Vec<IpNet>,
+    /// Reverse proxies whose `X-Forwarded-For` is trusted to name the real client.
+    pub trusted_proxies: Vec<IpNet>,
+    /// How long shutdown waits for in-flight requests before closing them.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: "0.0.0.0:8080".parse().expect("valid literal"),
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_body_bytes: 1024 * 1024,
+            allow_networks: Vec::new(),
+            trusted_proxies: Vec::new(),
+            shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// Path Fenergo posts to.
+    pub path: String,
+    /// Webhook secrets as configured in Fenergo; several during rotation.
+    #[serde(
+        deserialize_with = "secrets_from_list_or_csv",
+        serialize_with = "redact_secrets"
+    )]
+    pub secrets: Vec<SecretString>,
+    /// A file with one secret per line, added to `secrets`.
+    pub secrets_file: Option<PathBuf>,
+    pub signature: SignatureSettings,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        WebhookSettings {
+            path: "/webhooks/fenergo".into(),
+            secrets: Vec::new(),
+            secrets_file: None,
+            signature: SignatureSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SignatureSettings {
+    /// `auto` (any candidate recipe) or one pinned recipe such as `sha256-hex/hex`.
+    #[serde(deserialize_with = "from_str", serialize_with = "to_string")]
+    pub recipe: RecipeChoice,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// Directory holding `outbox.db`.
+    pub dir: PathBuf,
+    /// How long a commit waits for SQLite's write lock before the request gets 503.
+    #[serde(with = "humantime_serde")]
+    pub busy_timeout: Duration,
+    /// The most notifications in one group commit.
+    pub max_batch: usize,
+    /// Requests that may wait for the outbox writer at once.
+    pub queue_capacity: usize,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            dir: PathBuf::from("./data"),
+            busy_timeout: Duration::from_secs(5),
+            max_batch: 512,
+            queue_capacity: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line (containers, log shippers).
+    Json,
+    /// Readable lines (a terminal).
+    Human,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `fenx_sync=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("cannot read {key} from {path}: {source}")]
+    SecretFile {
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {key}: {message}")]
+    Rule { key: &'static str, message: String },
+}
+
+/// Where configuration comes from, so tests and the CLI can name them without touching the
+/// process environment.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// `--config PATH`; falls back to `FENX_CONFIG`, then [`DEFAULT_CONFIG_FILE`] if present.
+    pub file: Option<PathBuf>,
+}
+
+impl Settings {
+    /// Loads the configuration from its sources, resolves secret files, and checks the rules that
+    /// serde cannot express. Errors name the key and where its value came from.
+    pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
+        let explicit = sources
+            .file
+            .clone()
+            .or_else(|| std::env::var_os("FENX_CONFIG").map(PathBuf::from));
+        let mut figment = Figment::new();
+        match explicit {
+            Some(path) if !path.is_file() => return Err(ConfigError::MissingFile(path)),
+            Some(path) => figment = figment.merge(Toml::file_exact(path)),
+            None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
+                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE));
+            }
+            None => {}
+        }
+        let ignored: Vec<&str> = std::iter::once("config")
+            .chain(VERBATIM_ENV_KEYS.iter().map(|(key, _)| *key))
+            .collect();
+        figment = figment
+            .merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&ignored))
+            .merge(VerbatimEnv);
+        let mut settings: Settings = figment
+            .extract()
+            .map_err(|e| ConfigError::Invalid(describe(e)))?;
+        settings
+            .resolve_secret_files(std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Adds secrets from `webhook.secrets_file` and from systemd's credentials directory
+    /// (credential `webhook-secrets`, one secret per line).
+    fn resolve_secret_files(
+        &mut self,
+        credentials_dir: Option<PathBuf>,
+    ) -> Result<(), ConfigError> {
+        let credential = credentials_dir
+            .map(|dir| dir.join("webhook-secrets"))
+            .filter(|p| p.is_file());
+        for path in self.webhook.secrets_file.iter().chain(credential.iter()) {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+                key: "webhook.secrets_file",
+                path: path.clone(),
+                source,
+            })?;
+            self.webhook.secrets.extend(secret_lines(&text));
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let rule = |key, message: &str| {
+            Err(ConfigError::Rule {
+                key,
+                message: message.to_owned(),
+            })
+        };
+        if !self.webhook.path.starts_with('/') {
+            return rule("webhook.path", "must start with '/'");
+        }
+        if ["/healthz", "/readyz"].contains(&self.webhook.path.as_str()) {
+            return rule("webhook.path", "must not be /healthz or /readyz");
+        }
+        if self.server.max_body_bytes == 0 {
+            return rule("server.max_body_bytes", "must be greater than 0");
+        }
+        if self.server.max_connections == 0 {
+            return rule("server.max_connections", "must be greater than 0");
+        }
+        if self.store.max_batch == 0 || self.store.queue_capacity == 0 {
+            return rule(
+                "store.max_batch",
+                "store.max_batch and store.queue_capacity must be greater than 0",
+            );
+        }
+        if self
+            .webhook
+            .secrets
+            .iter()
+            .any(|s| s.expose_secret().is_empty())
+        {
+            return rule("webhook.secrets", "a secret is empty");
+        }
+        Ok(())
+    }
+
+    /// Checks what `serve` needs beyond a well-formed file: at least one webhook secret.
+    pub fn require_webhook_secrets(&self) -> Result<(), ConfigError> {
+        if self.webhook.secrets.is_empty() {
+            return Err(ConfigError::Rule {
+                key: "webhook.secrets",
+                message:
+                    "no webhook secret configured: set webhook.secrets, FENX_WEBHOOK__SECRETS, \
+                          webhook.secrets_file, or the systemd credential webhook-secrets"
+                        .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, secrets redacted (for `config check`).
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("Settings always serialises")
+    }
+}
+
+/// Says, for every problem figment found, which key, what is wrong, and where the value came
+/// from (the file, or the exact environment variable to fix).
+fn describe(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let origin = match e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+                Some(figment::Source::File(path)) => format!(" in {}", path.display()),
+                _ if e
+                    .metadata
+                    .as_ref()
+                    .is_some_and(|m| m.name.contains("environment")) =>
+                {
+                    format!(
+                        " from environment variable {ENV_PREFIX}{}",
+                        e.path.join("__").to_uppercase()
+                    )
+                }
+                _ => String::new(),
+            };
+            format!("{key}: {}{origin}", e.kind)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Provides the [`VERBATIM_ENV_KEYS`] from the environment as plain strings.
+struct VerbatimEnv;
+
+impl Provider for VerbatimEnv {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("FENX_ environment variable")
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut root = Dict::new();
+        for (key, var) in VERBATIM_ENV_KEYS {
+            if let Ok(value) = std::env::var(var) {
+                let (section, leaf) = key.split_once('.').expect("keys are section.leaf");
+                let mut inner = Dict::new();
+                inner.insert(leaf.to_owned(), Value::from(value));
+                root.insert(section.to_owned(), Value::from(inner));
+            }
+        }
+        Ok(Profile::Default.collect(root))
+    }
+}
+
+fn secret_lines(text: &str) -> impl Iterator<Item = SecretString> + '_ {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| SecretString::from(l.to_owned()))
+}
+
+/// Accepts a TOML list of strings or one comma-separated string (the environment's form).
+fn secrets_from_list_or_csv<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<SecretString>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrCsv {
+        List(Vec<String>),
+        Csv(String),
+    }
+    let items = match ListOrCsv::deserialize(d)? {
+        ListOrCsv::List(list) => list,
+        ListOrCsv::Csv(csv) => csv
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
+    };
+    Ok(items.into_iter().map(SecretString::from).collect())
+}
+
+fn redact_secrets<S: Serializer>(secrets: &[SecretString], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(secrets.iter().map(|_| "[redacted]"))
+}
+
+fn from_str<'de, D: Deserializer<'de>, T: std::str::FromStr<Err = String>>(
+    d: D,
+) -> Result<T, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map_err(serde::de::Error::custom)
+}
+
+fn to_string<S: Serializer, T: std::fmt::Display>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(value)
+}
+
+// Jail's closures must return figment's large error type.
+#[allow(clippy::result_large_err)]
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in(jail: &Jail, file: Option<&str>) -> Result<Settings, ConfigError> {
+        let file = file.map(|f| jail.directory().join(f));
+        Settings::load(&Sources { file })
+    }
+
+    #[test]
+    fn defaults_apply_without_any_file() {
+        Jail::expect_with(|jail| {
+            let s = load_in(jail, None).unwrap();
+            assert_eq!(s.server.listen.to_string(), "0.0.0.0:8080");
+            assert_eq!(s.webhook.path, "/webhooks/fenergo");
+            assert_eq!(s.store.dir, PathBuf::from("./data"));
+            assert_eq!(s.webhook.signature.recipe, RecipeChoice::Auto);
+            assert!(s.require_webhook_secrets().is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_takes_secrets_as_csv_verbatim() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[server]\nlisten = \"127.0.0.1:1\"\n[webhook]\nsecrets = [\"from-file\"]\n",
+            )?;
+            jail.set_env("FENX_SERVER__LISTEN", "127.0.0.1:9000");
+            jail.set_env("FENX_WEBHOOK__SECRETS", "0123, \"quoted\",s3");
+            jail.set_env("FENX_STORE__DIR", "/tmp/x");
+            jail.set_env("FENX_WEBHOOK__SIGNATURE__RECIPE", "sha256-hex/hex");
+            let s = load_in(jail, Some("c.toml")).unwrap();
+            assert_eq!(s.server.listen.to_string(), "127.0.0.1:9000");
+            let secrets: Vec<&str> = s
+                .webhook
+                .secrets
+                .iter()
+                .map(|s| s.expose_secret())
+                .collect();
+            assert_eq!(secrets, ["0123", "\"quoted\"", "s3"]);
+            assert_eq!(s.store.dir, PathBuf::from("/tmp/x"));
+            assert_eq!(s.webhook.signature.recipe.to_string(), "sha256-hex/hex");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_value_names_the_key_and_its_source() {
+        Jail::expect_with(|jail| {
+            jail.set_env("FENX_SERVER__LISTEN", "not-an-address");
+            let err = load_in(jail, None).unwrap_err().to_string();
+            assert!(
+                err.contains("listen") && err.contains("FENX_SERVER__LISTEN"),
+                "{err}"
+            );
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[webhook.signature]\nrecipe = \"md5\"\n")?;
+            let err = load_in(jail, Some("c.toml")).unwrap_err().to_string();
+            assert!(
+                err.contains("recipe") && err.contains("c.toml") && err.contains("sha256-hex/hex"),
+                "{err}"
+            );
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[server]\nlisen = \"x\"\n")?;
+            let err = load_in(jail, Some("c.toml")).unwrap_err().to_string();
+            assert!(err.contains("lisen"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            let err = load_in(jail, Some("missing.toml")).unwrap_err().to_string();
+            assert!(
+                err.contains("missing.toml") && err.contains("does not exist"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_systemd_credentials() {
+        Jail::expect_with(|jail| {
+            jail.create_file("secrets.txt", "# rotated 2026-11\nfirst\n\n second \n")?;
+            jail.create_dir("creds")?;
+            jail.create_file("creds/webhook-secrets", "third\n")?;
+            jail.set_env(
+                "FENX_WEBHOOK__SECRETS_FILE",
+                jail.directory().join("secrets.txt").display(),
+            );
+            jail.set_env(
+                "CREDENTIALS_DIRECTORY",
+                jail.directory().join("creds").display(),
+            );
+            let s = load_in(jail, None).unwrap();
+            let secrets: Vec<&str> = s
+                .webhook
+                .secrets
+                .iter()
+                .map(|s| s.expose_secret())
+                .collect();
+            assert_eq!(secrets, ["first", "second", "third"]);
+            jail.set_env("FENX_WEBHOOK__SECRETS_FILE", "/nonexistent/secret");
+            let err = load_in(jail, None).unwrap_err().to_string();
+            assert!(err.contains("/nonexistent/secret"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redacted_output_never_contains_a_secret() {
+        Jail::expect_with(|jail| {
+            jail.set_env("FENX_WEBHOOK__SECRETS", "super-secret-value");
+            let s = load_in(jail, None).unwrap();
+            let text = s.to_redacted_toml();
+            assert!(!text.contains("super-secret-value"), "{text}");
+            assert!(
+                text.contains("[redacted]") && text.contains("listen"),
+                "{text}"
+            );
+            assert!(!format!("{s:?}").contains("super-secret-value"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_shipped_config_file_is_valid_and_documents_every_key() {
+        Jail::expect_with(|_jail| {
+            let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_FILE);
+            Settings::load(&Sources {
+                file: Some(shipped.clone()),
+            })
+            .unwrap();
+            let text = std::fs::read_to_string(&shipped).unwrap();
+            let effective: toml::Table =
+                toml::from_str(&Settings::default().to_redacted_toml()).unwrap();
+            assert_documented(&text, "", &effective);
+            Ok(())
+        });
+    }
+
+    fn assert_documented(text: &str, prefix: &str, table: &toml::Table) {
+        for (key, value) in table {
+            match value.as_table() {
+                Some(inner) => {
+                    let path = format!("{prefix}{key}");
+                    assert!(
+                        text.contains(&format!("[{path}]")),
+                        "[{path}] is not in {DEFAULT_CONFIG_FILE}"
+                    );
+                    assert_documented(text, &format!("{path}."), inner);
+                }
+                None => assert!(
+                    text.contains(&format!("{key} =")),
+                    "{prefix}{key} is not documented in {DEFAULT_CONFIG_FILE}"
+                ),
+            }
+        }
+    }
+}

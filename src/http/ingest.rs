@@ -1,0 +1,332 @@
+//! The webhook endpoint and health probes: the thin layer that wires the pure checks
+//! (allow-list, size, signature, parsing) to the outbox in the order the contract demands.
+//!
+//! Order for `POST {webhook.path}`: allow-list (403) → body size (413) → signature over the exact
+//! raw bytes (401) → JSON (400) → durable group commit → 200. It must never answer 2xx before the
+//! outbox commit has returned, never open SQLite itself, and never log a secret or a whole body.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use ipnet::IpNet;
+
+use super::error::IngestError;
+use super::{Routes, json_response};
+use crate::config::Settings;
+use crate::notification::{self, Notification};
+use crate::outbox::{Appended, NewNotification, Outbox, Source};
+use crate::signature::{self, Recipe, RecipeChoice, Verifier};
+
+/// How long `/readyz` waits for the outbox write lock before saying "not ready".
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The webhook receiver's request handling.
+pub struct Ingress {
+    path: String,
+    verifier: Verifier,
+    recipe_choice: RecipeChoice,
+    outbox: Outbox,
+    max_body_bytes: usize,
+    body_read_timeout: Duration,
+    allow_networks: Vec<IpNet>,
+    trusted_proxies: Vec<IpNet>,
+    /// Recipes already announced in the log (auto mode announces each once).
+    recipes_seen: Mutex<HashSet<Recipe>>,
+}
+
+impl Ingress {
+    pub fn new(settings: &Settings, outbox: Outbox) -> Ingress {
+        Ingress {
+            path: settings.webhook.path.clone(),
+            verifier: Verifier::new(&settings.webhook.secrets, settings.webhook.signature.recipe),
+            recipe_choice: settings.webhook.signature.recipe,
+            outbox,
+            max_body_bytes: settings.server.max_body_bytes,
+            body_read_timeout: settings.server.body_read_timeout,
+            allow_networks: settings.server.allow_networks.clone(),
+            trusted_proxies: settings.server.trusted_proxies.clone(),
+            recipes_seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    async fn webhook(
+        &self,
+        request: Request<Incoming>,
+        peer: IpAddr,
+        log: &mut RequestLog,
+    ) -> Result<Accepted, IngestError> {
+        let client = client_ip(peer, request.headers(), &self.trusted_proxies);
+        log.client = Some(client);
+        if !self.allow_networks.is_empty()
+            && !self.allow_networks.iter().any(|n| n.contains(&client))
+        {
+            return Err(IngestError::Forbidden(client));
+        }
+        let signature_header = request
+            .headers()
+            .get(signature::HEADER)
+            .map(|v| v.as_bytes().to_vec());
+        let body = self.read_body(request).await?;
+        let verified = self.verifier.verify(signature_header.as_deref(), &body)?;
+        self.announce_recipe(verified.recipe, verified.secret_index);
+        let notifications = notification::parse_body(&body)?;
+        log.describe(&notifications);
+        let recipe = verified.recipe.to_string();
+        let rows = notifications
+            .into_iter()
+            .map(|notification| NewNotification {
+                notification,
+                source: Source::Webhook,
+                signature_recipe: Some(recipe.clone()),
+            })
+            .collect();
+        let outcomes = self.outbox.append_batch(rows).await?;
+        let duplicates = outcomes
+            .iter()
+            .filter(|o| **o == Appended::Duplicate)
+            .count();
+        Ok(Accepted {
+            stored: outcomes.len() - duplicates,
+            duplicates,
+        })
+    }
+
+    async fn read_body(&self, request: Request<Incoming>) -> Result<Bytes, IngestError> {
+        let too_large = IngestError::TooLarge {
+            limit: self.max_body_bytes,
+        };
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.max_body_bytes as u64) {
+            return Err(too_large);
+        }
+        let limited = Limited::new(request.into_body(), self.max_body_bytes);
+        match tokio::time::timeout(self.body_read_timeout, limited.collect()).await {
+            Err(_) => Err(IngestError::BodyTimeout(self.body_read_timeout)),
+            Ok(Err(error)) if error.is::<LengthLimitError>() => Err(too_large),
+            Ok(Err(error)) => Err(IngestError::BodyRead(error)),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        }
+    }
+
+    /// In auto mode, says once per recipe which one Fenergo's deliveries match, so the operator
+    /// can pin it.
+    fn announce_recipe(&self, recipe: Recipe, secret_index: usize) {
+        if self.recipe_choice != RecipeChoice::Auto {
+            return;
+        }
+        let first_time = self
+            .recipes_seen
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(recipe);
+        if first_time {
+            tracing::info!(
+                %recipe,
+                secret_index,
+                "webhook signature matched recipe {recipe}; pin it with webhook.signature.recipe = \"{recipe}\""
+            );
+        }
+    }
+
+    async fn readiness(&self) -> Response<Full<Bytes>> {
+        match tokio::time::timeout(READY_TIMEOUT, self.outbox.check_writable()).await {
+            Ok(Ok(())) => json_response(StatusCode::OK, serde_json::json!({ "status": "ready" })),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "not ready: outbox not writable");
+                not_ready("outbox not writable")
+            }
+            Err(_) => not_ready("outbox writer busy"),
+        }
+    }
+}
+
+fn not_ready(reason: &str) -> Response<Full<Bytes>> {
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        serde_json::json!({ "status": "not ready", "error": reason }),
+    )
+}
+
+impl Routes for Ingress {
+    async fn route(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Full<Bytes>> {
+        let is_read = matches!(*request.method(), Method::GET | Method::HEAD);
+        match request.uri().path() {
+            "/healthz" if is_read => {
+                json_response(StatusCode::OK, serde_json::json!({ "status": "ok" }))
+            }
+            "/readyz" if is_read => self.readiness().await,
+            "/healthz" | "/readyz" => {
+                IngestError::MethodNotAllowed { allow: "GET, HEAD" }.into_response()
+            }
+            path if path == self.path => {
+                let started = Instant::now();
+                let mut log = RequestLog::default();
+                let result = if request.method() == Method::POST {
+                    self.webhook(request, peer.ip().to_canonical(), &mut log)
+                        .await
+                } else {
+                    Err(IngestError::MethodNotAllowed { allow: "POST" })
+                };
+                log.finish(&result, started.elapsed());
+                match result {
+                    Ok(accepted) => json_response(
+                        StatusCode::OK,
+                        serde_json::json!({ "stored": accepted.stored, "duplicates": accepted.duplicates }),
+                    ),
+                    Err(error) => error.into_response(),
+                }
+            }
+            _ => IngestError::NotFound.into_response(),
+        }
+    }
+}
+
+struct Accepted {
+    stored: usize,
+    duplicates: usize,
+}
+
+/// What the one log line per webhook request says.
+#[derive(Default)]
+struct RequestLog {
+    client: Option<IpAddr>,
+    notification_id: Option<String>,
+    event_type: Option<String>,
+    notifications: usize,
+}
+
+impl RequestLog {
+    fn describe(&mut self, notifications: &[Notification]) {
+        self.notifications = notifications.len();
+        if let Some(first) = notifications.first() {
+            self.notification_id = Some(first.id.clone());
+            self.event_type = first.event_type.clone();
+        }
+    }
+
+    fn finish(&self, result: &Result<Accepted, IngestError>, elapsed: Duration) {
+        let latency_ms = elapsed.as_secs_f64() * 1000.0;
+        let client = self.client.map(|c| c.to_string());
+        let (id, event_type) = (self.notification_id.as_deref(), self.event_type.as_deref());
+        match result {
+            Ok(a) => tracing::info!(
+                status = 200,
+                outcome = if a.stored == 0 { "duplicate" } else { "stored" },
+                notification_id = id,
+                event_type,
+                notifications = self.notifications,
+                duplicates = a.duplicates,
+                latency_ms,
+                client,
+                "webhook accepted"
+            ),
+            Err(error) if error.status().is_server_error() => tracing::error!(
+                status = error.status().as_u16(),
+                outcome = error.outcome(),
+                notification_id = id,
+                event_type,
+                notifications = self.notifications,
+                latency_ms,
+                client,
+                error = %error,
+                "webhook not stored"
+            ),
+            Err(error) => tracing::warn!(
+                status = error.status().as_u16(),
+                outcome = error.outcome(),
+                notification_id = id,
+                event_type,
+                latency_ms,
+                client,
+                error = %error,
+                "webhook refused"
+            ),
+        }
+    }
+}
+
+/// The address the request really came from: the peer, unless the peer is a trusted proxy, in
+/// which case the right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
+fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_proxies: &[IpNet]) -> IpAddr {
+    let trusted = |ip: &IpAddr| trusted_proxies.iter().any(|n| n.contains(ip));
+    if !trusted(&peer) {
+        return peer;
+    }
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let mut client = peer;
+    for hop in forwarded.join(",").rsplit(',') {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) => {
+                client = ip.to_canonical();
+                if !trusted(&client) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    client
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn forwarded(values: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append("x-forwarded-for", v.parse().unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let proxies: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let spoofed = forwarded(&["203.0.113.9"]);
+        assert_eq!(
+            client_ip(ip("198.51.100.1"), &spoofed, &proxies),
+            ip("198.51.100.1")
+        );
+        assert_eq!(
+            client_ip(ip("10.1.1.1"), &spoofed, &proxies),
+            ip("203.0.113.9")
+        );
+        let chain = forwarded(&["203.0.113.9, 198.51.100.7", "10.2.2.2"]);
+        assert_eq!(
+            client_ip(ip("10.1.1.1"), &chain, &proxies),
+            ip("198.51.100.7")
+        );
+        assert_eq!(
+            client_ip(ip("10.1.1.1"), &forwarded(&["garbage"]), &proxies),
+            ip("10.1.1.1")
+        );
+        assert_eq!(
+            client_ip(ip("10.1.1.1"), &HeaderMap::new(), &proxies),
+            ip("10.1.1.1")
+        );
+        assert_eq!(client_ip(ip("10.1.1.1"), &spoofed, &[]), ip("10.1.1.1"));
+    }
+}

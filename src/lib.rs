@@ -1,0 +1,87 @@
+//! fenx-sync: a webhook receiver and data-sync sidecar for the Fenergo SaaS platform (FenX).
+//!
+//! # Layout (one module per concern; ARCHITECTURE.md draws the data flow)
+//! - [`config`]: defaults → TOML → `FENX_*` env → secret files, into [`config::Settings`].
+//! - [`signature`]: the candidate HMAC recipes and pure verification of `x-fenx-signature`.
+//! - [`notification`]: tolerant, pure parsing of one notification or a batch.
+//! - [`http`]: the hyper server ([`http::serve`]) and the webhook/health routes
+//!   ([`http::ingest::Ingress`]); [`http::error`] maps every refusal to a status code.
+//! - [`outbox`]: the group-commit writer thread over `outbox.db`.
+//! - [`sqlite`]: opening files with proven durability, schema sections, time format.
+//! - [`telemetry`] sets up logging.
+//!
+//! # Invariants
+//! - No code path answers 2xx before the outbox COMMIT returned at `synchronous=FULL`.
+//! - HTTP handlers never open SQLite themselves; only the outbox writer thread writes appends.
+//! - The stored raw bytes are the bytes that were signed; JSON is never re-serialised.
+
+pub mod config;
+pub mod http;
+pub mod notification;
+pub mod outbox;
+pub mod signature;
+pub mod sqlite;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::config::Settings;
+use crate::http::ConnectionLimits;
+use crate::http::ingest::Ingress;
+use crate::outbox::{Outbox, OutboxError, OutboxOptions};
+
+/// How long shutdown waits for the last group commit after the listener has drained.
+const WRITER_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the webhook receiver on an already-bound listener until `shutdown` completes, then
+/// drains in-flight requests and their commits. Tests pass a `127.0.0.1:0` listener and a temp
+/// `store.dir`.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), OutboxError> {
+    let (outbox, writer) = Outbox::open(&settings.store.dir, &outbox_options(&settings))?;
+    let ingress = Arc::new(Ingress::new(&settings, outbox));
+    tracing::info!(
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        path = %settings.webhook.path,
+        store = %settings.store.dir.display(),
+        recipe = %settings.webhook.signature.recipe,
+        secrets = settings.webhook.secrets.len(),
+        "fenx-sync receiving webhooks"
+    );
+    http::serve(listener, ingress, connection_limits(&settings), shutdown).await;
+    let drained = tokio::task::spawn_blocking(move || writer.wait());
+    if tokio::time::timeout(WRITER_DRAIN_TIMEOUT, drained)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "outbox writer still busy at exit; unanswered requests were not acknowledged"
+        );
+    }
+    tracing::info!("fenx-sync stopped");
+    Ok(())
+}
+
+fn outbox_options(settings: &Settings) -> OutboxOptions {
+    OutboxOptions {
+        busy_timeout: settings.store.busy_timeout,
+        max_batch: settings.store.max_batch,
+        queue_capacity: settings.store.queue_capacity,
+        enqueue_timeout: settings.store.busy_timeout,
+    }
+}
+
+fn connection_limits(settings: &Settings) -> ConnectionLimits {
+    ConnectionLimits {
+        max_connections: settings.server.max_connections,
+        header_read_timeout: settings.server.header_read_timeout,
+        shutdown_grace: settings.server.shutdown_grace,
+    }
+}

@@ -1,0 +1,381 @@
+//! The durable outbox (`outbox.db`): every accepted notification, byte-exact, with its
+//! processing state.
+//!
+//! Owns the single writer thread that turns concurrent appends into group commits: it drains
+//! whatever is queued, writes it in one `BEGIN IMMEDIATE` transaction at `synchronous=FULL`, and
+//! only then answers each waiting caller. De-duplication on the notification id happens here.
+//!
+//! It must never answer an append before its COMMIT has returned, and never let a failed commit
+//! look like a success: the caller's 2xx depends on it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::{Connection, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::notification::Notification;
+use crate::sqlite::{self, DbError, Durability};
+
+/// The outbox file inside `store.dir`.
+pub const FILE_NAME: &str = "outbox.db";
+
+/// Where a notification came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Webhook,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Webhook => "webhook",
+        }
+    }
+}
+
+/// A notification to append, with how it arrived.
+#[derive(Debug, Clone)]
+pub struct NewNotification {
+    pub notification: Notification,
+    pub source: Source,
+    /// The signature recipe that verified it, e.g. `sha256-hex/hex`.
+    pub signature_recipe: Option<String>,
+}
+
+/// What an append did with one notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    Stored,
+    /// The id was already in the outbox; its duplicate count went up and nothing else changed.
+    Duplicate,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("cannot create the store directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("outbox write failed: {0}")]
+    Write(#[source] Arc<rusqlite::Error>),
+    #[error("outbox writer queue stayed full for {0:?}")]
+    QueueFull(Duration),
+    #[error("outbox writer has stopped")]
+    WriterStopped,
+}
+
+/// Tuning for the writer.
+#[derive(Debug, Clone)]
+pub struct OutboxOptions {
+    /// How long a commit may wait for SQLite's write lock before failing.
+    pub busy_timeout: Duration,
+    /// The most notifications in one group commit.
+    pub max_batch: usize,
+    /// Appends that may wait for the writer before callers are turned away.
+    pub queue_capacity: usize,
+    /// How long an append may wait for room in the queue.
+    pub enqueue_timeout: Duration,
+}
+
+enum Command {
+    Append {
+        rows: Vec<NewNotification>,
+        reply: oneshot::Sender<Result<Vec<Appended>, OutboxError>>,
+    },
+    /// Takes and releases the write lock: proves the file is writable right now.
+    Probe {
+        reply: oneshot::Sender<Result<(), OutboxError>>,
+    },
+}
+
+/// A cloneable handle to the outbox writer. The writer thread stops once every handle is dropped
+/// and everything queued has been committed.
+#[derive(Clone)]
+pub struct Outbox {
+    queue: mpsc::Sender<Command>,
+    enqueue_timeout: Duration,
+}
+
+/// Joins the writer thread; `wait` returns once the last `Outbox` handle is gone and the final
+/// commit is on disk.
+pub struct WriterThread(JoinHandle<()>);
+
+impl WriterThread {
+    pub fn wait(self) {
+        let _ = self.0.join();
+    }
+}
+
+impl Outbox {
+    /// Opens `dir/outbox.db` (creating the directory and file), refuses it unless WAL with
+    /// `synchronous=FULL` is in effect, applies the schema, and starts the writer thread.
+    pub fn open(
+        dir: &Path,
+        options: &OutboxOptions,
+    ) -> Result<(Outbox, WriterThread), OutboxError> {
+        let conn = open_connection(dir, options.busy_timeout)?;
+        let (queue, rx) = mpsc::channel(options.queue_capacity.max(1));
+        let max_batch = options.max_batch.max(1);
+        let thread = std::thread::Builder::new()
+            .name("outbox-writer".into())
+            .spawn(move || run_writer(conn, rx, max_batch))
+            .expect("spawning a thread only fails when the OS is out of resources");
+        let outbox = Outbox {
+            queue,
+            enqueue_timeout: options.enqueue_timeout,
+        };
+        Ok((outbox, WriterThread(thread)))
+    }
+
+    /// Appends notifications durably, in one transaction with whatever else is waiting. Returns
+    /// once that transaction has committed, with one outcome per row in order.
+    pub async fn append_batch(
+        &self,
+        rows: Vec<NewNotification>,
+    ) -> Result<Vec<Appended>, OutboxError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Append { rows, reply }).await?;
+        answer.await.map_err(|_| OutboxError::WriterStopped)?
+    }
+
+    /// Proves the outbox can take a write now (for `/readyz`).
+    pub async fn check_writable(&self) -> Result<(), OutboxError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Probe { reply }).await?;
+        answer.await.map_err(|_| OutboxError::WriterStopped)?
+    }
+
+    async fn send(&self, command: Command) -> Result<(), OutboxError> {
+        match tokio::time::timeout(self.enqueue_timeout, self.queue.send(command)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(OutboxError::WriterStopped),
+            Err(_) => Err(OutboxError::QueueFull(self.enqueue_timeout)),
+        }
+    }
+}
+
+/// Opens the outbox file with full durability and the current schema.
+pub fn open_connection(dir: &Path, busy_timeout: Duration) -> Result<Connection, OutboxError> {
+    std::fs::create_dir_all(dir).map_err(|source| OutboxError::CreateDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let path = dir.join(FILE_NAME);
+    let mut conn = sqlite::open(&path, Durability::Full, busy_timeout)?;
+    sqlite::apply_schema(&mut conn, &path, "outbox")?;
+    Ok(conn)
+}
+
+fn run_writer(mut conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch: usize) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut appends = Vec::new();
+        let mut probes = Vec::new();
+        let mut rows = 0;
+        let mut next = Some(first);
+        while let Some(command) = next.take() {
+            match command {
+                Command::Append { rows: r, reply } => {
+                    rows += r.len();
+                    appends.push((r, reply));
+                }
+                Command::Probe { reply } => probes.push(reply),
+            }
+            if rows < max_batch {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !appends.is_empty() {
+            answer_appends(commit_appends(&mut conn, &appends), appends);
+        }
+        for reply in probes {
+            let _ = reply.send(probe(&mut conn));
+        }
+    }
+}
+
+type PendingAppend = (
+    Vec<NewNotification>,
+    oneshot::Sender<Result<Vec<Appended>, OutboxError>>,
+);
+
+fn answer_appends(
+    result: Result<Vec<Vec<Appended>>, rusqlite::Error>,
+    appends: Vec<PendingAppend>,
+) {
+    match result {
+        Ok(outcomes) => {
+            for ((_, reply), outcome) in appends.into_iter().zip(outcomes) {
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Err(error) => {
+            tracing::error!(%error, requests = appends.len(), "outbox group commit failed");
+            let error = Arc::new(error);
+            for (_, reply) in appends {
+                let _ = reply.send(Err(OutboxError::Write(error.clone())));
+            }
+        }
+    }
+}
+
+/// Writes every waiting append in one transaction. On any error nothing is committed and every
+/// caller in the group is told so.
+fn commit_appends(
+    conn: &mut Connection,
+    appends: &[PendingAppend],
+) -> Result<Vec<Vec<Appended>>, rusqlite::Error> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let now = sqlite::now();
+    let mut outcomes = Vec::with_capacity(appends.len());
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO notification (id, id_derived, event_type, tenant_id, relative_url,
+                 event_when, correlation_id, causation_id, source, signature_recipe,
+                 received_at, raw, next_attempt_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?11)
+             ON CONFLICT (id) DO UPDATE
+                 SET duplicates = duplicates + 1, last_duplicate_at = excluded.received_at
+             RETURNING duplicates",
+        )?;
+        for (rows, _) in appends {
+            let mut outcome = Vec::with_capacity(rows.len());
+            for row in rows {
+                let n = &row.notification;
+                let duplicates: i64 = insert.query_row(
+                    rusqlite::params![
+                        n.id,
+                        n.id_derived,
+                        n.event_type,
+                        n.tenant_id,
+                        n.relative_url,
+                        n.when,
+                        n.correlation_id,
+                        n.causation_id,
+                        row.source.as_str(),
+                        row.signature_recipe,
+                        now,
+                        n.raw.as_ref(),
+                    ],
+                    |r| r.get(0),
+                )?;
+                outcome.push(if duplicates == 0 {
+                    Appended::Stored
+                } else {
+                    Appended::Duplicate
+                });
+            }
+            outcomes.push(outcome);
+        }
+    }
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+fn probe(conn: &mut Connection) -> Result<(), OutboxError> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+        .and_then(|tx| tx.rollback())
+        .map_err(|e| OutboxError::Write(Arc::new(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn options() -> OutboxOptions {
+        OutboxOptions {
+            busy_timeout: Duration::from_millis(200),
+            max_batch: 256,
+            queue_capacity: 64,
+            enqueue_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn row(id: &str) -> NewNotification {
+        let body = Bytes::from(format!(r#"{{"Id":"{id}"}}"#));
+        let mut notification = crate::notification::parse_body(&body).unwrap().remove(0);
+        notification.id = id.to_owned();
+        NewNotification {
+            notification,
+            source: Source::Webhook,
+            signature_recipe: Some("secret/hex".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_are_stored_once_and_duplicates_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, writer) = Outbox::open(dir.path(), &options()).unwrap();
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let outbox = outbox.clone();
+                tokio::spawn(async move {
+                    outbox
+                        .append_batch(vec![row(&format!("n{}", i % 25))])
+                        .await
+                })
+            })
+            .collect();
+        let mut stored = 0;
+        for t in tasks {
+            if t.await.unwrap().unwrap() == [Appended::Stored] {
+                stored += 1;
+            }
+        }
+        assert_eq!(stored, 25);
+        drop(outbox);
+        writer.wait();
+        let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+        let (rows, dups): (i64, i64) = conn
+            .query_row(
+                "SELECT count(*), sum(duplicates) FROM notification",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((rows, dups), (25, 25));
+    }
+
+    #[tokio::test]
+    async fn ids_differing_only_in_case_are_different_notifications() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, _writer) = Outbox::open(dir.path(), &options()).unwrap();
+        let got = outbox
+            .append_batch(vec![row("abc"), row("ABC"), row("abc")])
+            .await
+            .unwrap();
+        assert_eq!(
+            got,
+            [Appended::Stored, Appended::Stored, Appended::Duplicate]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_held_write_lock_fails_the_append_then_it_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, _writer) = Outbox::open(dir.path(), &options()).unwrap();
+        let blocker = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        assert!(matches!(
+            outbox.append_batch(vec![row("a")]).await,
+            Err(OutboxError::Write(_))
+        ));
+        assert!(outbox.check_writable().await.is_err());
+        blocker.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(
+            outbox.append_batch(vec![row("a")]).await.unwrap(),
+            [Appended::Stored]
+        );
+        outbox.check_writable().await.unwrap();
+    }
+}

@@ -1,0 +1,201 @@
+//! SQLite plumbing shared by the outbox and the reporting store: opening a file with the
+//! durability it needs (and proving the pragmas took effect), applying its `schema.sql` section
+//! idempotently with a recorded version, and the one text format for timestamps.
+//!
+//! It must never decide what a table means; that belongs to the module owning the file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+
+/// The whole schema file; each owner applies its own section.
+const SCHEMA: &str = include_str!("../schema.sql");
+
+/// How hard commits are pushed to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// WAL + `synchronous=FULL`: a commit survives power loss (one fsync per commit).
+    Full,
+    /// WAL + `synchronous=NORMAL`: a commit survives a process crash; for data we can re-fetch.
+    Normal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "{path} is not durable: journal_mode={journal_mode}, synchronous={synchronous} \
+         (need wal and {wanted}); WAL does not work on network filesystems such as NFS or SMB"
+    )]
+    NotDurable {
+        path: PathBuf,
+        journal_mode: String,
+        synchronous: i64,
+        wanted: i64,
+    },
+    #[error(
+        "{path} has schema version {found}, newer than the {known} this fenx-sync knows; \
+         run a newer fenx-sync"
+    )]
+    SchemaTooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("no section {0:?} in schema.sql")]
+    NoSection(&'static str),
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// Opens (creating if needed) a database file in WAL mode with the given durability, and reads
+/// the pragmas back: they are per connection and silently ignored on some filesystems.
+pub fn open(
+    path: &Path,
+    durability: Durability,
+    busy_timeout: Duration,
+) -> Result<Connection, DbError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source| DbError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    conn.busy_timeout(busy_timeout)?;
+    let wanted = match durability {
+        Durability::Full => 2,
+        Durability::Normal => 1,
+    };
+    let journal_mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    conn.pragma_update(None, "synchronous", wanted)?;
+    let synchronous: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+    if !journal_mode.eq_ignore_ascii_case("wal") || synchronous != wanted {
+        return Err(DbError::NotDurable {
+            path: path.to_owned(),
+            journal_mode,
+            synchronous,
+            wanted,
+        });
+    }
+    Ok(conn)
+}
+
+/// Applies the named `schema.sql` section and records its version. Idempotent; refuses a file
+/// whose recorded version is newer than the section's.
+pub fn apply_schema(
+    conn: &mut Connection,
+    path: &Path,
+    section: &'static str,
+) -> Result<i64, DbError> {
+    let (version, sql) = schema_section(section).ok_or(DbError::NoSection(section))?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let has_table: bool = tx.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'",
+        [],
+        |r| r.get(0),
+    )?;
+    let found: Option<i64> = if has_table {
+        tx.query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
+            .optional()?
+            .flatten()
+    } else {
+        None
+    };
+    if let Some(found) = found.filter(|&f| f > version) {
+        return Err(DbError::SchemaTooNew {
+            path: path.to_owned(),
+            found,
+            known: version,
+        });
+    }
+    tx.execute_batch(sql)?;
+    tx.execute(
+        "INSERT OR IGNORE INTO schema_version (version, applied_at) VALUES (?1, ?2)",
+        (version, now()),
+    )?;
+    tx.commit()?;
+    Ok(version)
+}
+
+/// The `(version, sql)` of a `-- section: NAME version: N` block of schema.sql.
+fn schema_section(name: &str) -> Option<(i64, &'static str)> {
+    let mut rest = SCHEMA;
+    while let Some(start) = rest.find("-- section: ") {
+        let block = &rest[start..];
+        let header_end = block.find('\n').unwrap_or(block.len());
+        let header = &block["-- section: ".len()..header_end];
+        let body_and_more = &block[header_end..];
+        let body_end = body_and_more
+            .find("-- section: ")
+            .unwrap_or(body_and_more.len());
+        let mut words = header.split_whitespace();
+        if words.next() == Some(name) && words.next() == Some("version:") {
+            let version = words.next()?.parse().ok()?;
+            return Some((version, &body_and_more[..body_end]));
+        }
+        rest = body_and_more;
+    }
+    None
+}
+
+/// The timestamp format of every stored time: RFC 3339 UTC with milliseconds, sortable as text.
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+pub fn now() -> String {
+    format_time(Utc::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_durability_is_read_back_and_schema_applies_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut conn = open(&path, Durability::Full, Duration::from_secs(1)).unwrap();
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2);
+        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 1);
+        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 1);
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 1);
+    }
+
+    #[test]
+    fn a_file_from_a_newer_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut conn = open(&path, Durability::Full, Duration::from_secs(1)).unwrap();
+        apply_schema(&mut conn, &path, "outbox").unwrap();
+        conn.execute("INSERT INTO schema_version VALUES (99, 'x')", [])
+            .unwrap();
+        let err = apply_schema(&mut conn, &path, "outbox").unwrap_err();
+        assert!(err.to_string().contains("schema version 99"), "{err}");
+    }
+
+    #[test]
+    fn times_sort_as_text() {
+        let a = format_time(DateTime::from_timestamp_millis(999).unwrap());
+        let b = format_time(DateTime::from_timestamp_millis(1_000).unwrap());
+        assert_eq!(a, "1970-01-01T00:00:00.999Z");
+        assert!(a < b);
+    }
+}

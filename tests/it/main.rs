@@ -1,0 +1,6 @@
+//! One integration-test binary (each file under tests/ would otherwise link separately, which
+//! is slow on small machines). Every test starts its own server on 127.0.0.1:0 with a temp dir.
+
+mod crash;
+mod helpers;
+mod ingest;
