@@ -1,6 +1,7 @@
 //! One integration-test binary (each file under tests/ would otherwise link separately, which
 //! is slow on small machines). Every test starts its own server on 127.0.0.1:0 with a temp dir.
 
+mod cli;
 mod crash;
 mod helpers;
 mod ingest;
