@@ -26,10 +26,12 @@ CREATE TABLE IF NOT EXISTS notification (
     event_type       TEXT,                       -- e.g. 'entitydata:draftverified'; NULL if absent
     tenant_id        TEXT,
     relative_url     TEXT,                       -- link to the changed resource, as sent
+    entity_key       TEXT,                       -- entity id from relative_url (or the URL itself):
+                                                 -- one fetch serves every pending row for it
     event_when       TEXT,                       -- the notification's `When`, as sent
     correlation_id   TEXT,
     causation_id     TEXT,
-    source           TEXT    NOT NULL,           -- 'webhook'
+    source           TEXT    NOT NULL,           -- 'webhook', or 'resync' for an operator's request
     signature_recipe TEXT,                       -- recipe that verified it, e.g. 'sha256-hex/hex'
     received_at      TEXT    NOT NULL,
     raw              BLOB    NOT NULL,           -- the notification's bytes exactly as received
@@ -41,9 +43,12 @@ CREATE TABLE IF NOT EXISTS notification (
     attempts         INTEGER NOT NULL DEFAULT 0,
     next_attempt_at  TEXT    NOT NULL,           -- not to be tried before this time
     leased_until     TEXT,                       -- a worker holds it until then
-    last_error       TEXT,
+    lease_owner      TEXT,
+    last_error       TEXT,                       -- why the last attempt failed / why it is dead
+    last_status      INTEGER,                    -- HTTP status of the last Fenergo response
     processed_at     TEXT
 );
 
 CREATE INDEX IF NOT EXISTS notification_due ON notification (status, next_attempt_at);
 CREATE INDEX IF NOT EXISTS notification_event_type ON notification (event_type, status);
+CREATE INDEX IF NOT EXISTS notification_entity ON notification (entity_key, status);

@@ -20,7 +20,9 @@ pub mod http;
 pub mod notification;
 pub mod outbox;
 pub mod signature;
+pub mod sim;
 pub mod sqlite;
+pub mod store;
 pub mod telemetry;
 
 use std::future::Future;

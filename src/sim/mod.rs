@@ -1,0 +1,1 @@
+//! The Fenergo simulator (being written).
