@@ -42,13 +42,21 @@ CREATE TABLE IF NOT EXISTS notification (
                      CHECK (status IN ('pending', 'done', 'ignored', 'dead')),
     attempts         INTEGER NOT NULL DEFAULT 0,
     next_attempt_at  TEXT    NOT NULL,           -- not to be tried before this time
-    leased_until     TEXT,                       -- a worker holds it until then
-    lease_owner      TEXT,
     last_error       TEXT,                       -- why the last attempt failed / why it is dead
     last_status      INTEGER,                    -- HTTP status of the last Fenergo response
     processed_at     TEXT
 );
 
-CREATE INDEX IF NOT EXISTS notification_due ON notification (status, next_attempt_at);
+-- The sync worker scans pending rows oldest first; the partial index keeps that scan to them.
+CREATE INDEX IF NOT EXISTS notification_pending ON notification (seq) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS notification_event_type ON notification (event_type, status);
 CREATE INDEX IF NOT EXISTS notification_entity ON notification (entity_key, status);
+
+-- Which entities a sync worker is working on. A worker leases an entity (all its pending rows
+-- at once) so no two workers fetch the same entity concurrently; a crashed worker's lease
+-- simply expires. Rows without an entity key are leased as 'seq:<seq>'.
+CREATE TABLE IF NOT EXISTS entity_lease (
+    entity_key   TEXT PRIMARY KEY,
+    owner        TEXT NOT NULL,
+    leased_until TEXT NOT NULL
+);

@@ -133,7 +133,7 @@ async fn load(
     cap: usize,
     run: &'static str,
 ) -> LoadResult {
-    let client = reqwest::Client::builder()
+    let client = fenx_sync::fenergo::client_builder()
         .pool_max_idle_per_host(conns)
         .timeout(Duration::from_secs(10))
         .build()

@@ -4,6 +4,7 @@
 //! This is the only module that knows figment. Everything else takes `Settings` (tests build it
 //! in code). It must never print or log a secret: `Settings` serialises secrets as redacted.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,7 +25,10 @@ const ENV_PREFIX: &str = "FENX_";
 
 /// Keys whose environment values are taken verbatim: figment would otherwise turn a secret such
 /// as `0123` into the number 123 or strip quotes from `"abc"`.
-const VERBATIM_ENV_KEYS: [(&str, &str); 1] = [("webhook.secrets", "FENX_WEBHOOK__SECRETS")];
+const VERBATIM_ENV_KEYS: [(&str, &str); 2] = [
+    ("webhook.secrets", "FENX_WEBHOOK__SECRETS"),
+    ("fenergo.client_secret", "FENX_FENERGO__CLIENT_SECRET"),
+];
 
 /// The whole configuration. Every field has a default, so an empty file is valid.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -33,6 +37,8 @@ pub struct Settings {
     pub server: ServerSettings,
     pub webhook: WebhookSettings,
     pub store: StoreSettings,
+    pub fenergo: FenergoSettings,
+    pub sync: SyncSettings,
     pub log: LogSettings,
 }
 
@@ -122,6 +128,16 @@ pub struct StoreSettings {
     pub max_batch: usize,
     /// Requests that may wait for the outbox writer at once.
     pub queue_capacity: usize,
+    /// The reporting database; default `<dir>/reporting.db`.
+    pub reporting_path: Option<PathBuf>,
+}
+
+impl StoreSettings {
+    pub fn reporting_path(&self) -> PathBuf {
+        self.reporting_path
+            .clone()
+            .unwrap_or_else(|| self.dir.join("reporting.db"))
+    }
 }
 
 impl Default for StoreSettings {
@@ -131,6 +147,144 @@ impl Default for StoreSettings {
             busy_timeout: Duration::from_secs(5),
             max_batch: 512,
             queue_capacity: 4096,
+            reporting_path: None,
+        }
+    }
+}
+
+/// How to reach Fenergo's query API and identity service.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FenergoSettings {
+    /// Base URL that notifications' `relativeUrl` is joined to, e.g. `https://api.fenergox.com`.
+    pub api_base: String,
+    /// OAuth2 token endpoint, e.g. `https://identity.fenergox.com/connect/token`.
+    pub token_url: String,
+    /// Sent as `X-TENANT-ID` on every call.
+    pub tenant_id: String,
+    pub client_id: String,
+    #[serde(
+        deserialize_with = "optional_secret",
+        serialize_with = "redact_optional_secret"
+    )]
+    pub client_secret: Option<SecretString>,
+    /// A file holding the client secret (first line), instead of `client_secret`.
+    pub client_secret_file: Option<PathBuf>,
+    /// Space-separated scopes for the token request.
+    pub scope: String,
+    /// Client-side limit on API calls per second (Fenergo SDLC tenants allow 50, production 200).
+    pub requests_per_second: u32,
+    /// Client-side limit on API calls in flight (SDLC burst 10, production 50).
+    pub max_concurrent_requests: u32,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// A token is renewed this long before its `expires_in` runs out.
+    #[serde(with = "humantime_serde")]
+    pub token_refresh_margin: Duration,
+}
+
+impl Default for FenergoSettings {
+    fn default() -> Self {
+        FenergoSettings {
+            api_base: "https://api.fenergox.com".into(),
+            token_url: "https://identity.fenergox.com/connect/token".into(),
+            tenant_id: String::new(),
+            client_id: String::new(),
+            client_secret: None,
+            client_secret_file: None,
+            scope: "fenx.all".into(),
+            requests_per_second: 50,
+            max_concurrent_requests: 10,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            token_refresh_margin: Duration::from_secs(60),
+        }
+    }
+}
+
+impl FenergoSettings {
+    /// What is missing before the sync worker can call Fenergo (empty when ready).
+    pub fn missing(&self) -> Vec<&'static str> {
+        [
+            ("fenergo.tenant_id", self.tenant_id.is_empty()),
+            ("fenergo.client_id", self.client_id.is_empty()),
+            ("fenergo.client_secret", self.client_secret.is_none()),
+        ]
+        .into_iter()
+        .filter_map(|(key, missing)| missing.then_some(key))
+        .collect()
+    }
+}
+
+/// What the sync worker does with an event type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouteAction {
+    /// Fetch the entity the notification points at and upsert it into the reporting store.
+    FetchEntity,
+    /// Keep the notification, mark it ignored (replayable later).
+    Ignore,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncSettings {
+    /// Run the sync worker inside `serve` (it also needs the `fenergo` keys).
+    pub enabled: bool,
+    /// Entities fetched concurrently.
+    pub workers: usize,
+    /// How long a worker holds an entity; a crashed worker's entities come back after this.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often an idle worker looks for due notifications.
+    #[serde(with = "humantime_serde")]
+    pub idle_poll: Duration,
+    /// How long a 404 right after an event is retried (eventual consistency) before dead-lettering.
+    #[serde(with = "humantime_serde")]
+    pub not_found_window: Duration,
+    /// Re-fetches of a stale read (version not newer than stored although the event is newer)
+    /// before the read is accepted.
+    pub stale_retries: u32,
+    #[serde(with = "humantime_serde")]
+    pub stale_delay: Duration,
+    /// Attempts on 5xx, timeouts and connection errors before dead-lettering.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt with jitter, up to `retry_max`.
+    #[serde(with = "humantime_serde")]
+    pub retry_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Event type (exact, any casing) or `domain:*` pattern → `fetch-entity` or `ignore`.
+    /// Types no rule covers are ignored. Setting this table replaces the default one.
+    pub routes: BTreeMap<String, RouteAction>,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        let fetch = [
+            "entitydata:created",
+            "entitydata:draftverified",
+            "entitydata:dataPublished",
+            "entitydata:migrated",
+            "entitydata:migrationupdated",
+        ];
+        SyncSettings {
+            enabled: true,
+            workers: 4,
+            lease: Duration::from_secs(120),
+            idle_poll: Duration::from_millis(250),
+            not_found_window: Duration::from_secs(15 * 60),
+            stale_retries: 3,
+            stale_delay: Duration::from_secs(10),
+            max_attempts: 12,
+            retry_base: Duration::from_secs(2),
+            retry_max: Duration::from_secs(10 * 60),
+            routes: fetch
+                .into_iter()
+                .map(|t| (t.to_owned(), RouteAction::FetchEntity))
+                .collect(),
         }
     }
 }
@@ -225,6 +379,7 @@ impl Settings {
         credentials_dir: Option<PathBuf>,
     ) -> Result<(), ConfigError> {
         let credential = credentials_dir
+            .as_ref()
             .map(|dir| dir.join("webhook-secrets"))
             .filter(|p| p.is_file());
         for path in self.webhook.secrets_file.iter().chain(credential.iter()) {
@@ -234,6 +389,24 @@ impl Settings {
                 source,
             })?;
             self.webhook.secrets.extend(secret_lines(&text));
+        }
+        let credential = credentials_dir
+            .map(|dir| dir.join("fenergo-client-secret"))
+            .filter(|p| p.is_file());
+        for path in self
+            .fenergo
+            .client_secret_file
+            .iter()
+            .chain(credential.iter())
+        {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+                key: "fenergo.client_secret_file",
+                path: path.clone(),
+                source,
+            })?;
+            if let Some(secret) = secret_lines(&text).next() {
+                self.fenergo.client_secret = Some(secret);
+            }
         }
         Ok(())
     }
@@ -369,6 +542,22 @@ fn secrets_from_list_or_csv<'de, D: Deserializer<'de>>(
             .collect(),
     };
     Ok(items.into_iter().map(SecretString::from).collect())
+}
+
+fn optional_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?
+        .filter(|s| !s.is_empty())
+        .map(SecretString::from))
+}
+
+fn redact_optional_secret<S: Serializer>(
+    secret: &Option<SecretString>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(_) => s.serialize_str("[redacted]"),
+        None => s.serialize_none(),
+    }
 }
 
 fn redact_secrets<S: Serializer>(secrets: &[SecretString], s: S) -> Result<S::Ok, S::Error> {
@@ -523,10 +712,11 @@ mod tests {
     fn the_shipped_config_file_is_valid_and_documents_every_key() {
         Jail::expect_with(|_jail| {
             let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_FILE);
-            Settings::load(&Sources {
+            let loaded = Settings::load(&Sources {
                 file: Some(shipped.clone()),
             })
             .unwrap();
+            assert_eq!(loaded.sync.routes, SyncSettings::default().routes);
             let text = std::fs::read_to_string(&shipped).unwrap();
             let effective: toml::Table =
                 toml::from_str(&Settings::default().to_redacted_toml()).unwrap();
@@ -547,7 +737,7 @@ mod tests {
                     assert_documented(text, &format!("{path}."), inner);
                 }
                 None => assert!(
-                    text.contains(&format!("{key} =")),
+                    text.contains(&format!("{key} =")) || text.contains(&format!("\"{key}\" =")),
                     "{prefix}{key} is not documented in {DEFAULT_CONFIG_FILE}"
                 ),
             }

@@ -25,6 +25,8 @@ pub struct Notification {
     pub event_type: Option<String>,
     pub tenant_id: Option<String>,
     pub relative_url: Option<String>,
+    /// The entity the notification is about (see [`entity_key`]).
+    pub entity_key: Option<String>,
     /// `When` as sent (kept as text: Fenergo writes 7 fractional digits).
     pub when: Option<String>,
     pub correlation_id: Option<String>,
@@ -110,17 +112,43 @@ fn from_object(object: &Map<String, Value>, raw: Bytes) -> Notification {
         Some(id) if !id.is_empty() => (id, false),
         _ => (derived_id(&raw), true),
     };
+    let relative_url = text(&["relativeurl", "url"]);
     Notification {
         id,
         id_derived,
         event_type: text(&["eventtype"]),
         tenant_id: text(&["tenantid"]),
-        relative_url: text(&["relativeurl", "url"]),
+        entity_key: relative_url.as_deref().and_then(entity_key),
+        relative_url,
         when: text(&["when"]),
         correlation_id: text(&["correlationid"]),
         causation_id: text(&["causationid"]),
         raw,
     }
+}
+
+/// The entity a `relativeUrl` is about: its [`entity_id`], else the normalised URL itself, so
+/// identical links still coalesce.
+pub fn entity_key(relative_url: &str) -> Option<String> {
+    if let Some(id) = entity_id(relative_url) {
+        return Some(id.to_owned());
+    }
+    let segments = path_segments(relative_url);
+    (!segments.is_empty()).then(|| segments.join("/"))
+}
+
+/// The id after an `entity/` path segment: `entitydataquery/api/entity/{id}`, also with a
+/// leading slash, without the service prefix, in `/api/v2/`, or followed by `/draft/...`.
+pub fn entity_id(relative_url: &str) -> Option<&str> {
+    path_segments(relative_url)
+        .windows(2)
+        .find(|pair| pair[0].eq_ignore_ascii_case("entity"))
+        .map(|pair| pair[1])
+}
+
+fn path_segments(relative_url: &str) -> Vec<&str> {
+    let path = relative_url.split(['?', '#']).next().unwrap_or_default();
+    path.split('/').filter(|s| !s.is_empty()).collect()
 }
 
 /// A stable id for a notification that carried none: the same bytes always give the same id, so
@@ -272,6 +300,26 @@ mod tests {
         let body = r#"{"Id":"x","Future":{"a":[1]},"Name":"Caf\u00e9"}"#;
         let n = parse(body).unwrap();
         assert_eq!(n[0].raw, body.as_bytes());
+    }
+
+    #[test]
+    fn entity_keys_come_from_the_link_in_any_of_its_shapes() {
+        for (url, want) in [
+            ("entitydataquery/api/entity/9b22ae41", Some("9b22ae41")),
+            ("/api/entity/12345", Some("12345")),
+            ("entitydataquery/api/entity/AbC/draft/d-1", Some("AbC")),
+            ("entitydataquery/api/v2/entity/e-2?x=1", Some("e-2")),
+            (
+                "screeningquery/api/batch/77",
+                Some("screeningquery/api/batch/77"),
+            ),
+            ("//", None),
+            ("", None),
+        ] {
+            assert_eq!(entity_key(url).as_deref(), want, "{url}");
+        }
+        let n = parse(r#"{"Id":"1","RelativeUrl":"entitydataquery/api/entity/E-9"}"#).unwrap();
+        assert_eq!(n[0].entity_key.as_deref(), Some("E-9"));
     }
 
     #[test]

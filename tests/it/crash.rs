@@ -55,7 +55,7 @@ async fn sigkill_mid_burst_loses_no_acknowledged_notification() {
     let mut sent_total = 0;
     for cycle in 0..CYCLES {
         let (mut child, addr) = start_binary(store.path());
-        let client = reqwest::Client::builder()
+        let client = fenx_sync::fenergo::client_builder()
             .timeout(Duration::from_secs(5))
             .build()
             .unwrap();

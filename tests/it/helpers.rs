@@ -58,7 +58,7 @@ impl TestApp {
         let app = TestApp {
             addr,
             dir,
-            client: reqwest::Client::new(),
+            client: fenx_sync::fenergo::client_builder().build().unwrap(),
             shutdown: Some(tx),
             handle: Some(handle),
         };

@@ -1,9 +1,11 @@
 //! The durable outbox (`outbox.db`): every accepted notification, byte-exact, with its
 //! processing state.
 //!
-//! Owns the single writer thread that turns concurrent appends into group commits: it drains
-//! whatever is queued, writes it in one `BEGIN IMMEDIATE` transaction at `synchronous=FULL`, and
-//! only then answers each waiting caller. De-duplication on the notification id happens here.
+//! Owns the single writer thread ([`writer`]) that turns concurrent appends into group commits:
+//! it drains whatever is queued, writes it in one `BEGIN IMMEDIATE` transaction at
+//! `synchronous=FULL`, and only then answers each waiting caller. De-duplication on the
+//! notification id happens here. The sync worker's claims, leases and retry schedule are in
+//! [`queue`].
 //!
 //! It must never answer an append before its COMMIT has returned, and never let a failed commit
 //! look like a success: the caller's 2xx depends on it.
@@ -13,8 +15,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rusqlite::{Connection, TransactionBehavior};
-use tokio::sync::{mpsc, oneshot};
+use rusqlite::Connection;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+mod queue;
+mod writer;
+
+pub use queue::{Claim, Claimed, RowOutcome, Settlement, WorkQueue};
 
 use crate::notification::Notification;
 use crate::sqlite::{self, DbError, Durability};
@@ -84,7 +91,7 @@ pub struct OutboxOptions {
     pub enqueue_timeout: Duration,
 }
 
-enum Command {
+pub(crate) enum Command {
     Append {
         rows: Vec<NewNotification>,
         reply: oneshot::Sender<Result<Vec<Appended>, OutboxError>>,
@@ -101,6 +108,7 @@ enum Command {
 pub struct Outbox {
     queue: mpsc::Sender<Command>,
     enqueue_timeout: Duration,
+    new_work: Arc<Notify>,
 }
 
 /// Joins the writer thread; `wait` returns once the last `Outbox` handle is gone and the final
@@ -125,11 +133,12 @@ impl Outbox {
         let max_batch = options.max_batch.max(1);
         let thread = std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || run_writer(conn, rx, max_batch))
+            .spawn(move || writer::run(conn, rx, max_batch))
             .expect("spawning a thread only fails when the OS is out of resources");
         let outbox = Outbox {
             queue,
             enqueue_timeout: options.enqueue_timeout,
+            new_work: Arc::new(Notify::new()),
         };
         Ok((outbox, WriterThread(thread)))
     }
@@ -145,7 +154,17 @@ impl Outbox {
         }
         let (reply, answer) = oneshot::channel();
         self.send(Command::Append { rows, reply }).await?;
-        answer.await.map_err(|_| OutboxError::WriterStopped)?
+        let outcomes = answer.await.map_err(|_| OutboxError::WriterStopped)??;
+        if outcomes.contains(&Appended::Stored) {
+            self.new_work.notify_waiters();
+        }
+        Ok(outcomes)
+    }
+
+    /// Signalled after every commit that stored something new, so idle sync workers start at
+    /// once instead of at their next poll.
+    pub fn new_work(&self) -> Arc<Notify> {
+        self.new_work.clone()
     }
 
     /// Proves the outbox can take a write now (for `/readyz`).
@@ -174,117 +193,6 @@ pub fn open_connection(dir: &Path, busy_timeout: Duration) -> Result<Connection,
     let mut conn = sqlite::open(&path, Durability::Full, busy_timeout)?;
     sqlite::apply_schema(&mut conn, &path, "outbox")?;
     Ok(conn)
-}
-
-fn run_writer(mut conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch: usize) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut appends = Vec::new();
-        let mut probes = Vec::new();
-        let mut rows = 0;
-        let mut next = Some(first);
-        while let Some(command) = next.take() {
-            match command {
-                Command::Append { rows: r, reply } => {
-                    rows += r.len();
-                    appends.push((r, reply));
-                }
-                Command::Probe { reply } => probes.push(reply),
-            }
-            if rows < max_batch {
-                next = rx.try_recv().ok();
-            }
-        }
-        if !appends.is_empty() {
-            answer_appends(commit_appends(&mut conn, &appends), appends);
-        }
-        for reply in probes {
-            let _ = reply.send(probe(&mut conn));
-        }
-    }
-}
-
-type PendingAppend = (
-    Vec<NewNotification>,
-    oneshot::Sender<Result<Vec<Appended>, OutboxError>>,
-);
-
-fn answer_appends(
-    result: Result<Vec<Vec<Appended>>, rusqlite::Error>,
-    appends: Vec<PendingAppend>,
-) {
-    match result {
-        Ok(outcomes) => {
-            for ((_, reply), outcome) in appends.into_iter().zip(outcomes) {
-                let _ = reply.send(Ok(outcome));
-            }
-        }
-        Err(error) => {
-            tracing::error!(%error, requests = appends.len(), "outbox group commit failed");
-            let error = Arc::new(error);
-            for (_, reply) in appends {
-                let _ = reply.send(Err(OutboxError::Write(error.clone())));
-            }
-        }
-    }
-}
-
-/// Writes every waiting append in one transaction. On any error nothing is committed and every
-/// caller in the group is told so.
-fn commit_appends(
-    conn: &mut Connection,
-    appends: &[PendingAppend],
-) -> Result<Vec<Vec<Appended>>, rusqlite::Error> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let now = sqlite::now();
-    let mut outcomes = Vec::with_capacity(appends.len());
-    {
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO notification (id, id_derived, event_type, tenant_id, relative_url,
-                 event_when, correlation_id, causation_id, source, signature_recipe,
-                 received_at, raw, next_attempt_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?11)
-             ON CONFLICT (id) DO UPDATE
-                 SET duplicates = duplicates + 1, last_duplicate_at = excluded.received_at
-             RETURNING duplicates",
-        )?;
-        for (rows, _) in appends {
-            let mut outcome = Vec::with_capacity(rows.len());
-            for row in rows {
-                let n = &row.notification;
-                let duplicates: i64 = insert.query_row(
-                    rusqlite::params![
-                        n.id,
-                        n.id_derived,
-                        n.event_type,
-                        n.tenant_id,
-                        n.relative_url,
-                        n.when,
-                        n.correlation_id,
-                        n.causation_id,
-                        row.source.as_str(),
-                        row.signature_recipe,
-                        now,
-                        n.raw.as_ref(),
-                    ],
-                    |r| r.get(0),
-                )?;
-                outcome.push(if duplicates == 0 {
-                    Appended::Stored
-                } else {
-                    Appended::Duplicate
-                });
-            }
-            outcomes.push(outcome);
-        }
-    }
-    tx.commit()?;
-    Ok(outcomes)
-}
-
-fn probe(conn: &mut Connection) -> Result<(), OutboxError> {
-    conn.transaction_with_behavior(TransactionBehavior::Immediate)
-        .and_then(|tx| tx.rollback())
-        .map_err(|e| OutboxError::Write(Arc::new(e)))
 }
 
 #[cfg(test)]

@@ -1,0 +1,316 @@
+//! The Fenergo query API client: joins `relativeUrl` to the API base, sends the bearer token,
+//! `X-TENANT-ID` and an `x-correlation-id` on every call, honours the client-side limiter, and
+//! classifies every answer into what the sync worker should do next ([`FetchError`]).
+//!
+//! HTTPS is rustls with the ring provider (no OpenSSL). It must never log a token or secret, and
+//! never retry by itself beyond one token refresh on 401: retry schedules live in the outbox.
+
+pub mod limiter;
+pub mod token;
+pub mod wire;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use http::HeaderMap;
+use secrecy::SecretString;
+
+use crate::config::FenergoSettings;
+use limiter::Limiter;
+use token::{TokenCache, TokenError, TokenRequest};
+pub use wire::Entity;
+
+/// The longest response excerpt kept for a dead letter.
+const EXCERPT_LEN: usize = 300;
+/// Wait after a 429 that carried no usable header (Fenergo's tenant window is one second).
+const DEFAULT_429_WAIT: Duration = Duration::from_secs(1);
+
+/// Why a fetch did not produce an entity, grouped by what to do about it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    /// 404: right after an event this is usually eventual consistency.
+    #[error("HTTP 404: entity not found")]
+    NotFound,
+    /// 429: wait at least `retry_after`.
+    #[error("HTTP 429: rate limited")]
+    RateLimited { retry_after: Duration },
+    /// 400, 403, 410 and other 4xx (and 401 after a token refresh): retrying will not help.
+    #[error("HTTP {status}: {excerpt}")]
+    Rejected { status: u16, excerpt: String },
+    /// 5xx, timeouts, connection errors, unreadable bodies: retry with back-off.
+    #[error("{reason}")]
+    Transient { status: Option<u16>, reason: String },
+    #[error(transparent)]
+    Token(#[from] TokenError),
+}
+
+impl FetchError {
+    /// The HTTP status Fenergo answered, where there was one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            FetchError::NotFound => Some(404),
+            FetchError::RateLimited { .. } => Some(429),
+            FetchError::Rejected { status, .. } => Some(*status),
+            FetchError::Transient { status, .. } => *status,
+            FetchError::Token(TokenError::Refused { status, .. }) => Some(*status),
+            FetchError::Token(TokenError::Unavailable(_)) => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot build the HTTPS client: {0}")]
+    Build(#[from] reqwest::Error),
+    #[error("cannot start the Fenergo client: {0} not set")]
+    NotConfigured(String),
+}
+
+pub struct FenergoClient {
+    http: reqwest::Client,
+    api_base: String,
+    tenant_id: String,
+    tokens: TokenCache,
+    limiter: Limiter,
+}
+
+impl FenergoClient {
+    pub fn new(settings: &FenergoSettings) -> Result<FenergoClient, ClientError> {
+        let missing = settings.missing();
+        if !missing.is_empty() {
+            return Err(ClientError::NotConfigured(missing.join(", ")));
+        }
+        let http = client_builder()
+            .connect_timeout(settings.connect_timeout)
+            .timeout(settings.request_timeout)
+            .user_agent(concat!("fenx-sync/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let secret = settings
+            .client_secret
+            .clone()
+            .unwrap_or_else(|| SecretString::from(String::new()));
+        let tokens = TokenCache::new(
+            http.clone(),
+            TokenRequest {
+                token_url: settings.token_url.clone(),
+                client_id: settings.client_id.clone(),
+                client_secret: secret,
+                scope: settings.scope.clone(),
+                refresh_margin: settings.token_refresh_margin,
+            },
+        );
+        Ok(FenergoClient {
+            http,
+            api_base: settings.api_base.trim_end_matches('/').to_owned(),
+            tenant_id: settings.tenant_id.clone(),
+            tokens,
+            limiter: Limiter::new(
+                settings.requests_per_second,
+                settings.max_concurrent_requests,
+            ),
+        })
+    }
+
+    /// `api_base` + `/` + `relative_url`, whether or not the relative URL has a leading slash.
+    pub fn url_for(&self, relative_url: &str) -> String {
+        format!("{}/{}", self.api_base, relative_url.trim_start_matches('/'))
+    }
+
+    /// Fetches an entity. A 401 refreshes the token once and retries; everything else is
+    /// returned classified for the caller's retry schedule.
+    pub async fn get_entity(
+        &self,
+        relative_url: &str,
+        correlation_id: &str,
+    ) -> Result<Entity, FetchError> {
+        let url = self.url_for(relative_url);
+        let mut refreshed = false;
+        loop {
+            let bearer = self.tokens.bearer().await?;
+            let (status, headers, body) = {
+                let _permit = self.limiter.acquire().await;
+                let response = self
+                    .http
+                    .get(&url)
+                    .bearer_auth(&*bearer)
+                    .header("X-TENANT-ID", &self.tenant_id)
+                    .header("x-correlation-id", correlation_id)
+                    .send()
+                    .await
+                    .map_err(transient)?;
+                let status = response.status().as_u16();
+                let headers = response.headers().clone();
+                (status, headers, response.bytes().await.map_err(transient)?)
+            };
+            match status {
+                200..=299 => {
+                    return Entity::from_body(&body).map_err(|e| FetchError::Transient {
+                        status: Some(status),
+                        reason: format!("HTTP {status} with an unusable body: {e}"),
+                    });
+                }
+                401 if !refreshed => {
+                    tracing::info!("Fenergo answered 401; refreshing the access token once");
+                    self.tokens.invalidate(&bearer);
+                    refreshed = true;
+                }
+                404 => return Err(FetchError::NotFound),
+                429 => {
+                    let retry_after = retry_after(&headers, Utc::now());
+                    self.limiter.pause(retry_after);
+                    return Err(FetchError::RateLimited { retry_after });
+                }
+                500..=599 => {
+                    return Err(FetchError::Transient {
+                        status: Some(status),
+                        reason: format!("HTTP {status}: {}", excerpt(&body)),
+                    });
+                }
+                _ => {
+                    return Err(FetchError::Rejected {
+                        status,
+                        excerpt: excerpt(&body),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A reqwest builder on rustls with the ring provider: every HTTP client in the process (ours,
+/// the simulator's, the tests') is built from here, because reqwest is compiled without a
+/// default crypto provider to keep aws-lc (a C build) out of the tree.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    // A second install (another client in the same process) is refused harmlessly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
+
+/// How long a 429 asks us to wait: `Retry-After` (seconds or an HTTP date), else
+/// `X-Rate-Limit-Reset` (an ISO-8601 instant), else one second.
+fn retry_after(headers: &HeaderMap, now: DateTime<Utc>) -> Duration {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let until = |instant: DateTime<Utc>| (instant - now).to_std().unwrap_or(Duration::ZERO);
+    if let Some(value) = header("retry-after") {
+        if let Ok(seconds) = value.parse::<u64>() {
+            return Duration::from_secs(seconds);
+        }
+        if let Ok(date) = DateTime::parse_from_rfc2822(value) {
+            return until(date.with_timezone(&Utc));
+        }
+    }
+    header("x-rate-limit-reset")
+        .and_then(|v| v.parse::<DateTime<Utc>>().ok())
+        .map(until)
+        .unwrap_or(DEFAULT_429_WAIT)
+}
+
+fn transient(error: reqwest::Error) -> FetchError {
+    FetchError::Transient {
+        status: None,
+        reason: describe_reqwest(&error),
+    }
+}
+
+/// A reqwest error with its cause chain, without the URL's query (which could carry data).
+pub(crate) fn describe_reqwest(error: &reqwest::Error) -> String {
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    let mut text = kind.to_owned();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The start of a response body, as text, for dead letters and logs.
+pub(crate) fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut cut: String = text.chars().take(EXCERPT_LEN).collect();
+    if text.chars().count() > EXCERPT_LEN {
+        cut.push('…');
+    }
+    cut
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn retry_after_reads_every_header_fenergo_may_send() {
+        let now: DateTime<Utc> = "2024-04-09T10:55:00Z".parse().unwrap();
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "7")]), now),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            retry_after(
+                &headers(&[("retry-after", "Tue, 09 Apr 2024 10:55:03 GMT")]),
+                now
+            ),
+            Duration::from_secs(3)
+        );
+        let reset = headers(&[("x-rate-limit-reset", "2024-04-09T10:55:30.0705512Z")]);
+        assert_eq!(retry_after(&reset, now).as_secs(), 30);
+        let past = headers(&[("x-rate-limit-reset", "2024-04-09T10:54:00Z")]);
+        assert_eq!(retry_after(&past, now), Duration::ZERO);
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "soon")]), now),
+            DEFAULT_429_WAIT
+        );
+        assert_eq!(retry_after(&HeaderMap::new(), now), DEFAULT_429_WAIT);
+    }
+
+    #[test]
+    fn relative_urls_join_with_or_without_a_leading_slash() {
+        let mut settings = FenergoSettings {
+            api_base: "https://api.example.test/".into(),
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            client_secret: Some("s".into()),
+            ..FenergoSettings::default()
+        };
+        let client = FenergoClient::new(&settings).unwrap();
+        for relative in [
+            "entitydataquery/api/entity/1",
+            "/entitydataquery/api/entity/1",
+        ] {
+            assert_eq!(
+                client.url_for(relative),
+                "https://api.example.test/entitydataquery/api/entity/1"
+            );
+        }
+        settings.client_secret = None;
+        let err = FenergoClient::new(&settings).err().unwrap().to_string();
+        assert!(err.contains("fenergo.client_secret"), "{err}");
+    }
+
+    #[test]
+    fn excerpts_are_bounded() {
+        assert_eq!(excerpt(b"short"), "short");
+        let long = excerpt("é".repeat(1000).as_bytes());
+        assert_eq!(long.chars().count(), EXCERPT_LEN + 1);
+    }
+}

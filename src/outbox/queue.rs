@@ -1,0 +1,332 @@
+//! The sync worker's side of the outbox: claiming due notifications under an entity lease, and
+//! settling them (done, ignored, retry at a time, dead) with their retry schedule persisted so
+//! restarts keep it.
+//!
+//! A claim takes the oldest due pending row and every other pending row for the same entity
+//! (coalesced into one fetch), and leases the entity so no two workers work on it at once. A
+//! crashed worker's lease expires and the rows come back. This module never deletes a row.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use super::OutboxError;
+use crate::sqlite::format_time;
+
+/// The most rows one claim coalesces (a burst of duplicates for one entity).
+const MAX_GROUP: i64 = 1000;
+
+/// A claimed notification.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    pub seq: i64,
+    pub id: String,
+    pub event_type: Option<String>,
+    pub relative_url: Option<String>,
+    pub entity_key: Option<String>,
+    pub attempts: i64,
+    pub received_at: String,
+    pub event_when: Option<String>,
+}
+
+/// Rows leased together: every pending row for one entity (or one row with no entity).
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub lease_key: String,
+    /// Oldest first.
+    pub rows: Vec<Claimed>,
+}
+
+/// What became of one claimed row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOutcome {
+    Done {
+        status: Option<u16>,
+    },
+    Ignored,
+    /// Try again at `at`; `count_attempt` is false for waits that are not failures (429).
+    RetryAt {
+        at: DateTime<Utc>,
+        error: String,
+        status: Option<u16>,
+        count_attempt: bool,
+    },
+    Dead {
+        reason: String,
+        status: Option<u16>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub seq: i64,
+    pub outcome: RowOutcome,
+}
+
+/// The worker-side connection to `outbox.db` (shared by the worker tasks; each call is short and
+/// runs on a blocking thread).
+pub struct WorkQueue {
+    conn: Mutex<Connection>,
+}
+
+impl WorkQueue {
+    pub fn open(dir: &std::path::Path, busy_timeout: Duration) -> Result<WorkQueue, OutboxError> {
+        Ok(WorkQueue {
+            conn: Mutex::new(super::open_connection(dir, busy_timeout)?),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claims the oldest due notification whose entity nobody holds, with every other pending
+    /// notification for that entity, and leases the entity to `owner` until `now + lease`.
+    pub fn claim(
+        &self,
+        owner: &str,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Claim>, OutboxError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(write_error)?;
+        let now_text = format_time(now);
+        let first: Option<(i64, Option<String>)> = tx
+            .query_row(
+                "SELECT seq, entity_key FROM notification AS n
+                  WHERE status = 'pending' AND next_attempt_at <= ?1
+                    AND NOT EXISTS (SELECT 1 FROM entity_lease AS l
+                                     WHERE l.entity_key = coalesce(n.entity_key, 'seq:' || n.seq)
+                                       AND l.leased_until > ?1)
+                  ORDER BY seq LIMIT 1",
+                [&now_text],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(write_error)?;
+        let Some((seq, entity_key)) = first else {
+            return Ok(None);
+        };
+        let lease_key = entity_key.clone().unwrap_or_else(|| format!("seq:{seq}"));
+        let rows = {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT seq, id, event_type, relative_url, entity_key, attempts, received_at, event_when
+                       FROM notification
+                      WHERE status = 'pending'
+                        AND (seq = ?1 OR (?2 IS NOT NULL AND entity_key = ?2))
+                      ORDER BY seq LIMIT ?3",
+                )
+                .map_err(write_error)?;
+            stmt.query_map(params![seq, entity_key, MAX_GROUP], |r| {
+                Ok(Claimed {
+                    seq: r.get(0)?,
+                    id: r.get(1)?,
+                    event_type: r.get(2)?,
+                    relative_url: r.get(3)?,
+                    entity_key: r.get(4)?,
+                    attempts: r.get(5)?,
+                    received_at: r.get(6)?,
+                    event_when: r.get(7)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(write_error)?
+        };
+        let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+        tx.execute(
+            "INSERT INTO entity_lease (entity_key, owner, leased_until) VALUES (?1, ?2, ?3)
+             ON CONFLICT (entity_key) DO UPDATE SET owner = excluded.owner, leased_until = excluded.leased_until",
+            params![lease_key, owner, format_time(until)],
+        )
+        .map_err(write_error)?;
+        tx.commit().map_err(write_error)?;
+        Ok(Some(Claim { lease_key, rows }))
+    }
+
+    /// Records what became of each row and releases `owner`'s lease, in one transaction.
+    pub fn settle(
+        &self,
+        lease_key: &str,
+        owner: &str,
+        settlements: &[Settlement],
+    ) -> Result<(), OutboxError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(write_error)?;
+        let now = crate::sqlite::now();
+        for s in settlements {
+            let changed = match &s.outcome {
+                RowOutcome::Done { status } => tx.execute(
+                    "UPDATE notification SET status = 'done', attempts = attempts + 1,
+                            last_error = NULL, last_status = ?2, processed_at = ?3
+                      WHERE seq = ?1 AND status = 'pending'",
+                    params![s.seq, status, now],
+                ),
+                RowOutcome::Ignored => tx.execute(
+                    "UPDATE notification SET status = 'ignored', processed_at = ?2
+                      WHERE seq = ?1 AND status = 'pending'",
+                    params![s.seq, now],
+                ),
+                RowOutcome::RetryAt {
+                    at,
+                    error,
+                    status,
+                    count_attempt,
+                } => tx.execute(
+                    "UPDATE notification SET next_attempt_at = ?2, attempts = attempts + ?3,
+                            last_error = ?4, last_status = ?5
+                      WHERE seq = ?1 AND status = 'pending'",
+                    params![
+                        s.seq,
+                        format_time(*at),
+                        i64::from(*count_attempt),
+                        error,
+                        status
+                    ],
+                ),
+                RowOutcome::Dead { reason, status } => tx.execute(
+                    "UPDATE notification SET status = 'dead', attempts = attempts + 1,
+                            last_error = ?2, last_status = ?3, processed_at = ?4
+                      WHERE seq = ?1 AND status = 'pending'",
+                    params![s.seq, reason, status, now],
+                ),
+            };
+            changed.map_err(write_error)?;
+        }
+        tx.execute(
+            "DELETE FROM entity_lease WHERE entity_key = ?1 AND owner = ?2",
+            params![lease_key, owner],
+        )
+        .map_err(write_error)?;
+        tx.commit().map_err(write_error)
+    }
+}
+
+fn write_error(e: rusqlite::Error) -> OutboxError {
+    OutboxError::Write(std::sync::Arc::new(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::{NewNotification, Outbox, OutboxOptions, Source};
+    use bytes::Bytes;
+
+    async fn outbox_with(dir: &std::path::Path, bodies: &[String]) {
+        let options = OutboxOptions {
+            busy_timeout: Duration::from_secs(1),
+            max_batch: 100,
+            queue_capacity: 10,
+            enqueue_timeout: Duration::from_secs(1),
+        };
+        let (outbox, writer) = Outbox::open(dir, &options).unwrap();
+        let rows = bodies
+            .iter()
+            .flat_map(|b| crate::notification::parse_body(&Bytes::from(b.clone())).unwrap())
+            .map(|notification| NewNotification {
+                notification,
+                source: Source::Webhook,
+                signature_recipe: None,
+            })
+            .collect();
+        outbox.append_batch(rows).await.unwrap();
+        drop(outbox);
+        writer.wait();
+    }
+
+    fn body(id: &str, entity: &str) -> String {
+        format!(
+            r#"{{"Id":"{id}","EventType":"entitydata:draftverified","RelativeUrl":"entitydataquery/api/entity/{entity}"}}"#
+        )
+    }
+
+    fn ids(claim: &Claim) -> Vec<&str> {
+        claim.rows.iter().map(|r| r.id.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn claims_coalesce_an_entity_and_lease_it_from_other_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        outbox_with(
+            dir.path(),
+            &[
+                body("1", "A"),
+                body("2", "B"),
+                body("3", "A"),
+                body("4", "C"),
+            ],
+        )
+        .await;
+        let q = WorkQueue::open(dir.path(), Duration::from_secs(1)).unwrap();
+        let now = Utc::now();
+        let lease = Duration::from_secs(60);
+        let a = q.claim("w1", lease, now).unwrap().unwrap();
+        assert_eq!((a.lease_key.as_str(), ids(&a)), ("A", vec!["1", "3"]));
+        let b = q.claim("w2", lease, now).unwrap().unwrap();
+        assert_eq!(ids(&b), ["2"]);
+        let c = q.claim("w3", lease, now).unwrap().unwrap();
+        assert_eq!(ids(&c), ["4"]);
+        assert!(q.claim("w4", lease, now).unwrap().is_none());
+
+        // w1 crashes; after its lease expires, another worker gets entity A back.
+        let later = now + chrono::Duration::seconds(61);
+        q.settle(
+            &b.lease_key,
+            "w2",
+            &[Settlement {
+                seq: b.rows[0].seq,
+                outcome: RowOutcome::Done { status: Some(200) },
+            }],
+        )
+        .unwrap();
+        let again = q.claim("w5", lease, later).unwrap().unwrap();
+        assert_eq!(ids(&again), ["1", "3"]);
+    }
+
+    #[tokio::test]
+    async fn retries_wait_for_their_time_and_settled_rows_are_not_claimed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        outbox_with(dir.path(), &[body("1", "A"), body("2", "B")]).await;
+        let q = WorkQueue::open(dir.path(), Duration::from_secs(1)).unwrap();
+        let now = Utc::now();
+        let lease = Duration::from_secs(60);
+        let a = q.claim("w", lease, now).unwrap().unwrap();
+        let at = now + chrono::Duration::seconds(30);
+        let retry = RowOutcome::RetryAt {
+            at,
+            error: "HTTP 404".into(),
+            status: Some(404),
+            count_attempt: true,
+        };
+        q.settle(
+            &a.lease_key,
+            "w",
+            &[Settlement {
+                seq: a.rows[0].seq,
+                outcome: retry,
+            }],
+        )
+        .unwrap();
+        let b = q.claim("w", lease, now).unwrap().unwrap();
+        assert_eq!(ids(&b), ["2"]);
+        q.settle(
+            &b.lease_key,
+            "w",
+            &[Settlement {
+                seq: b.rows[0].seq,
+                outcome: RowOutcome::Ignored,
+            }],
+        )
+        .unwrap();
+        assert!(q.claim("w", lease, now).unwrap().is_none());
+        let due = q.claim("w", lease, at).unwrap().unwrap();
+        assert_eq!(ids(&due), ["1"]);
+        assert_eq!(due.rows[0].attempts, 1);
+    }
+}

@@ -1,0 +1,125 @@
+//! The outbox writer thread: drains the append queue and writes everything waiting in one
+//! transaction (group commit), answering each caller only after that COMMIT returned.
+//!
+//! It must never answer before the commit, and never report one caller's failure as another's
+//! success: a failed group fails every request in it.
+
+use std::sync::Arc;
+
+use rusqlite::{Connection, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Appended, Command, NewNotification, OutboxError};
+use crate::sqlite;
+
+pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch: usize) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut appends = Vec::new();
+        let mut probes = Vec::new();
+        let mut rows = 0;
+        let mut next = Some(first);
+        while let Some(command) = next.take() {
+            match command {
+                Command::Append { rows: r, reply } => {
+                    rows += r.len();
+                    appends.push((r, reply));
+                }
+                Command::Probe { reply } => probes.push(reply),
+            }
+            if rows < max_batch {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !appends.is_empty() {
+            answer_appends(commit_appends(&mut conn, &appends), appends);
+        }
+        for reply in probes {
+            let _ = reply.send(probe(&mut conn));
+        }
+    }
+}
+
+type PendingAppend = (
+    Vec<NewNotification>,
+    oneshot::Sender<Result<Vec<Appended>, OutboxError>>,
+);
+
+fn answer_appends(
+    result: Result<Vec<Vec<Appended>>, rusqlite::Error>,
+    appends: Vec<PendingAppend>,
+) {
+    match result {
+        Ok(outcomes) => {
+            for ((_, reply), outcome) in appends.into_iter().zip(outcomes) {
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Err(error) => {
+            tracing::error!(%error, requests = appends.len(), "outbox group commit failed");
+            let error = Arc::new(error);
+            for (_, reply) in appends {
+                let _ = reply.send(Err(OutboxError::Write(error.clone())));
+            }
+        }
+    }
+}
+
+/// Writes every waiting append in one transaction. On any error nothing is committed and every
+/// caller in the group is told so.
+fn commit_appends(
+    conn: &mut Connection,
+    appends: &[PendingAppend],
+) -> Result<Vec<Vec<Appended>>, rusqlite::Error> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let now = sqlite::now();
+    let mut outcomes = Vec::with_capacity(appends.len());
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO notification (id, id_derived, event_type, tenant_id, relative_url,
+                 event_when, correlation_id, causation_id, source, signature_recipe,
+                 received_at, raw, entity_key, next_attempt_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?11)
+             ON CONFLICT (id) DO UPDATE
+                 SET duplicates = duplicates + 1, last_duplicate_at = excluded.received_at
+             RETURNING duplicates",
+        )?;
+        for (rows, _) in appends {
+            let mut outcome = Vec::with_capacity(rows.len());
+            for row in rows {
+                let n = &row.notification;
+                let duplicates: i64 = insert.query_row(
+                    rusqlite::params![
+                        n.id,
+                        n.id_derived,
+                        n.event_type,
+                        n.tenant_id,
+                        n.relative_url,
+                        n.when,
+                        n.correlation_id,
+                        n.causation_id,
+                        row.source.as_str(),
+                        row.signature_recipe,
+                        now,
+                        n.raw.as_ref(),
+                        n.entity_key,
+                    ],
+                    |r| r.get(0),
+                )?;
+                outcome.push(if duplicates == 0 {
+                    Appended::Stored
+                } else {
+                    Appended::Duplicate
+                });
+            }
+            outcomes.push(outcome);
+        }
+    }
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+fn probe(conn: &mut Connection) -> Result<(), OutboxError> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+        .and_then(|tx| tx.rollback())
+        .map_err(|e| OutboxError::Write(Arc::new(e)))
+}
