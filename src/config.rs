@@ -35,6 +35,7 @@ const VERBATIM_ENV_KEYS: [(&str, &str); 2] = [
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
+    pub admin: AdminSettings,
     pub webhook: WebhookSettings,
     pub store: StoreSettings,
     pub fenergo: FenergoSettings,
@@ -77,6 +78,24 @@ impl Default for ServerSettings {
             allow_networks: Vec::new(),
             trusted_proxies: Vec::new(),
             shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// The admin listener: `/metrics` and `/healthz`, kept off the webhook address.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    pub enabled: bool,
+    /// Loopback by default; expose it only to your monitoring network.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            enabled: true,
+            listen: "127.0.0.1:9090".parse().expect("valid literal"),
         }
     }
 }

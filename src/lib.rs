@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::config::Settings;
 use crate::http::ConnectionLimits;
@@ -40,25 +41,61 @@ use crate::outbox::{Outbox, OutboxError, OutboxOptions};
 /// How long shutdown waits for the last group commit after the listener has drained.
 const WRITER_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs the webhook receiver on an already-bound listener until `shutdown` completes, then
-/// drains in-flight requests and their commits. Tests pass a `127.0.0.1:0` listener and a temp
-/// `store.dir`.
+/// Sockets bound by the caller (port 0 in tests): the webhook listener, and the admin listener
+/// for `/metrics`. Either may be absent (`serve --sync-only`, `admin.enabled = false`).
+#[derive(Default)]
+pub struct Listeners {
+    pub webhook: Option<TcpListener>,
+    pub admin: Option<TcpListener>,
+}
+
+/// Runs fenx-sync until `shutdown` completes: the webhook receiver on `listeners.webhook`, the
+/// admin endpoints on `listeners.admin`. Then drains in-flight requests and their commits.
 pub async fn run(
     settings: Settings,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), OutboxError> {
     let (outbox, writer) = Outbox::open(&settings.store.dir, &outbox_options(&settings))?;
-    let ingress = Arc::new(Ingress::new(&settings, outbox));
-    tracing::info!(
-        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        path = %settings.webhook.path,
-        store = %settings.store.dir.display(),
-        recipe = %settings.webhook.signature.recipe,
-        secrets = settings.webhook.secrets.len(),
-        "fenx-sync receiving webhooks"
-    );
-    http::serve(listener, ingress, connection_limits(&settings), shutdown).await;
+    let metrics = Arc::new(telemetry::Metrics::new());
+    let (stop, stopping) = watch::channel(false);
+    let mut tasks = Vec::new();
+    if let Some(listener) = listeners.admin {
+        tracing::info!(admin = %local_addr(&listener), "serving /metrics");
+        let admin = Arc::new(http::admin::Admin::new(
+            metrics.clone(),
+            settings.store.dir.clone(),
+        ));
+        tasks.push(tokio::spawn(http::serve(
+            listener,
+            admin,
+            connection_limits(&settings),
+            stopped(stopping.clone()),
+        )));
+    }
+    if let Some(listener) = listeners.webhook {
+        tracing::info!(
+            listen = %local_addr(&listener),
+            path = %settings.webhook.path,
+            store = %settings.store.dir.display(),
+            recipe = %settings.webhook.signature.recipe,
+            secrets = settings.webhook.secrets.len(),
+            "fenx-sync receiving webhooks"
+        );
+        let ingress = Arc::new(Ingress::new(&settings, outbox.clone(), metrics.clone()));
+        tasks.push(tokio::spawn(http::serve(
+            listener,
+            ingress,
+            connection_limits(&settings),
+            stopped(stopping.clone()),
+        )));
+    }
+    drop(outbox);
+    shutdown.await;
+    let _ = stop.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
     let drained = tokio::task::spawn_blocking(move || writer.wait());
     if tokio::time::timeout(WRITER_DRAIN_TIMEOUT, drained)
         .await
@@ -70,6 +107,18 @@ pub async fn run(
     }
     tracing::info!("fenx-sync stopped");
     Ok(())
+}
+
+/// Completes once the stop flag turns true.
+async fn stopped(mut stopping: watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stop| *stop).await;
+}
+
+fn local_addr(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default()
 }
 
 fn outbox_options(settings: &Settings) -> OutboxOptions {

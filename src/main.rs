@@ -1,13 +1,16 @@
 //! The `fenx-sync` binary: parses the command line, loads configuration, installs logging and
 //! hands over to the library. `anyhow` lives here and nowhere else.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
 
 use fenx_sync::config::{Settings, Sources};
+use fenx_sync::outbox::admin::{NotificationRow, OutboxAdmin, Selection, Status};
 use fenx_sync::{signature, telemetry};
 
 #[derive(Parser)]
@@ -22,14 +25,78 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Receive webhooks and store them in the outbox.
-    Serve,
+    /// Receive webhooks into the outbox and sync them into the reporting store.
+    Serve(ServeArgs),
+    /// Outbox counts by status and event type, oldest pending, dead letters, last sync.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, show and retry notifications the worker gave up on.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLetterCommand),
+    /// Re-queue notifications that were ignored before a routing rule covered them.
+    Replay {
+        /// Event type to replay (any casing).
+        #[arg(long)]
+        event_type: String,
+    },
+    /// Queue a fetch of these entities now.
+    Resync {
+        #[arg(required = true, value_name = "ENTITY_ID")]
+        entity_ids: Vec<String>,
+    },
+    /// Create or upgrade the database files in store.dir, then exit.
+    Migrate,
+    /// Exit 0 if the running service answers /readyz with 200, else 1 (for container health checks).
+    Health {
+        /// Address to probe (default: server.listen, with 0.0.0.0 taken as 127.0.0.1).
+        #[arg(long)]
+        addr: Option<std::net::SocketAddr>,
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Work with webhook signatures.
     #[command(subcommand)]
     Signature(SignatureCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Receive webhooks only; run no sync worker.
+    #[arg(long, conflicts_with = "sync_only")]
+    ingest_only: bool,
+    /// Run the sync worker only; open no webhook listener.
+    #[arg(long)]
+    sync_only: bool,
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// The most recent dead letters.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One notification in full, with its raw body.
+    Show { id: String },
+    /// Put dead letters back in the queue with a fresh attempt count.
+    Retry {
+        /// Notification ids.
+        ids: Vec<String>,
+        /// Every dead letter of this event type.
+        #[arg(long, conflicts_with_all = ["ids", "all"])]
+        event_type: Option<String>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -67,7 +134,41 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let sources = Sources { file: cli.config };
     match cli.command {
-        Command::Serve => serve(Settings::load(&sources)?),
+        Command::Serve(args) => serve(Settings::load(&sources)?, args),
+        Command::Status { json } => {
+            let status = open_admin(&Settings::load(&sources)?)?.status()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DeadLetters(command) => dead_letters(&Settings::load(&sources)?, command),
+        Command::Replay { event_type } => {
+            let n = open_admin(&Settings::load(&sources)?)?.replay_ignored(&event_type)?;
+            println!("{n} ignored notification(s) of type {event_type} queued again");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resync { entity_ids } => {
+            let ids = open_admin(&Settings::load(&sources)?)?.resync(&entity_ids)?;
+            println!("queued {} entity fetch(es): {}", ids.len(), ids.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            let settings = Settings::load(&sources)?;
+            fenx_sync::outbox::open_connection(&settings.store.dir, settings.store.busy_timeout)?;
+            println!(
+                "{} is at the current schema",
+                settings
+                    .store
+                    .dir
+                    .join(fenx_sync::outbox::FILE_NAME)
+                    .display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Health { addr, timeout } => health(&Settings::load(&sources)?, addr, timeout),
         Command::Config(ConfigCommand::Check) => {
             let settings = Settings::load(&sources)?;
             print!("{}", settings.to_redacted_toml());
@@ -102,25 +203,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
-    settings.require_webhook_secrets()?;
+fn serve(settings: Settings, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut settings = settings;
+    if args.ingest_only {
+        settings.sync.enabled = false;
+    }
+    if !args.sync_only {
+        settings.require_webhook_secrets()?;
+    }
     telemetry::init(&settings.log)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(settings.server.listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on server.listen = {}",
-                    settings.server.listen
-                )
-            })?;
-        fenx_sync::run(settings, listener, shutdown_signal()).await?;
+        let webhook = if args.sync_only {
+            None
+        } else {
+            Some(bind(settings.server.listen, "server.listen").await?)
+        };
+        let admin = if settings.admin.enabled {
+            Some(bind(settings.admin.listen, "admin.listen").await?)
+        } else {
+            None
+        };
+        let listeners = fenx_sync::Listeners { webhook, admin };
+        fenx_sync::run(settings, listeners, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+async fn bind(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {key} = {addr}"))
 }
 
 /// Completes on SIGTERM (Docker, systemd, Kubernetes) or SIGINT (Ctrl-C).
@@ -140,4 +256,148 @@ async fn shutdown_signal() {
         _ = terminate.recv() => {}
     }
     tracing::info!("shutdown requested; draining in-flight requests");
+}
+
+fn open_admin(settings: &Settings) -> anyhow::Result<OutboxAdmin> {
+    Ok(OutboxAdmin::open(
+        &settings.store.dir,
+        settings.store.busy_timeout,
+    )?)
+}
+
+fn dead_letters(settings: &Settings, command: DeadLetterCommand) -> anyhow::Result<ExitCode> {
+    let mut admin = open_admin(settings)?;
+    match command {
+        DeadLetterCommand::List { limit, json } => {
+            let rows = admin.dead_letters(limit)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!("no dead letters");
+            } else {
+                print_dead_letters(&rows);
+            }
+        }
+        DeadLetterCommand::Show { id } => {
+            println!("{}", serde_json::to_string_pretty(&admin.show(&id)?)?);
+        }
+        DeadLetterCommand::Retry {
+            ids,
+            event_type,
+            all,
+        } => {
+            let selection = match (event_type, all) {
+                (Some(t), _) => Selection::EventType(t),
+                (None, true) => Selection::All,
+                (None, false) if !ids.is_empty() => Selection::Ids(ids),
+                (None, false) => bail!("name notification ids, or use --event-type T or --all"),
+            };
+            let n = admin.retry_dead(&selection)?;
+            println!("{n} dead letter(s) queued again");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn health(
+    settings: &Settings,
+    addr: Option<std::net::SocketAddr>,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let mut addr = addr.unwrap_or(settings.server.listen);
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    match probe_ready(addr, timeout) {
+        Ok(200) => {
+            println!("ready");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(status) => {
+            println!("not ready: /readyz answered {status}");
+            Ok(ExitCode::FAILURE)
+        }
+        Err(error) => {
+            println!("not ready: {error}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET of `/readyz` (the container image has no curl).
+fn probe_ready(addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result<u16> {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = [0u8; 64];
+    let n = stream.read(&mut head)?;
+    std::str::from_utf8(&head[..n])
+        .ok()
+        .and_then(|text| text.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other("not an HTTP answer"))
+}
+
+fn print_status(s: &Status) {
+    println!("outbox rows by status:");
+    for (status, n) in &s.by_status {
+        println!("  {status:<10} {n:>10}");
+    }
+    println!(
+        "\n{:<40} {:>9} {:>9} {:>9} {:>9}",
+        "event type", "pending", "done", "ignored", "dead"
+    );
+    for e in &s.by_event_type {
+        println!(
+            "{:<40} {:>9} {:>9} {:>9} {:>9}",
+            e.event_type, e.pending, e.done, e.ignored, e.dead
+        );
+    }
+    let oldest = match (&s.oldest_pending_received_at, s.oldest_pending_age_secs) {
+        (Some(at), Some(age)) => format!("{at} ({age} s ago)"),
+        _ => "none".into(),
+    };
+    println!("\noldest pending:      {oldest}");
+    println!("dead letters:        {}", s.dead_letters);
+    println!(
+        "last successful sync: {}",
+        s.last_sync_at.as_deref().unwrap_or("never")
+    );
+    println!("duplicates received: {}", s.duplicates_received);
+    let recipes: Vec<String> = s
+        .signature_recipes
+        .iter()
+        .map(|(r, n)| format!("{r} ({n})"))
+        .collect();
+    println!(
+        "signature recipes:   {}",
+        if recipes.is_empty() {
+            "none yet".into()
+        } else {
+            recipes.join(", ")
+        }
+    );
+}
+
+fn print_dead_letters(rows: &[NotificationRow]) {
+    println!(
+        "{:<38} {:<28} {:<14} {:>4} {:>6}  reason",
+        "id", "event type", "entity", "try", "status"
+    );
+    for r in rows {
+        println!(
+            "{:<38} {:<28} {:<14} {:>4} {:>6}  {}",
+            r.id,
+            r.event_type.as_deref().unwrap_or("-"),
+            r.entity_key.as_deref().unwrap_or("-"),
+            r.attempts,
+            r.last_status.map_or("-".into(), |s| s.to_string()),
+            r.last_error.as_deref().unwrap_or("")
+        );
+    }
 }

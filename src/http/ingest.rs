@@ -22,6 +22,7 @@ use crate::config::Settings;
 use crate::notification::{self, Notification};
 use crate::outbox::{Appended, NewNotification, Outbox, Source};
 use crate::signature::{self, Recipe, RecipeChoice, Verifier};
+use crate::telemetry::{Metrics, ReasonLabel, RecipeLabel};
 
 /// How long `/readyz` waits for the outbox write lock before saying "not ready".
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -38,10 +39,11 @@ pub struct Ingress {
     trusted_proxies: Vec<IpNet>,
     /// Recipes already announced in the log (auto mode announces each once).
     recipes_seen: Mutex<HashSet<Recipe>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Ingress {
-    pub fn new(settings: &Settings, outbox: Outbox) -> Ingress {
+    pub fn new(settings: &Settings, outbox: Outbox, metrics: Arc<Metrics>) -> Ingress {
         Ingress {
             path: settings.webhook.path.clone(),
             verifier: Verifier::new(&settings.webhook.secrets, settings.webhook.signature.recipe),
@@ -52,6 +54,7 @@ impl Ingress {
             allow_networks: settings.server.allow_networks.clone(),
             trusted_proxies: settings.server.trusted_proxies.clone(),
             recipes_seen: Mutex::new(HashSet::new()),
+            metrics,
         }
     }
 
@@ -73,11 +76,29 @@ impl Ingress {
             .get(signature::HEADER)
             .map(|v| v.as_bytes().to_vec());
         let body = self.read_body(request).await?;
-        let verified = self.verifier.verify(signature_header.as_deref(), &body)?;
+        let verified = self
+            .verifier
+            .verify(signature_header.as_deref(), &body)
+            .inspect_err(|e| {
+                self.metrics
+                    .signature_failures
+                    .get_or_create(&ReasonLabel {
+                        reason: e.reason().to_owned(),
+                    })
+                    .inc();
+            })?;
+        let recipe = verified.recipe.to_string();
+        self.metrics
+            .signature_recipes
+            .get_or_create(&RecipeLabel {
+                recipe: recipe.clone(),
+            })
+            .inc();
         self.announce_recipe(verified.recipe, verified.secret_index);
         let notifications = notification::parse_body(&body)?;
         log.describe(&notifications);
-        let recipe = verified.recipe.to_string();
+        let event_types: Vec<Option<String>> =
+            notifications.iter().map(|n| n.event_type.clone()).collect();
         let rows = notifications
             .into_iter()
             .map(|notification| NewNotification {
@@ -87,6 +108,18 @@ impl Ingress {
             })
             .collect();
         let outcomes = self.outbox.append_batch(rows).await?;
+        for (event_type, outcome) in event_types.iter().zip(&outcomes) {
+            let outcome = if *outcome == Appended::Stored {
+                "stored"
+            } else {
+                "duplicate"
+            };
+            Metrics::count_event(
+                &self.metrics.notifications_received,
+                event_type.as_deref(),
+                outcome,
+            );
+        }
         let duplicates = outcomes
             .iter()
             .filter(|o| **o == Appended::Duplicate)
@@ -182,6 +215,11 @@ impl Routes for Ingress {
                     Err(IngestError::MethodNotAllowed { allow: "POST" })
                 };
                 log.finish(&result, started.elapsed());
+                self.metrics.count_webhook(match &result {
+                    Ok(accepted) if accepted.stored == 0 => "duplicate",
+                    Ok(_) => "stored",
+                    Err(error) => error.outcome(),
+                });
                 match result {
                     Ok(accepted) => json_response(
                         StatusCode::OK,

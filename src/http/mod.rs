@@ -4,6 +4,7 @@
 //! implementation ([`ingest::Ingress`] for webhooks). It must never read a body without a size
 //! and time limit, and never drop an in-flight request on shutdown before the grace period ends.
 
+pub mod admin;
 pub mod error;
 pub mod ingest;
 

@@ -18,6 +18,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+pub mod admin;
 mod queue;
 mod writer;
 

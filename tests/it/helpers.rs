@@ -49,7 +49,11 @@ impl TestApp {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
-            fenx_sync::run(settings, listener, async {
+            let listeners = fenx_sync::Listeners {
+                webhook: Some(listener),
+                admin: None,
+            };
+            fenx_sync::run(settings, listeners, async {
                 let _ = rx.await;
             })
             .await
