@@ -2,6 +2,8 @@
 
 use std::process::{Command, Output};
 
+use crate::helpers::{TestApp, notification};
+
 fn fenx(args: &[&str], env: &[(&str, &str)]) -> Output {
     let dir = tempfile::tempdir().unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_fenx-sync"));
@@ -103,4 +105,135 @@ fn signature_detect_names_the_recipe_of_a_captured_delivery() {
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stdout).contains("no recipe matches"));
+}
+
+/// Runs the binary with the store of a running in-process service.
+fn fenx_on(app: &TestApp, args: &[&str]) -> Output {
+    let dir = app.dir.path().to_str().unwrap().to_owned();
+    fenx(args, &[("FENX_STORE__DIR", dir.as_str())])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_dead_letters_replay_and_resync_work_against_a_running_service() {
+    let app = TestApp::spawn().await;
+    for (id, event_type) in [
+        ("a", "entitydata:created"),
+        ("b", "journey:taskcompleted"),
+        ("c", "journey:taskcompleted"),
+    ] {
+        assert_eq!(
+            app.post_signed(&notification(id, event_type))
+                .await
+                .status(),
+            200
+        );
+    }
+    app.post_signed(&notification("a", "entitydata:created"))
+        .await;
+    // Settle rows the way the worker would, so there is something to inspect.
+    app.outbox()
+        .execute_batch(
+            "UPDATE notification SET status = 'dead', last_status = 403, last_error = 'HTTP 403: forbidden',
+                    processed_at = '2026-01-01T00:00:00.000Z' WHERE id = 'a';
+             UPDATE notification SET status = 'ignored' WHERE event_type = 'journey:taskcompleted';",
+        )
+        .unwrap();
+
+    let out = fenx_on(&app, &["status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["dead_letters"], 1);
+    assert_eq!(status["duplicates_received"], 1);
+    assert_eq!(
+        status["signature_recipes"][0],
+        serde_json::json!(["sha256-hex/hex", 3])
+    );
+    let table = text(&fenx_on(&app, &["status"]).stdout);
+    assert!(
+        table.contains("journey:taskcompleted") && table.contains("dead letters:        1"),
+        "{table}"
+    );
+
+    let list = text(&fenx_on(&app, &["dead-letters", "list"]).stdout);
+    assert!(
+        list.contains("HTTP 403: forbidden") && list.contains("entitydata:created"),
+        "{list}"
+    );
+    let shown: serde_json::Value =
+        serde_json::from_slice(&fenx_on(&app, &["dead-letters", "show", "a"]).stdout).unwrap();
+    assert_eq!(shown["raw"], notification("a", "entitydata:created"));
+    let missing = fenx_on(&app, &["dead-letters", "show", "nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains("no notification with id \"nope\""));
+
+    let retried = fenx_on(&app, &["dead-letters", "retry", "--all"]);
+    assert!(text(&retried.stdout).starts_with("1 dead letter(s) queued again"));
+    let replayed = fenx_on(&app, &["replay", "--event-type", "JOURNEY:TaskCompleted"]);
+    assert!(
+        text(&replayed.stdout).starts_with("2 ignored notification(s)"),
+        "{}",
+        text(&replayed.stdout)
+    );
+    let pending: i64 = app
+        .outbox()
+        .query_row(
+            "SELECT count(*) FROM notification WHERE status = 'pending'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(pending, 3);
+
+    let resync = fenx_on(&app, &["resync", "E-1", "E-2"]);
+    assert!(text(&resync.stdout).starts_with("queued 2 entity fetch(es)"));
+    let queued: i64 = app
+        .outbox()
+        .query_row("SELECT count(*) FROM notification WHERE source = 'resync' AND entity_key IN ('E-1','E-2')", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(queued, 2);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_exits_0_only_when_the_service_is_ready() {
+    let app = TestApp::spawn().await;
+    let addr = app.addr.to_string();
+    let ok = fenx(&["health", "--addr", &addr], &[]);
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok.stdout));
+    let blocker = app.outbox();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let busy = fenx(&["health", "--addr", &addr, "--timeout", "5s"], &[]);
+    assert_eq!(busy.status.code(), Some(1));
+    assert!(text(&busy.stdout).contains("503"), "{}", text(&busy.stdout));
+    blocker.execute_batch("ROLLBACK").unwrap();
+    app.stop().await;
+    let down = fenx(&["health", "--addr", &addr, "--timeout", "1s"], &[]);
+    assert_eq!(down.status.code(), Some(1));
+}
+
+#[test]
+fn admin_commands_say_clearly_when_there_is_no_outbox() {
+    let out = fenx(&["status"], &[("FENX_STORE__DIR", "/nonexistent/fenx")]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("no outbox at /nonexistent/fenx/outbox.db"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"));
+}
+
+#[test]
+fn migrate_creates_the_schema_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().to_str().unwrap();
+    for _ in 0..2 {
+        let out = fenx(&["migrate"], &[("FENX_STORE__DIR", store)]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let conn = rusqlite::Connection::open(dir.path().join("outbox.db")).unwrap();
+    let version: i64 = conn
+        .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 1);
 }

@@ -17,6 +17,7 @@ pub const SECRET: &str = "test-webhook-secret";
 /// A running service with its own temp store.
 pub struct TestApp {
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub dir: TempDir,
     pub client: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
@@ -47,11 +48,13 @@ impl TestApp {
             .await
             .unwrap();
         let addr = listener.local_addr().unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
             let listeners = fenx_sync::Listeners {
                 webhook: Some(listener),
-                admin: None,
+                admin: Some(admin),
             };
             fenx_sync::run(settings, listeners, async {
                 let _ = rx.await;
@@ -61,6 +64,7 @@ impl TestApp {
         });
         let app = TestApp {
             addr,
+            admin_addr,
             dir,
             client: fenx_sync::fenergo::client_builder().build().unwrap(),
             shutdown: Some(tx),
@@ -117,6 +121,19 @@ impl TestApp {
             .expect("service stops within 15 s")
             .unwrap();
         self.dir
+    }
+
+    /// The Prometheus text from the admin listener.
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.admin_addr);
+        self.client
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub fn outbox(&self) -> Connection {

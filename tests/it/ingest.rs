@@ -382,3 +382,36 @@ async fn shutdown_finishes_requests_in_flight_and_their_commits() {
     let stored = crate::helpers::read_outbox(&dir.path().join("outbox.db"));
     assert_eq!(stored.len(), 1);
 }
+
+#[tokio::test]
+async fn metrics_count_what_happened_at_the_front_door() {
+    let app = TestApp::spawn().await;
+    app.post_signed(&notification("m-1", "entitydata:created"))
+        .await;
+    app.post_signed(&notification("m-1", "entitydata:created"))
+        .await;
+    app.post_signed(&notification("m-2", "journey:taskcompleted"))
+        .await;
+    app.post_with_signature(&notification("m-3", "x:y"), Some("bad"))
+        .await;
+    app.post_with_signature(&notification("m-3", "x:y"), None)
+        .await;
+    let text = app.metrics().await;
+    for line in [
+        r#"fenx_webhook_requests_total{outcome="stored"} 2"#,
+        r#"fenx_webhook_requests_total{outcome="duplicate"} 1"#,
+        r#"fenx_webhook_requests_total{outcome="signature_malformed"} 1"#,
+        r#"fenx_signature_failures_total{reason="missing"} 1"#,
+        r#"fenx_signature_recipe_matches_total{recipe="sha256-hex/hex"} 3"#,
+        r#"fenx_notifications_received_total{event_type="entitydata:created",outcome="stored"} 1"#,
+        r#"fenx_notifications_received_total{event_type="entitydata:created",outcome="duplicate"} 1"#,
+        r#"fenx_outbox_rows{status="pending"} 2"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    assert!(text.contains("fenx_oldest_pending_seconds "));
+    app.stop().await;
+}
