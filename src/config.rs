@@ -380,7 +380,14 @@ impl Settings {
             .chain(VERBATIM_ENV_KEYS.iter().map(|(key, _)| *key))
             .collect();
         figment = figment
-            .merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&ignored))
+            .merge(
+                Env::prefixed(ENV_PREFIX)
+                    .split("__")
+                    .ignore(&ignored)
+                    // Only `SECTION__KEY` names are configuration: Kubernetes injects
+                    // FENX_SYNC_SERVICE_HOST and the like for a Service named fenx-sync.
+                    .filter(|key| key.as_str().contains('.')),
+            )
             .merge(VerbatimEnv);
         let mut settings: Settings = figment
             .extract()
@@ -642,6 +649,23 @@ mod tests {
             assert_eq!(secrets, ["0123", "\"quoted\"", "s3"]);
             assert_eq!(s.store.dir, PathBuf::from("/tmp/x"));
             assert_eq!(s.webhook.signature.recipe.to_string(), "sha256-hex/hex");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unrelated_fenx_variables_are_not_configuration() {
+        Jail::expect_with(|jail| {
+            jail.set_env("FENX_SYNC_SERVICE_HOST", "10.0.0.1");
+            jail.set_env("FENX_SYNC_PORT", "tcp://10.0.0.1:8080");
+            jail.set_env("FENX_TEST_POSTGRES_URL", "postgres://x");
+            load_in(jail, None).unwrap();
+            jail.set_env("FENX_SERVR__LISTEN", "127.0.0.1:1");
+            let err = load_in(jail, None).unwrap_err().to_string();
+            assert!(
+                err.contains("servr"),
+                "a typo in a section is still an error: {err}"
+            );
             Ok(())
         });
     }

@@ -24,6 +24,7 @@ pub mod signature;
 pub mod sim;
 pub mod sqlite;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 
 use std::future::Future;
@@ -90,8 +91,10 @@ pub async fn run(
             stopped(stopping.clone()),
         )));
     }
-    drop(outbox);
+    tasks.push(tokio::spawn(systemd::watchdog(outbox, stopping.clone())));
+    systemd::ready();
     shutdown.await;
+    systemd::stopping();
     let _ = stop.send(true);
     for task in tasks {
         let _ = task.await;

@@ -1,0 +1,343 @@
+//! Flattening of an EntityDto's `properties` map into the rows of `entity_property` and
+//! `entity_collection`, so analysts can filter on property values without JSON functions.
+//!
+//! Pure: it never touches the database, never fails, never panics and never discards an entity.
+//! Shapes it does not recognise are flattened by what they look like; the full JSON is kept in
+//! `entity.json` regardless, so nothing is lost when a guess is imperfect.
+
+use serde_json::{Map, Value};
+
+/// One `entity_property` row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PropertyRow {
+    /// Dotted path for properties nested in Custom properties: `registeredAddress.city`.
+    pub name: String,
+    pub value: Option<String>,
+    pub value_type: ValueType,
+}
+
+/// Which kind of property a `PropertyRow` came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueType {
+    Single,
+    /// The top-level `value` of a Custom property itself (its children are rows of their own).
+    Custom,
+}
+
+impl ValueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ValueType::Single => "Single",
+            ValueType::Custom => "Custom",
+        }
+    }
+}
+
+/// One `entity_collection` row: one field of one data group row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectionRow {
+    /// The data group property name, dotted when nested in a Custom property.
+    pub property: String,
+    pub row_id: String,
+    pub field: String,
+    pub value: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Single,
+    Custom,
+    Collection,
+}
+
+/// Flattens an EntityDto `properties` object. Anything that is not an object yields no rows.
+pub fn flatten(properties: &Value) -> (Vec<PropertyRow>, Vec<CollectionRow>) {
+    let mut rows = (Vec::new(), Vec::new());
+    if let Value::Object(map) = properties {
+        flatten_into(map, "", &mut rows);
+    }
+    rows
+}
+
+fn flatten_into(
+    map: &Map<String, Value>,
+    prefix: &str,
+    rows: &mut (Vec<PropertyRow>, Vec<CollectionRow>),
+) {
+    for (key, property) in map {
+        let name = format!("{prefix}{key}");
+        // A bare value where a PropertyDto was expected is still the property's value.
+        let Value::Object(dto) = property else {
+            rows.0.push(PropertyRow {
+                name,
+                value: text(property),
+                value_type: ValueType::Single,
+            });
+            continue;
+        };
+        match kind(dto) {
+            Kind::Single => rows.0.push(PropertyRow {
+                value: dto.get("value").and_then(text),
+                name,
+                value_type: ValueType::Single,
+            }),
+            Kind::Custom => {
+                // Custom properties usually carry `"value": null` next to their children; a row
+                // for every such null would only be noise.
+                if let Some(value) = dto.get("value").and_then(text) {
+                    rows.0.push(PropertyRow {
+                        name: name.clone(),
+                        value: Some(value),
+                        value_type: ValueType::Custom,
+                    });
+                }
+                if let Some(Value::Object(children)) = dto.get("properties") {
+                    flatten_into(children, &format!("{name}."), rows);
+                }
+            }
+            Kind::Collection => collection_rows(&name, dto.get("collections"), &mut rows.1),
+        }
+    }
+}
+
+/// The declared kind (`type`, else `discriminator`), or the one the shape suggests.
+fn kind(dto: &Map<String, Value>) -> Kind {
+    let declared = ["type", "discriminator"].iter().find_map(|key| {
+        let name = dto.get(*key)?.as_str()?;
+        [
+            ("Single", Kind::Single),
+            ("Custom", Kind::Custom),
+            ("Collection", Kind::Collection),
+        ]
+        .into_iter()
+        .find(|(known, _)| name.eq_ignore_ascii_case(known))
+        .map(|(_, kind)| kind)
+    });
+    declared.unwrap_or(if dto.contains_key("collections") {
+        Kind::Collection
+    } else if dto.contains_key("properties") {
+        Kind::Custom
+    } else {
+        Kind::Single
+    })
+}
+
+/// Data group rows are a map keyed by row id; an array is accepted too, keyed by position.
+fn collection_rows(property: &str, collections: Option<&Value>, out: &mut Vec<CollectionRow>) {
+    let rows: Vec<(String, &Value)> = match collections {
+        Some(Value::Object(map)) => map.iter().map(|(id, row)| (id.clone(), row)).collect(),
+        Some(Value::Array(list)) => list
+            .iter()
+            .enumerate()
+            .map(|(i, row)| (i.to_string(), row))
+            .collect(),
+        _ => return,
+    };
+    for (row_id, row) in rows {
+        let Value::Object(row) = row else { continue };
+        // The contract nests fields under `properties`; a row without it is taken as the fields.
+        let fields = match row.get("properties") {
+            Some(Value::Object(fields)) => fields,
+            _ => row,
+        };
+        out.extend(fields.iter().map(|(field, value)| CollectionRow {
+            property: property.to_owned(),
+            row_id: row_id.clone(),
+            field: field.clone(),
+            value: text(value),
+        }));
+    }
+}
+
+/// Strings as they are, null as NULL, anything else as its JSON text.
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn prop(name: &str, value: Option<&str>, value_type: ValueType) -> PropertyRow {
+        PropertyRow {
+            name: name.into(),
+            value: value.map(str::to_owned),
+            value_type,
+        }
+    }
+
+    fn cell(property: &str, row_id: &str, field: &str, value: Option<&str>) -> CollectionRow {
+        CollectionRow {
+            property: property.into(),
+            row_id: row_id.into(),
+            field: field.into(),
+            value: value.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn single_properties_with_and_without_discriminator() {
+        let (props, cells) = flatten(&json!({
+            "firstName": {"type": "Single", "value": "Luis"},
+            "lastName": {"type": "Single", "discriminator": "Single", "value": "Ruiz"},
+        }));
+        assert_eq!(
+            props,
+            [
+                prop("firstName", Some("Luis"), ValueType::Single),
+                prop("lastName", Some("Ruiz"), ValueType::Single),
+            ]
+        );
+        assert!(cells.is_empty());
+    }
+
+    #[test]
+    fn nulls_are_null_and_other_scalars_are_json_text() {
+        let (props, _) = flatten(&json!({
+            "a": {"type": "Single", "value": null},
+            "b": {"type": "Single"},
+            "c": {"type": "Single", "value": 42},
+            "d": {"type": "Single", "value": true},
+            "e": {"type": "Single", "value": 1.5},
+            "f": {"type": "Single", "value": ["x", 1]},
+        }));
+        let values: Vec<_> = props.iter().map(|p| p.value.as_deref()).collect();
+        assert_eq!(
+            values,
+            [
+                None,
+                None,
+                Some("42"),
+                Some("true"),
+                Some("1.5"),
+                Some(r#"["x",1]"#)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_collection_becomes_one_row_per_field_of_each_data_group_row() {
+        let (props, cells) = flatten(&json!({
+            "addresses": {
+                "type": "Collection",
+                "dataGroupId": "dg-1",
+                "dataGroupVersionNumber": 2,
+                "collections": {
+                    "r1": {"properties": {"city": "Dublin", "country": "IE"}},
+                    "r2": {"properties": {"city": "Cork", "zip": null}},
+                },
+            },
+        }));
+        assert!(props.is_empty());
+        assert_eq!(
+            cells,
+            [
+                cell("addresses", "r1", "city", Some("Dublin")),
+                cell("addresses", "r1", "country", Some("IE")),
+                cell("addresses", "r2", "city", Some("Cork")),
+                cell("addresses", "r2", "zip", None),
+            ]
+        );
+    }
+
+    #[test]
+    fn custom_properties_nest_as_dotted_names_two_levels_deep() {
+        let (props, cells) = flatten(&json!({
+            "registeredAddress": {
+                "type": "Custom",
+                "discriminator": "Custom",
+                "customTypeId": "ct-1",
+                "value": "primary",
+                "properties": {
+                    "city": {"type": "Single", "value": "Dublin"},
+                    "geo": {
+                        "type": "Custom",
+                        "value": null,
+                        "properties": {"lat": {"type": "Single", "value": 53.35}},
+                    },
+                    "owners": {
+                        "type": "Collection",
+                        "collections": {"o1": {"properties": {"name": "Ann"}}},
+                    },
+                },
+            },
+        }));
+        assert_eq!(
+            props,
+            [
+                prop("registeredAddress", Some("primary"), ValueType::Custom),
+                prop("registeredAddress.city", Some("Dublin"), ValueType::Single),
+                prop("registeredAddress.geo.lat", Some("53.35"), ValueType::Single),
+            ]
+        );
+        assert_eq!(
+            cells,
+            [cell("registeredAddress.owners", "o1", "name", Some("Ann"))]
+        );
+    }
+
+    #[test]
+    fn unknown_or_missing_types_are_inferred_from_the_shape() {
+        let (props, cells) = flatten(&json!({
+            "a": {"type": "SomethingNew", "value": "x"},
+            "b": {"collections": {"r": {"properties": {"f": "v"}}}},
+            "c": {"type": 7, "properties": {"d": {"value": "y"}}},
+            "e": {"discriminator": "collection", "collections": [{"properties": {"g": "w"}}]},
+        }));
+        assert_eq!(
+            props,
+            [
+                prop("a", Some("x"), ValueType::Single),
+                prop("c.d", Some("y"), ValueType::Single),
+            ]
+        );
+        assert_eq!(
+            cells,
+            [
+                cell("b", "r", "f", Some("v")),
+                cell("e", "0", "g", Some("w")),
+            ]
+        );
+    }
+
+    #[test]
+    fn properties_that_are_not_objects_are_kept_as_values() {
+        let (props, _) = flatten(&json!({
+            "list": [1, 2],
+            "nothing": null,
+            "number": 3,
+            "plain": "text",
+        }));
+        assert_eq!(
+            props,
+            [
+                prop("list", Some("[1,2]"), ValueType::Single),
+                prop("nothing", None, ValueType::Single),
+                prop("number", Some("3"), ValueType::Single),
+                prop("plain", Some("text"), ValueType::Single),
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_containers_yield_what_they_can_without_panicking() {
+        let (props, cells) = flatten(&json!({
+            "badRows": {"type": "Collection", "collections": "oops"},
+            "mixedRows": {"type": "Collection", "collections": {
+                "r1": "not a row",
+                "r2": {"f": "bare fields"},
+            }},
+            "badChildren": {"type": "Custom", "properties": [1, 2]},
+        }));
+        assert!(props.is_empty());
+        assert_eq!(cells, [cell("mixedRows", "r2", "f", Some("bare fields"))]);
+        for not_a_map in [json!(null), json!([]), json!("x")] {
+            assert_eq!(flatten(&not_a_map), (vec![], vec![]));
+        }
+    }
+}
