@@ -22,6 +22,9 @@ ENV FENX_CONFIG=/etc/fenx-sync/fenx-sync.toml \
 RUN mkdir -p /var/lib/fenx-sync && chown fenx /var/lib/fenx-sync
 VOLUME ["/var/lib/fenx-sync"]
 USER fenx
-EXPOSE 8080
+EXPOSE 8080 9090
+# The image has no curl: the binary probes its own /readyz.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["/usr/local/bin/fenx-sync", "health"]
 ENTRYPOINT ["/usr/local/bin/fenx-sync"]
 CMD ["serve"]

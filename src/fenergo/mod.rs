@@ -9,13 +9,17 @@ pub mod limiter;
 pub mod token;
 pub mod wire;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use chrono::{DateTime, Utc};
 use http::HeaderMap;
 use secrecy::SecretString;
 
 use crate::config::FenergoSettings;
+use crate::telemetry::{Metrics, StatusLabel};
 use limiter::Limiter;
 use token::{TokenCache, TokenError, TokenRequest};
 pub use wire::Entity;
@@ -68,6 +72,7 @@ pub enum ClientError {
 
 pub struct FenergoClient {
     http: reqwest::Client,
+    metrics: Arc<Metrics>,
     api_base: String,
     tenant_id: String,
     tokens: TokenCache,
@@ -75,7 +80,10 @@ pub struct FenergoClient {
 }
 
 impl FenergoClient {
-    pub fn new(settings: &FenergoSettings) -> Result<FenergoClient, ClientError> {
+    pub fn new(
+        settings: &FenergoSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<FenergoClient, ClientError> {
         let missing = settings.missing();
         if !missing.is_empty() {
             return Err(ClientError::NotConfigured(missing.join(", ")));
@@ -98,9 +106,11 @@ impl FenergoClient {
                 scope: settings.scope.clone(),
                 refresh_margin: settings.token_refresh_margin,
             },
+            metrics.token_refreshes.clone(),
         );
         Ok(FenergoClient {
             http,
+            metrics,
             api_base: settings.api_base.trim_end_matches('/').to_owned(),
             tenant_id: settings.tenant_id.clone(),
             tokens,
@@ -129,18 +139,19 @@ impl FenergoClient {
             let bearer = self.tokens.bearer().await?;
             let (status, headers, body) = {
                 let _permit = self.limiter.acquire().await;
-                let response = self
-                    .http
-                    .get(&url)
-                    .bearer_auth(&*bearer)
-                    .header("X-TENANT-ID", &self.tenant_id)
-                    .header("x-correlation-id", correlation_id)
-                    .send()
-                    .await
-                    .map_err(transient)?;
-                let status = response.status().as_u16();
-                let headers = response.headers().clone();
-                (status, headers, response.bytes().await.map_err(transient)?)
+                let started = Instant::now();
+                let answer = self.call(&url, &bearer, correlation_id).await;
+                self.metrics
+                    .fetch_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                let status = answer
+                    .as_ref()
+                    .map_or("error".to_owned(), |(s, _, _)| s.to_string());
+                self.metrics
+                    .api_responses
+                    .get_or_create(&StatusLabel { status })
+                    .inc();
+                answer.map_err(transient)?
             };
             match status {
                 200..=299 => {
@@ -156,6 +167,7 @@ impl FenergoClient {
                 }
                 404 => return Err(FetchError::NotFound),
                 429 => {
+                    self.metrics.rate_limited.inc();
                     let retry_after = retry_after(&headers, Utc::now());
                     self.limiter.pause(retry_after);
                     return Err(FetchError::RateLimited { retry_after });
@@ -174,6 +186,27 @@ impl FenergoClient {
                 }
             }
         }
+    }
+}
+
+impl FenergoClient {
+    async fn call(
+        &self,
+        url: &str,
+        bearer: &str,
+        correlation_id: &str,
+    ) -> Result<(u16, HeaderMap, Bytes), reqwest::Error> {
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(bearer)
+            .header("X-TENANT-ID", &self.tenant_id)
+            .header("x-correlation-id", correlation_id)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        Ok((status, headers, response.bytes().await?))
     }
 }
 
@@ -292,7 +325,7 @@ mod tests {
             client_secret: Some("s".into()),
             ..FenergoSettings::default()
         };
-        let client = FenergoClient::new(&settings).unwrap();
+        let client = FenergoClient::new(&settings, Arc::default()).unwrap();
         for relative in [
             "entitydataquery/api/entity/1",
             "/entitydataquery/api/entity/1",
@@ -303,7 +336,10 @@ mod tests {
             );
         }
         settings.client_secret = None;
-        let err = FenergoClient::new(&settings).err().unwrap().to_string();
+        let err = FenergoClient::new(&settings, Arc::default())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("fenergo.client_secret"), "{err}");
     }
 

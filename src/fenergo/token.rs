@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use prometheus_client::metrics::counter::Counter;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use tokio::sync::Mutex;
@@ -54,15 +55,18 @@ pub struct TokenCache {
     current: RwLock<Option<Cached>>,
     /// Held while a token request is in flight, so concurrent callers wait for its answer.
     refreshing: Mutex<()>,
+    issued: Counter,
 }
 
 impl TokenCache {
-    pub fn new(http: reqwest::Client, request: TokenRequest) -> TokenCache {
+    /// `issued` counts the tokens fetched (the `fenx_token_refreshes` metric).
+    pub fn new(http: reqwest::Client, request: TokenRequest, issued: Counter) -> TokenCache {
         TokenCache {
             http,
             request,
             current: RwLock::new(None),
             refreshing: Mutex::new(()),
+            issued,
         }
     }
 
@@ -81,6 +85,7 @@ impl TokenCache {
             bearer: bearer.clone(),
             renew_at,
         });
+        self.issued.inc();
         tracing::info!(
             expires_in_secs = ttl.as_secs(),
             "fetched a Fenergo access token"
