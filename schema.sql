@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS notification (
     event_when       TEXT,                       -- the notification's `When`, as sent
     correlation_id   TEXT,
     causation_id     TEXT,
-    source           TEXT    NOT NULL,           -- 'webhook', or 'resync' for an operator's request
+    source           TEXT    NOT NULL,           -- 'webhook', 'poll', or 'resync' (an operator's request)
     signature_recipe TEXT,                       -- recipe that verified it, e.g. 'sha256-hex/hex'
     received_at      TEXT    NOT NULL,
     raw              BLOB    NOT NULL,           -- the notification's bytes exactly as received
@@ -60,3 +60,180 @@ CREATE TABLE IF NOT EXISTS entity_lease (
     owner        TEXT NOT NULL,
     leased_until TEXT NOT NULL
 );
+
+-- section: reporting version: 1
+
+-- reporting.db: the latest verified copy of every entity fetched from Fenergo, its history, and
+-- a log of the notifications that caused each fetch. Written only by the sync worker; analysts
+-- read it with plain SQL. It can always be rebuilt by re-fetching, so it trades power-loss
+-- durability for speed (synchronous=NORMAL).
+--
+-- Value conventions: property values are TEXT. Strings are stored as sent, JSON null as SQL NULL,
+-- and numbers, booleans, arrays and objects as their JSON text ('42', 'true', '["a","b"]').
+-- Times written by fenx-sync (synced_at, stored_at, processed_at, received_at) are UTC
+-- RFC 3339 with milliseconds; times copied from Fenergo (created, event_when) are kept exactly as
+-- sent (often 7 fractional digits and a '+00:00' offset): wrap them in julianday() to compute.
+
+CREATE TABLE IF NOT EXISTS schema_version (
+    version     INTEGER NOT NULL PRIMARY KEY,
+    applied_at  TEXT    NOT NULL
+);
+
+-- One row per entity: its latest version only. A row is replaced only by a strictly higher
+-- version, never by an older or equal one.
+CREATE TABLE IF NOT EXISTS entity (
+    entity_id            TEXT    NOT NULL PRIMARY KEY, -- Fenergo entity id; case-sensitive
+    entity_type          TEXT,                         -- e.g. 'Individual', 'Company'
+    version              INTEGER NOT NULL,             -- Fenergo's version number of this entity
+    status               TEXT,                         -- Fenergo's status, as sent (e.g. '1')
+    created              TEXT,                         -- creation time, as Fenergo sent it
+    json                 TEXT    NOT NULL,             -- the full EntityDto (the response's
+                                                       -- `data` object) as JSON text: use
+                                                       -- json_extract(json, '$.risk.riskLevel')
+    last_notification_id TEXT,                         -- the notification that caused this version
+    last_event_type      TEXT,                         -- its event type
+    last_event_when      TEXT,                         -- its `When`, as sent
+    synced_at            TEXT    NOT NULL              -- when fenx-sync wrote this version
+);
+
+CREATE INDEX IF NOT EXISTS entity_by_type ON entity (entity_type);
+CREATE INDEX IF NOT EXISTS entity_by_last_event_when ON entity (last_event_when);
+
+-- The entity's Single and Custom property values of its current version, one row per property.
+-- Properties nested in a Custom property have dotted names ('registeredAddress.city'); the
+-- Custom property's own value, when it has one, is under its plain name. Data groups
+-- (Collection properties) are in entity_collection instead.
+CREATE TABLE IF NOT EXISTS entity_property (
+    entity_id   TEXT NOT NULL,             -- entity.entity_id
+    name        TEXT NOT NULL,             -- property name, e.g. 'legalEntityName'
+    value       TEXT,                      -- see value conventions above; NULL when null
+    value_type  TEXT NOT NULL              -- 'Single'; 'Custom' for a Custom property's own value
+                CHECK (value_type IN ('Single', 'Custom')),
+    PRIMARY KEY (entity_id, name)
+) WITHOUT ROWID;
+
+-- "Which entities have property X = Y"; the primary key already serves lookups per entity.
+CREATE INDEX IF NOT EXISTS entity_property_by_value ON entity_property (name, value);
+
+-- Data group (Collection property) rows of the entity's current version, flattened: one row
+-- per field of each data group row.
+CREATE TABLE IF NOT EXISTS entity_collection (
+    entity_id   TEXT NOT NULL,             -- entity.entity_id
+    property    TEXT NOT NULL,             -- data group property name (dotted when nested)
+    row_id      TEXT NOT NULL,             -- the data group row's key in Fenergo
+    field       TEXT NOT NULL,             -- field name within the row
+    value       TEXT,                      -- see value conventions above; NULL when null
+    PRIMARY KEY (entity_id, property, row_id, field)
+) WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS entity_collection_by_value
+    ON entity_collection (property, field, value);
+
+-- Every version of every entity fenx-sync has stored, append-only. Versions that happened in
+-- Fenergo between two fetches are absent: this is what we saw, not Fenergo's full audit trail.
+CREATE TABLE IF NOT EXISTS entity_version (
+    entity_id       TEXT    NOT NULL,      -- entity.entity_id
+    version         INTEGER NOT NULL,      -- Fenergo's version number
+    json            TEXT    NOT NULL,      -- the full EntityDto of this version, as in entity.json
+    stored_at       TEXT    NOT NULL,      -- when fenx-sync stored it
+    notification_id TEXT,                  -- the notification that caused the fetch
+    event_type      TEXT,                  -- its event type
+    PRIMARY KEY (entity_id, version)
+);
+
+CREATE INDEX IF NOT EXISTS entity_version_by_stored_at ON entity_version (stored_at);
+
+-- One row per notification the sync worker finished with (a replay after a crash replaces it).
+CREATE TABLE IF NOT EXISTS sync_log (
+    notification_id TEXT    NOT NULL PRIMARY KEY, -- Fenergo's notification id; case-sensitive
+    event_type      TEXT,                  -- e.g. 'entitydata:draftverified'; NULL if absent
+    entity_id       TEXT,                  -- the entity it concerned, when known
+    outcome         TEXT    NOT NULL,      -- 'synced' (a new version was stored), 'unchanged'
+                                           -- (we already had that version), 'older-ignored'
+                                           -- (Fenergo returned an older version than ours),
+                                           -- 'stale-accepted' (still not newer after retries),
+                                           -- 'ignored' (event type not synced), 'dead' (gave up)
+    attempts        INTEGER NOT NULL,      -- processing attempts, the last one included
+    received_at     TEXT    NOT NULL,      -- when the webhook arrived
+    event_when      TEXT,                  -- the notification's `When`, as sent
+    processed_at    TEXT    NOT NULL,      -- when the worker finished with it
+    detail          TEXT                   -- why, for dead letters
+);
+
+CREATE INDEX IF NOT EXISTS sync_log_by_event_type ON sync_log (event_type, processed_at);
+CREATE INDEX IF NOT EXISTS sync_log_by_outcome ON sync_log (outcome, processed_at);
+CREATE INDEX IF NOT EXISTS sync_log_by_entity ON sync_log (entity_id);
+
+-- Current entities with the most used properties as columns (NULL where an entity does not
+-- have the property). Every other property is in entity_property, or entity.json.
+CREATE VIEW IF NOT EXISTS current_entity AS
+SELECT
+    entity_id,
+    entity_type,
+    version,
+    status,
+    created,
+    coalesce(legal_entity_name,
+             nullif(trim(coalesce(first_name, '') || ' ' || coalesce(last_name, '')), ''))
+        AS name,                    -- legal entity name, else first and last name
+    legal_entity_name,              -- property legalEntityName
+    country_of_incorporation,       -- property countryOfIncorporation
+    registration_number,            -- property registrationNumber
+    first_name,                     -- property firstName
+    last_name,                      -- property lastName
+    date_of_birth,                  -- property dateOfBirth
+    entity_status,                  -- property entityStatus
+    risk_category,                  -- the entity's risk.riskCategory
+    risk_level,                     -- the entity's risk.riskLevel
+    last_event_type,
+    last_event_when,
+    synced_at
+FROM (
+    -- One primary-key lookup per column: cheap per entity, and a filter on entity_id stays an
+    -- index lookup instead of aggregating the whole property table.
+    SELECT
+        e.*,
+        (SELECT value FROM entity_property AS p
+          WHERE p.entity_id = e.entity_id AND p.name = 'legalEntityName') AS legal_entity_name,
+        (SELECT value FROM entity_property AS p
+          WHERE p.entity_id = e.entity_id AND p.name = 'countryOfIncorporation')
+            AS country_of_incorporation,
+        (SELECT value FROM entity_property AS p
+          WHERE p.entity_id = e.entity_id AND p.name = 'registrationNumber')
+            AS registration_number,
+        (SELECT value FROM entity_property AS p
+          WHERE p.entity_id = e.entity_id AND p.name = 'firstName') AS first_name,
+        (SELECT value FROM entity_property AS p
+          WHERE p.entity_id = e.entity_id AND p.name = 'lastName') AS last_name,
+        (SELECT value FROM entity_property AS p
+          WHERE p.entity_id = e.entity_id AND p.name = 'dateOfBirth') AS date_of_birth,
+        (SELECT value FROM entity_property AS p
+          WHERE p.entity_id = e.entity_id AND p.name = 'entityStatus') AS entity_status,
+        json_extract(e.json, '$.risk.riskCategory') AS risk_category,
+        json_extract(e.json, '$.risk.riskLevel') AS risk_level
+    FROM entity AS e
+);
+
+-- Per event type: how many notifications were processed and how long, in seconds, from the
+-- notification's `When` to the end of its processing. The lag covers notifications that were
+-- not dead-lettered and whose `When` is readable; `events` counts them all.
+CREATE VIEW IF NOT EXISTS sync_lag AS
+SELECT
+    event_type,
+    count(*) AS events,
+    count(lag_seconds) AS timed_events,
+    sum(outcome = 'dead') AS dead,
+    round(avg(lag_seconds), 3) AS avg_lag_seconds,
+    round(max(lag_seconds), 3) AS max_lag_seconds
+FROM (
+    SELECT
+        event_type,
+        outcome,
+        -- julianday() reads any number of fractional digits and '+hh:mm' offsets; upper() and
+        -- trim() admit RFC 3339's lower-case 't'/'z' and stray spaces.
+        CASE WHEN outcome <> 'dead' THEN
+            (julianday(processed_at) - julianday(upper(trim(event_when)))) * 86400.0
+        END AS lag_seconds
+    FROM sync_log
+)
+GROUP BY event_type;

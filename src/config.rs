@@ -40,6 +40,7 @@ pub struct Settings {
     pub store: StoreSettings,
     pub fenergo: FenergoSettings,
     pub sync: SyncSettings,
+    pub polling: PollingSettings,
     pub log: LogSettings,
 }
 
@@ -304,6 +305,34 @@ impl Default for SyncSettings {
                 .into_iter()
                 .map(|t| (t.to_owned(), RouteAction::FetchEntity))
                 .collect(),
+        }
+    }
+}
+
+/// Polling Fenergo's event notification feeds, for when webhooks cannot reach fenx-sync.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PollingSettings {
+    /// Poll inside `serve` (needs the `fenergo` keys). Webhooks may run at the same time: a
+    /// notification arriving both ways is stored once.
+    pub enabled: bool,
+    /// Feeds to poll: `all`, or per source (`entitydata`, `journey`, `screening`, …).
+    pub feeds: Vec<String>,
+    /// Wait after a feed answered "nothing waiting" (204).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// The longest back-off after polling errors.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+impl Default for PollingSettings {
+    fn default() -> Self {
+        PollingSettings {
+            enabled: false,
+            feeds: vec!["all".into()],
+            interval: Duration::from_secs(30),
+            retry_max: Duration::from_secs(5 * 60),
         }
     }
 }

@@ -20,12 +20,14 @@ pub mod fenergo;
 pub mod http;
 pub mod notification;
 pub mod outbox;
+pub mod poller;
 pub mod signature;
 pub mod sim;
 pub mod sqlite;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;
+pub mod worker;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -35,9 +37,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Settings;
+use crate::fenergo::FenergoClient;
 use crate::http::ConnectionLimits;
 use crate::http::ingest::Ingress;
 use crate::outbox::{Outbox, OutboxError, OutboxOptions};
+use crate::poller::Poller;
+use crate::worker::SyncWorker;
 
 /// How long shutdown waits for the last group commit after the listener has drained.
 const WRITER_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,12 +56,13 @@ pub struct Listeners {
 }
 
 /// Runs fenx-sync until `shutdown` completes: the webhook receiver on `listeners.webhook`, the
-/// admin endpoints on `listeners.admin`. Then drains in-flight requests and their commits.
+/// admin endpoints on `listeners.admin`, and (when the Fenergo credentials are configured) the
+/// sync worker and the poller. Then drains in-flight requests and their commits.
 pub async fn run(
     settings: Settings,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), OutboxError> {
+) -> Result<(), RunError> {
     let (outbox, writer) = Outbox::open(&settings.store.dir, &outbox_options(&settings))?;
     let metrics = Arc::new(telemetry::Metrics::new());
     let (stop, stopping) = watch::channel(false);
@@ -91,6 +97,30 @@ pub async fn run(
             stopped(stopping.clone()),
         )));
     }
+    if settings.sync.enabled || settings.polling.enabled {
+        match settings.fenergo.missing().as_slice() {
+            [] => {
+                let client = Arc::new(FenergoClient::new(&settings.fenergo, metrics.clone())?);
+                if settings.sync.enabled {
+                    let worker =
+                        Arc::new(SyncWorker::new(&settings, client.clone(), metrics.clone())?);
+                    tracing::info!(workers = settings.sync.workers, api = %settings.fenergo.api_base, "sync worker started");
+                    tasks.push(tokio::spawn(
+                        worker.run(outbox.new_work(), stopping.clone()),
+                    ));
+                }
+                if settings.polling.enabled {
+                    let poller = Arc::new(Poller::new(client, outbox.clone(), &settings.polling));
+                    tracing::info!(feeds = ?settings.polling.feeds, "polling Fenergo's notification feeds");
+                    tasks.push(tokio::spawn(poller.run(stopping.clone())));
+                }
+            }
+            missing => tracing::warn!(
+                missing = %missing.join(", "),
+                "sync worker and polling not started: Fenergo API credentials are not configured"
+            ),
+        }
+    }
     tasks.push(tokio::spawn(systemd::watchdog(outbox, stopping.clone())));
     systemd::ready();
     shutdown.await;
@@ -110,6 +140,17 @@ pub async fn run(
     }
     tracing::info!("fenx-sync stopped");
     Ok(())
+}
+
+/// What stops fenx-sync from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error(transparent)]
+    Client(#[from] fenergo::ClientError),
+    #[error(transparent)]
+    Worker(#[from] worker::WorkerError),
 }
 
 /// Completes once the stop flag turns true.

@@ -12,9 +12,10 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
-/// The longest a single 429 pauses everyone; a longer reset (the daily quota) is honoured per
-/// notification through the outbox schedule instead of by stalling the process.
-pub const MAX_PAUSE: Duration = Duration::from_secs(60);
+/// The longest a single 429 pauses everyone (Fenergo's tenant window is one second); a longer
+/// reset (the daily domain quota) is honoured per notification through the outbox schedule
+/// instead of by stalling the process.
+pub const MAX_PAUSE: Duration = Duration::from_secs(5);
 
 pub struct Limiter {
     rate: DefaultDirectRateLimiter,

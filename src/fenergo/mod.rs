@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use chrono::{DateTime, Utc};
-use http::HeaderMap;
+use http::{HeaderMap, Method};
 use secrecy::SecretString;
 
 use crate::config::FenergoSettings;
@@ -133,6 +133,25 @@ impl FenergoClient {
         relative_url: &str,
         correlation_id: &str,
     ) -> Result<Entity, FetchError> {
+        let (status, body) = self
+            .request(Method::GET, relative_url, None, correlation_id)
+            .await?;
+        Entity::from_body(&body).map_err(|e| FetchError::Transient {
+            status: Some(status),
+            reason: format!("HTTP {status} with an unusable body: {e}"),
+        })
+    }
+
+    /// One API call with the bearer token, tenant and correlation headers, under the limiter.
+    /// Returns the status and body of a 2xx; classifies everything else. A 401 refreshes the
+    /// token once and retries.
+    pub async fn request(
+        &self,
+        method: Method,
+        relative_url: &str,
+        json: Option<&serde_json::Value>,
+        correlation_id: &str,
+    ) -> Result<(u16, Bytes), FetchError> {
         let url = self.url_for(relative_url);
         let mut refreshed = false;
         loop {
@@ -140,7 +159,9 @@ impl FenergoClient {
             let (status, headers, body) = {
                 let _permit = self.limiter.acquire().await;
                 let started = Instant::now();
-                let answer = self.call(&url, &bearer, correlation_id).await;
+                let answer = self
+                    .call(method.clone(), &url, &bearer, json, correlation_id)
+                    .await;
                 self.metrics
                     .fetch_seconds
                     .observe(started.elapsed().as_secs_f64());
@@ -154,12 +175,7 @@ impl FenergoClient {
                 answer.map_err(transient)?
             };
             match status {
-                200..=299 => {
-                    return Entity::from_body(&body).map_err(|e| FetchError::Transient {
-                        status: Some(status),
-                        reason: format!("HTTP {status} with an unusable body: {e}"),
-                    });
-                }
+                200..=299 => return Ok((status, body)),
                 401 if !refreshed => {
                     tracing::info!("Fenergo answered 401; refreshing the access token once");
                     self.tokens.invalidate(&bearer);
@@ -187,23 +203,25 @@ impl FenergoClient {
             }
         }
     }
-}
 
-impl FenergoClient {
     async fn call(
         &self,
+        method: Method,
         url: &str,
         bearer: &str,
+        json: Option<&serde_json::Value>,
         correlation_id: &str,
     ) -> Result<(u16, HeaderMap, Bytes), reqwest::Error> {
-        let response = self
+        let mut request = self
             .http
-            .get(url)
+            .request(method, url)
             .bearer_auth(bearer)
             .header("X-TENANT-ID", &self.tenant_id)
-            .header("x-correlation-id", correlation_id)
-            .send()
-            .await?;
+            .header("x-correlation-id", correlation_id);
+        if let Some(json) = json {
+            request = request.json(json);
+        }
+        let response = request.send().await?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         Ok((status, headers, response.bytes().await?))

@@ -34,12 +34,15 @@ pub const FILE_NAME: &str = "outbox.db";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Webhook,
+    /// Taken from a polling feed.
+    Poll,
 }
 
 impl Source {
     fn as_str(self) -> &'static str {
         match self {
             Source::Webhook => "webhook",
+            Source::Poll => "poll",
         }
     }
 }

@@ -272,7 +272,11 @@ mod tests {
             [
                 prop("registeredAddress", Some("primary"), ValueType::Custom),
                 prop("registeredAddress.city", Some("Dublin"), ValueType::Single),
-                prop("registeredAddress.geo.lat", Some("53.35"), ValueType::Single),
+                prop(
+                    "registeredAddress.geo.lat",
+                    Some("53.35"),
+                    ValueType::Single
+                ),
             ]
         );
         assert_eq!(

@@ -5,4 +5,5 @@ mod cli;
 mod crash;
 mod helpers;
 mod ingest;
+mod sync;
 mod systemd;

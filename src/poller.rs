@@ -1,0 +1,244 @@
+//! The polling source, for deployments Fenergo's webhooks cannot reach: takes batches from
+//! `GET eventnotifications/v2/{feed}/next`, stores every notification in the outbox through the
+//! same group commit and de-duplication as webhooks, and only after that commit acknowledges the
+//! batch with `POST eventnotifications/v2/{feed}/{batchId}/complete`.
+//!
+//! It must never acknowledge a batch before its notifications are durable: a crash in between
+//! re-delivers the batch, and the outbox de-duplicates it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::Bytes;
+use http::Method;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::config::PollingSettings;
+use crate::fenergo::{FenergoClient, FetchError};
+use crate::notification::{self, ParseError};
+use crate::outbox::{Appended, NewNotification, Outbox, OutboxError, Source};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    #[error("feed {feed}: {source}")]
+    Fetch {
+        feed: String,
+        #[source]
+        source: FetchError,
+    },
+    #[error("feed {feed}: batch is not usable: {reason}")]
+    Batch { feed: String, reason: String },
+    #[error("feed {feed}: batch {batch_id} not stored, so not acknowledged: {source}")]
+    Store {
+        feed: String,
+        batch_id: String,
+        #[source]
+        source: OutboxError,
+    },
+}
+
+/// What one poll did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Polled {
+    /// 204: nothing waiting.
+    Empty,
+    /// A batch stored and acknowledged.
+    Batch {
+        batch_id: String,
+        stored: usize,
+        duplicates: usize,
+        more_available: bool,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BatchHeader {
+    batch_id: serde_json::Value,
+    #[serde(default)]
+    more_available: bool,
+}
+
+pub struct Poller {
+    client: Arc<FenergoClient>,
+    outbox: Outbox,
+    feeds: Vec<String>,
+    interval: Duration,
+    retry_max: Duration,
+}
+
+impl Poller {
+    pub fn new(client: Arc<FenergoClient>, outbox: Outbox, settings: &PollingSettings) -> Poller {
+        Poller {
+            client,
+            outbox,
+            feeds: settings.feeds.clone(),
+            interval: settings.interval,
+            retry_max: settings.retry_max,
+        }
+    }
+
+    /// Takes one batch from `feed`, stores it, then acknowledges it.
+    pub async fn poll_once(&self, feed: &str) -> Result<Polled, PollError> {
+        let fetch_error = |source| PollError::Fetch {
+            feed: feed.to_owned(),
+            source,
+        };
+        let correlation_id = format!("fenx-sync:poll:{feed}");
+        let (status, body) = self
+            .client
+            .request(
+                Method::GET,
+                &format!("eventnotifications/v2/{feed}/next"),
+                None,
+                &correlation_id,
+            )
+            .await
+            .map_err(fetch_error)?;
+        if status == 204 || body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Polled::Empty);
+        }
+        let (batch_id, more_available, rows) =
+            parse_batch(&body).map_err(|reason| PollError::Batch {
+                feed: feed.to_owned(),
+                reason,
+            })?;
+        let outcomes = self
+            .outbox
+            .append_batch(rows)
+            .await
+            .map_err(|source| PollError::Store {
+                feed: feed.to_owned(),
+                batch_id: batch_id.clone(),
+                source,
+            })?;
+        let complete = format!("eventnotifications/v2/{feed}/{batch_id}/complete");
+        self.client
+            .request(Method::POST, &complete, None, &correlation_id)
+            .await
+            .map_err(fetch_error)?;
+        let duplicates = outcomes
+            .iter()
+            .filter(|o| **o == Appended::Duplicate)
+            .count();
+        tracing::info!(
+            feed,
+            batch_id,
+            notifications = outcomes.len(),
+            duplicates,
+            more_available,
+            "polled batch stored and acknowledged"
+        );
+        Ok(Polled::Batch {
+            batch_id,
+            stored: outcomes.len() - duplicates,
+            duplicates,
+            more_available,
+        })
+    }
+
+    /// Polls every configured feed until `stop`: again at once while `moreAvailable`, after
+    /// `polling.interval` when a feed is drained, with back-off after errors.
+    pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        let loops: Vec<_> = self
+            .feeds
+            .iter()
+            .map(|feed| {
+                let (poller, feed, stop) = (self.clone(), feed.clone(), stop.clone());
+                tokio::spawn(async move { poller.run_feed(&feed, stop).await })
+            })
+            .collect();
+        for l in loops {
+            let _ = l.await;
+        }
+    }
+
+    async fn run_feed(&self, feed: &str, mut stop: watch::Receiver<bool>) {
+        let mut failures = 0usize;
+        while !*stop.borrow() {
+            let pause = match self.poll_once(feed).await {
+                Ok(Polled::Batch {
+                    more_available: true,
+                    ..
+                }) => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(_) => {
+                    failures = 0;
+                    self.interval
+                }
+                Err(error) => {
+                    let wait = ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_secs(1))
+                        .with_max_delay(self.retry_max)
+                        .with_jitter()
+                        .without_max_times()
+                        .build()
+                        .nth(failures)
+                        .unwrap_or(self.retry_max);
+                    failures += 1;
+                    tracing::warn!(%error, retry_in = ?wait, "polling failed");
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+}
+
+/// The batch id, `moreAvailable`, and the notifications ready for the outbox.
+fn parse_batch(body: &Bytes) -> Result<(String, bool, Vec<NewNotification>), String> {
+    let header: BatchHeader =
+        serde_json::from_slice(body).map_err(|e| format!("not a batch: {e}"))?;
+    let batch_id = match header.batch_id {
+        serde_json::Value::String(s) if !s.is_empty() => s,
+        serde_json::Value::Number(n) => n.to_string(),
+        other => return Err(format!("batchId is {other}")),
+    };
+    let notifications = notification::parse_body(body).map_err(|e: ParseError| e.to_string())?;
+    let rows = notifications
+        .into_iter()
+        .map(|notification| NewNotification {
+            notification,
+            source: Source::Poll,
+            signature_recipe: None,
+        })
+        .collect();
+    Ok((batch_id, header.more_available, rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_keeps_each_notifications_bytes_and_its_id() {
+        let body = Bytes::from_static(
+            br#"{"batchId":"1642925639481","notifications":[{"id":"a","eventType":"journey:taskcompleted"},{"id":"b","url":"x"}],"moreAvailable":true}"#,
+        );
+        let (batch_id, more, rows) = parse_batch(&body).unwrap();
+        assert_eq!((batch_id.as_str(), more), ("1642925639481", true));
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            rows[0].notification.raw,
+            br#"{"id":"a","eventType":"journey:taskcompleted"}"#.as_slice()
+        );
+        assert_eq!(rows[1].notification.relative_url.as_deref(), Some("x"));
+        assert_eq!(rows[0].source, Source::Poll);
+    }
+
+    #[test]
+    fn numeric_batch_ids_and_missing_more_available_are_accepted() {
+        let (id, more, rows) =
+            parse_batch(&Bytes::from_static(br#"{"batchId":42,"notifications":[]}"#)).unwrap();
+        assert_eq!((id.as_str(), more, rows.len()), ("42", false, 0));
+        assert!(parse_batch(&Bytes::from_static(br#"{"notifications":[]}"#)).is_err());
+        assert!(parse_batch(&Bytes::from_static(b"[]")).is_err());
+    }
+}

@@ -1,0 +1,561 @@
+//! The simulator's shared state and every decision made from it: which tokens are live, which
+//! version of an entity a read sees (eventual-consistency lag), which request is throttled or
+//! failed on purpose, and the statistics tests assert on.
+//!
+//! It knows nothing of HTTP beyond status codes: `routes` turns its answers into responses. It
+//! must never hold its lock across an `.await` or while doing I/O, and never panic on anything
+//! a request carries.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http::StatusCode;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::entities::{self, Snapshot};
+use super::{Faults, Lag, SimConfig, TokenRefusal};
+
+/// How many correlation ids the statistics keep (the most recent ones), so a long-running
+/// standalone simulator does not grow without bound.
+pub const CORRELATION_IDS_KEPT: usize = 10_000;
+
+/// Injected server errors cycle through these, so a client sees every 5xx Fenergo's gateway
+/// and services produce.
+const SERVER_ERRORS: [StatusCode; 3] = [
+    StatusCode::INTERNAL_SERVER_ERROR,
+    StatusCode::BAD_GATEWAY,
+    StatusCode::SERVICE_UNAVAILABLE,
+];
+
+/// The scope a token carries when the request names none.
+const DEFAULT_SCOPE: &str = "fenx.all";
+
+/// What the simulator has seen, as of [`super::Simulator::stats`].
+#[derive(Debug, Clone, Default)]
+pub struct SimStats {
+    /// Every request to the token endpoint.
+    pub token_requests: u64,
+    pub tokens_issued: u64,
+    /// Token requests answered with an error (bad client, bad grant, or the refusal knob).
+    pub tokens_refused: u64,
+    /// Every request to the API (anything but the token endpoint), whatever its answer.
+    pub api_calls: u64,
+    /// Entity query answers by HTTP status.
+    pub entity_responses: BTreeMap<u16, u64>,
+    /// Entity query requests per requested entity id, whatever their answer.
+    pub fetches_by_entity: HashMap<String, u64>,
+    /// 429s served, forced or from the real limit.
+    pub rate_limited: u64,
+    /// 5xx served by the fault knobs.
+    pub server_errors: u64,
+    /// The most API requests in flight at once (429s included: it measures the client).
+    pub max_in_flight: u32,
+    /// The `x-correlation-id` of API requests, oldest first (the last
+    /// [`CORRELATION_IDS_KEPT`]).
+    pub correlation_ids: VecDeque<String>,
+    pub requests_missing_correlation_id: u64,
+    pub requests_missing_tenant: u64,
+    pub requests_wrong_tenant: u64,
+}
+
+impl SimStats {
+    /// Entity query requests, whatever their answer.
+    pub fn entity_requests(&self) -> u64 {
+        self.entity_responses.values().sum()
+    }
+
+    /// Entity query answers with this status.
+    pub fn responses_with(&self, status: u16) -> u64 {
+        self.entity_responses.get(&status).copied().unwrap_or(0)
+    }
+
+    /// Entity query requests for this entity id.
+    pub fn fetches(&self, entity_id: &str) -> u64 {
+        self.fetches_by_entity.get(entity_id).copied().unwrap_or(0)
+    }
+}
+
+/// The headers of an API request that the simulator judges.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct ApiHeaders<'a> {
+    pub bearer: Option<&'a str>,
+    pub tenant: Option<&'a str>,
+    pub correlation_id: Option<&'a str>,
+}
+
+/// An API request in flight; dropping it ends it.
+pub(super) struct Call<'a> {
+    state: &'a State,
+    /// How many requests were in flight when this one arrived, itself included.
+    position: u32,
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.state.lock();
+        inner.in_flight = inner.in_flight.saturating_sub(1);
+    }
+}
+
+/// Why the gateway refused an API request before it reached the entity service.
+#[derive(Debug)]
+pub(super) enum Refusal {
+    Unauthorized,
+    MissingTenant,
+    WrongTenant,
+    Throttled(Throttle),
+}
+
+/// What a 429 tells the client.
+#[derive(Debug)]
+pub(super) struct Throttle {
+    pub reset: DateTime<Utc>,
+    pub retry_after: Option<Duration>,
+}
+
+/// What the entity service answered.
+pub(super) enum Answer {
+    Entity(Bytes),
+    NotFound,
+    ServerError(StatusCode),
+}
+
+/// The fields of a token request.
+#[derive(Debug)]
+pub(super) struct TokenRequest<'a> {
+    pub grant_type: Option<&'a str>,
+    pub client_id: Option<&'a str>,
+    pub client_secret: Option<&'a str>,
+    pub scope: Option<&'a str>,
+}
+
+/// Why a token request was refused.
+#[derive(Debug)]
+pub(super) enum TokenRefused {
+    Knob(TokenRefusal),
+    InvalidRequest,
+    InvalidClient,
+    UnsupportedGrantType,
+}
+
+/// A token just issued.
+pub(super) struct Issued {
+    pub access_token: String,
+    pub expires_in: u64,
+    pub scope: String,
+}
+
+pub(super) struct State {
+    pub config: SimConfig,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    rng: fastrand::Rng,
+    /// Live tokens and when each expires.
+    tokens: HashMap<String, Instant>,
+    entities: HashMap<String, Record>,
+    lag: Lag,
+    lag_overrides: HashMap<String, Lag>,
+    faults: FaultState,
+    /// The current 1-second window of the real rate limit: (UNIX second, requests in it).
+    window: (i64, u32),
+    in_flight: u32,
+    stats: SimStats,
+}
+
+/// One entity: its latest version, and what reads see while that version's lag lasts.
+struct Record {
+    version: i64,
+    created: DateTime<Utc>,
+    current: Bytes,
+    /// The version readers saw before the pending update (`None`: the entity is new).
+    visible: Option<Bytes>,
+    pending: Option<Pending>,
+}
+
+/// How long the latest update stays invisible.
+enum Pending {
+    Until(Instant),
+    Reads(u32),
+}
+
+impl Pending {
+    fn start(lag: Lag, now: Instant) -> Option<Pending> {
+        match lag {
+            Lag::For(duration) if !duration.is_zero() => Some(Pending::Until(now + duration)),
+            Lag::Reads(reads) if reads > 0 => Some(Pending::Reads(reads)),
+            _ => None,
+        }
+    }
+
+    fn active(&self, now: Instant) -> bool {
+        match *self {
+            Pending::Until(until) => now < until,
+            Pending::Reads(left) => left > 0,
+        }
+    }
+}
+
+impl Record {
+    /// The body a read gets now; a read while an update is pending uses up one lagging read.
+    fn read(&mut self, now: Instant) -> Option<Bytes> {
+        match &mut self.pending {
+            Some(Pending::Until(until)) if now < *until => self.visible.clone(),
+            Some(Pending::Reads(left)) if *left > 0 => {
+                *left -= 1;
+                self.visible.clone()
+            }
+            _ => {
+                self.pending = None;
+                Some(self.current.clone())
+            }
+        }
+    }
+}
+
+/// The fault knobs plus the counters that make them deterministic.
+struct FaultState {
+    faults: Faults,
+    rate_limited_left: u32,
+    rate_limited_until: Option<DateTime<Utc>>,
+    server_errors_left: u32,
+    /// Entity-service requests since the knobs were set (for "every Nth").
+    served: u64,
+}
+
+impl FaultState {
+    fn new(faults: Faults) -> FaultState {
+        FaultState {
+            rate_limited_left: faults.rate_limited_requests,
+            rate_limited_until: faults
+                .rate_limited_for
+                .and_then(|d| chrono::Duration::from_std(d).ok())
+                .map(|d| Utc::now() + d),
+            server_errors_left: faults.server_errors,
+            served: 0,
+            faults,
+        }
+    }
+
+    /// A forced 429 for this request, if the knobs ask for one.
+    fn forced_throttle(&mut self, now: DateTime<Utc>) -> Option<Throttle> {
+        let retry_after = self.faults.retry_after;
+        let reset_after_retry = retry_after
+            .and_then(|d| chrono::Duration::from_std(d).ok())
+            .map(|d| now + d);
+        if self.rate_limited_left > 0 {
+            self.rate_limited_left -= 1;
+            return Some(Throttle {
+                reset: reset_after_retry.unwrap_or_else(|| next_second(now)),
+                retry_after,
+            });
+        }
+        match self.rate_limited_until {
+            Some(until) if now < until => Some(Throttle {
+                reset: reset_after_retry.unwrap_or(until),
+                retry_after,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Whether this entity-service request fails on purpose.
+    fn server_error(&mut self) -> bool {
+        self.served += 1;
+        if self.server_errors_left > 0 {
+            self.server_errors_left -= 1;
+            return true;
+        }
+        let every = u64::from(self.faults.server_error_every);
+        every > 0 && self.served.is_multiple_of(every)
+    }
+}
+
+impl State {
+    pub fn new(config: SimConfig) -> State {
+        let inner = Inner {
+            rng: fastrand::Rng::with_seed(config.seed),
+            tokens: HashMap::new(),
+            entities: HashMap::new(),
+            lag: Lag::None,
+            lag_overrides: HashMap::new(),
+            faults: FaultState::new(Faults::default()),
+            window: (0, 0),
+            in_flight: 0,
+            stats: SimStats::default(),
+        };
+        State {
+            config,
+            inner: Mutex::new(inner),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The lock is never held across code that can panic halfway through an update, so a
+        // poisoned lock still guards consistent data.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn issue_token(&self, request: &TokenRequest<'_>) -> Result<Issued, TokenRefused> {
+        let mut inner = self.lock();
+        inner.stats.token_requests += 1;
+        let knob = inner.faults.faults.refuse_tokens;
+        if let Err(refused) = judge_token_request(&self.config, knob, request) {
+            inner.stats.tokens_refused += 1;
+            return Err(refused);
+        }
+        let mut secret = [0u8; 32];
+        inner.rng.fill(&mut secret);
+        let access_token = hex::encode(secret);
+        let now = Instant::now();
+        inner.tokens.retain(|_, expires| *expires > now);
+        inner
+            .tokens
+            .insert(access_token.clone(), now + self.config.token_ttl);
+        inner.stats.tokens_issued += 1;
+        let scope = request
+            .scope
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or(DEFAULT_SCOPE);
+        Ok(Issued {
+            access_token,
+            expires_in: self.config.token_ttl.as_secs(),
+            scope: scope.to_owned(),
+        })
+    }
+
+    /// Counts a token request whose body could not even be read.
+    pub fn count_unreadable_token_request(&self) {
+        let mut inner = self.lock();
+        inner.stats.token_requests += 1;
+        inner.stats.tokens_refused += 1;
+    }
+
+    pub fn expire_tokens(&self) {
+        self.lock().tokens.clear();
+    }
+
+    /// Starts an API call: counts it and what its headers lack, and tracks it as in flight
+    /// until the returned guard drops.
+    pub fn begin_call(&self, headers: &ApiHeaders<'_>) -> Call<'_> {
+        let mut inner = self.lock();
+        inner.in_flight += 1;
+        let position = inner.in_flight;
+        let stats = &mut inner.stats;
+        stats.api_calls += 1;
+        stats.max_in_flight = stats.max_in_flight.max(position);
+        match headers.correlation_id {
+            Some(id) => {
+                if stats.correlation_ids.len() == CORRELATION_IDS_KEPT {
+                    stats.correlation_ids.pop_front();
+                }
+                stats.correlation_ids.push_back(id.to_owned());
+            }
+            None => stats.requests_missing_correlation_id += 1,
+        }
+        if headers.tenant.is_none() {
+            stats.requests_missing_tenant += 1;
+        }
+        Call {
+            state: self,
+            position,
+        }
+    }
+
+    /// The API gateway's checks, in its order: token, tenant, then rate limits (which apply to
+    /// authenticated traffic only).
+    pub fn gateway(&self, call: &Call<'_>, headers: &ApiHeaders<'_>) -> Result<(), Refusal> {
+        let mut inner = self.lock();
+        let live = headers
+            .bearer
+            .and_then(|token| inner.tokens.get(token))
+            .is_some_and(|expires| Instant::now() < *expires);
+        if !live {
+            return Err(Refusal::Unauthorized);
+        }
+        match headers.tenant {
+            None => return Err(Refusal::MissingTenant),
+            Some(tenant) if !tenant.trim().eq_ignore_ascii_case(&self.config.tenant_id) => {
+                inner.stats.requests_wrong_tenant += 1;
+                return Err(Refusal::WrongTenant);
+            }
+            Some(_) => {}
+        }
+        let throttle = inner.throttle(&self.config, call.position, Utc::now());
+        match throttle {
+            Some(throttle) => {
+                inner.stats.rate_limited += 1;
+                Err(Refusal::Throttled(throttle))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The added latency of every request the simulator serves past its gateway.
+    pub fn latency(&self) -> Duration {
+        self.config.latency + self.lock().faults.faults.latency
+    }
+
+    /// The entity service's answer for `id`: an injected 5xx, the version the lag lets this
+    /// read see, or not found.
+    pub fn read_entity(&self, id: &str) -> Answer {
+        let mut inner = self.lock();
+        if inner.faults.server_error() {
+            let status = SERVER_ERRORS[(inner.stats.server_errors % 3) as usize];
+            inner.stats.server_errors += 1;
+            return Answer::ServerError(status);
+        }
+        match inner
+            .entities
+            .get_mut(id)
+            .and_then(|r| r.read(Instant::now()))
+        {
+            Some(body) => Answer::Entity(body),
+            None => Answer::NotFound,
+        }
+    }
+
+    pub fn record_entity_response(&self, id: &str, status: StatusCode) {
+        let mut inner = self.lock();
+        *inner
+            .stats
+            .entity_responses
+            .entry(status.as_u16())
+            .or_default() += 1;
+        *inner
+            .stats
+            .fetches_by_entity
+            .entry(id.to_owned())
+            .or_default() += 1;
+    }
+
+    /// Creates or replaces an entity; returns its new version (1 for a new entity). The lag in
+    /// force now decides how long reads keep seeing the previous version (or nothing).
+    pub fn put_entity(&self, id: &str, entity_type: &str, properties: &Value) -> i64 {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let lag = inner.lag_overrides.get(id).copied().unwrap_or(inner.lag);
+        let pending = Pending::start(lag, now);
+        let (version, created, visible) = match inner.entities.get(id) {
+            Some(old) => {
+                // While the previous update is still pending, readers keep the version before
+                // it: a projection catching up never shows a version it has not reached.
+                let still_lagging = old.pending.as_ref().is_some_and(|p| p.active(now));
+                let visible = if still_lagging {
+                    old.visible.clone()
+                } else {
+                    Some(old.current.clone())
+                };
+                (old.version + 1, old.created, visible)
+            }
+            None => (1, Utc::now(), None),
+        };
+        let current = entities::entity_body(&Snapshot {
+            id,
+            entity_type,
+            version,
+            created,
+            properties,
+        });
+        inner.entities.insert(
+            id.to_owned(),
+            Record {
+                version,
+                created,
+                current,
+                visible,
+                pending,
+            },
+        );
+        version
+    }
+
+    /// The latest version of a stored entity, whether or not reads see it yet.
+    pub fn latest_version(&self, id: &str) -> Option<i64> {
+        self.lock().entities.get(id).map(|r| r.version)
+    }
+
+    pub fn notification(&self, event_type: &str, entity_id: &str) -> String {
+        let mut inner = self.lock();
+        entities::notification(
+            &mut inner.rng,
+            &self.config.tenant_id,
+            event_type,
+            entity_id,
+        )
+    }
+
+    pub fn set_lag(&self, lag: Lag) {
+        self.lock().lag = lag;
+    }
+
+    pub fn set_lag_for(&self, entity_id: &str, lag: Lag) {
+        self.lock().lag_overrides.insert(entity_id.to_owned(), lag);
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        self.lock().faults = FaultState::new(faults);
+    }
+
+    pub fn stats(&self) -> SimStats {
+        self.lock().stats.clone()
+    }
+}
+
+impl Inner {
+    /// A 429 for this request: forced by the knobs first (deterministic), then the real limit
+    /// (requests in the current UNIX second, requests in flight).
+    fn throttle(
+        &mut self,
+        config: &SimConfig,
+        position: u32,
+        now: DateTime<Utc>,
+    ) -> Option<Throttle> {
+        if let Some(forced) = self.faults.forced_throttle(now) {
+            return Some(forced);
+        }
+        let second = now.timestamp();
+        if self.window.0 != second {
+            self.window = (second, 0);
+        }
+        self.window.1 += 1;
+        let over_rate = config
+            .requests_per_second
+            .is_some_and(|limit| self.window.1 > limit);
+        let over_concurrency = config.max_concurrent.is_some_and(|limit| position > limit);
+        (over_rate || over_concurrency).then(|| Throttle {
+            reset: next_second(now),
+            retry_after: None,
+        })
+    }
+}
+
+fn judge_token_request(
+    config: &SimConfig,
+    knob: Option<TokenRefusal>,
+    request: &TokenRequest<'_>,
+) -> Result<(), TokenRefused> {
+    if let Some(refusal) = knob {
+        return Err(TokenRefused::Knob(refusal));
+    }
+    let grant_type = request.grant_type.ok_or(TokenRefused::InvalidRequest)?;
+    if request.client_id != Some(config.client_id.as_str())
+        || request.client_secret != Some(config.client_secret.as_str())
+    {
+        return Err(TokenRefused::InvalidClient);
+    }
+    if grant_type != "client_credentials" {
+        return Err(TokenRefused::UnsupportedGrantType);
+    }
+    Ok(())
+}
+
+/// The start of the next UNIX second: when the real rate limit's window resets.
+fn next_second(now: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp(now.timestamp() + 1, 0).unwrap_or(now)
+}

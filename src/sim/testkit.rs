@@ -1,0 +1,95 @@
+//! Test-only helpers: a reqwest client that talks to a started simulator the way fenx-sync
+//! does (token, bearer, tenant, correlation id), so the simulator's tests exercise real HTTP.
+//!
+//! It must never be compiled outside `cfg(test)` and never hide a status code from a test.
+
+use serde_json::Value;
+
+use super::Simulator;
+
+pub(super) struct Api {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub tenant: String,
+    pub token: String,
+}
+
+impl Api {
+    /// A client holding a fresh token from `sim`.
+    pub async fn new(sim: &Simulator) -> Api {
+        let http = crate::fenergo::client_builder().build().unwrap();
+        let mut api = Api {
+            http,
+            base: sim.api_base(),
+            tenant: sim.config().tenant_id.clone(),
+            token: String::new(),
+        };
+        let response = api.token_request(sim, &form(sim)).await;
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        api.token = body["access_token"].as_str().unwrap().to_owned();
+        api
+    }
+
+    pub async fn token_request(
+        &self,
+        sim: &Simulator,
+        fields: &[(&str, String)],
+    ) -> reqwest::Response {
+        self.http
+            .post(sim.token_url())
+            .form(fields)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// GET an entity with every header fenx-sync sends.
+    pub async fn entity(&self, id: &str) -> reqwest::Response {
+        self.get(&format!("{}/entitydataquery/api/entity/{id}", self.base))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The status and parsed body of [`Api::entity`].
+    pub async fn entity_json(&self, id: &str) -> (u16, Value) {
+        let response = self.entity(id).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    /// A GET to `url` with the bearer token, the tenant and a correlation id.
+    pub fn get(&self, url: &str) -> reqwest::RequestBuilder {
+        self.get_with(url, Some(&self.tenant), Some("test-correlation"))
+    }
+
+    /// A GET to `url` with the bearer token and these headers (reqwest adds a header a second
+    /// time rather than replacing it, so tests choose them here).
+    pub fn get_with(
+        &self,
+        url: &str,
+        tenant: Option<&str>,
+        correlation_id: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let mut request = self.http.get(url).bearer_auth(&self.token);
+        if let Some(tenant) = tenant {
+            request = request.header("X-TENANT-ID", tenant);
+        }
+        if let Some(id) = correlation_id {
+            request = request.header("x-correlation-id", id);
+        }
+        request
+    }
+}
+
+/// The form fenx-sync posts to the token endpoint.
+pub(super) fn form(sim: &Simulator) -> Vec<(&'static str, String)> {
+    let config = sim.config();
+    vec![
+        ("grant_type", "client_credentials".to_owned()),
+        ("client_id", config.client_id.clone()),
+        ("client_secret", config.client_secret.clone()),
+        ("scope", "fenx.entitydata.read".to_owned()),
+    ]
+}
