@@ -433,35 +433,21 @@ impl Settings {
         &mut self,
         credentials_dir: Option<PathBuf>,
     ) -> Result<(), ConfigError> {
-        let credential = credentials_dir
-            .as_ref()
-            .map(|dir| dir.join("webhook-secrets"))
-            .filter(|p| p.is_file());
-        for path in self.webhook.secrets_file.iter().chain(credential.iter()) {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
-                key: "webhook.secrets_file",
-                path: path.clone(),
-                source,
-            })?;
-            self.webhook.secrets.extend(secret_lines(&text));
-        }
-        let credential = credentials_dir
-            .map(|dir| dir.join("fenergo-client-secret"))
-            .filter(|p| p.is_file());
-        for path in self
-            .fenergo
-            .client_secret_file
-            .iter()
-            .chain(credential.iter())
-        {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
-                key: "fenergo.client_secret_file",
-                path: path.clone(),
-                source,
-            })?;
-            if let Some(secret) = secret_lines(&text).next() {
-                self.fenergo.client_secret = Some(secret);
-            }
+        let webhook = secrets_from_files(
+            "webhook.secrets_file",
+            self.webhook.secrets_file.as_ref(),
+            credentials_dir.as_ref(),
+            "webhook-secrets",
+        )?;
+        self.webhook.secrets.extend(webhook);
+        let client = secrets_from_files(
+            "fenergo.client_secret_file",
+            self.fenergo.client_secret_file.as_ref(),
+            credentials_dir.as_ref(),
+            "fenergo-client-secret",
+        )?;
+        if let Some(secret) = client.into_iter().next() {
+            self.fenergo.client_secret = Some(secret);
         }
         Ok(())
     }
@@ -569,6 +555,29 @@ impl Provider for VerbatimEnv {
         }
         Ok(Profile::Default.collect(root))
     }
+}
+
+/// The secrets in `file` (the `key` setting) and in the systemd credential `credential`, one per
+/// line, in that order.
+fn secrets_from_files(
+    key: &'static str,
+    file: Option<&PathBuf>,
+    credentials_dir: Option<&PathBuf>,
+    credential: &str,
+) -> Result<Vec<SecretString>, ConfigError> {
+    let credential = credentials_dir
+        .map(|dir| dir.join(credential))
+        .filter(|p| p.is_file());
+    let mut secrets = Vec::new();
+    for path in file.into_iter().chain(credential.as_ref()) {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+            key,
+            path: path.clone(),
+            source,
+        })?;
+        secrets.extend(secret_lines(&text));
+    }
+    Ok(secrets)
 }
 
 fn secret_lines(text: &str) -> impl Iterator<Item = SecretString> + '_ {
