@@ -16,6 +16,7 @@
 //! - The stored raw bytes are the bytes that were signed; JSON is never re-serialised.
 
 pub mod config;
+pub mod demo;
 pub mod fenergo;
 pub mod http;
 pub mod notification;

@@ -57,6 +57,20 @@ enum Command {
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Run the simulator and the service on loopback, send a realistic burst, print what happened.
+    Demo {
+        /// Keep the temporary store afterwards, for exploring with sqlite3.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Serve a Fenergo simulator (token, entity query, polling feed APIs) for local trials.
+    Simulator {
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        listen: std::net::SocketAddr,
+        /// Sample entities to create.
+        #[arg(long, default_value_t = 100)]
+        entities: usize,
+    },
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -168,6 +182,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Demo { keep } => {
+            let runtime = runtime()?;
+            let report = runtime.block_on(fenx_sync::demo::run(keep, &mut std::io::stdout()))?;
+            let settled = report.dead == 0 && report.entities > 0;
+            Ok(if settled {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Simulator { listen, entities } => {
+            telemetry::init(&fenx_sync::config::LogSettings::default())?;
+            let options = fenx_sync::sim::StandaloneOptions {
+                listen,
+                entities,
+                ..Default::default()
+            };
+            runtime()?.block_on(fenx_sync::sim::run_standalone(options, shutdown_signal()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Health { addr, timeout } => health(&Settings::load(&sources)?, addr, timeout),
         Command::Config(ConfigCommand::Check) => {
             let settings = Settings::load(&sources)?;
@@ -212,11 +246,7 @@ fn serve(settings: Settings, args: ServeArgs) -> anyhow::Result<ExitCode> {
         settings.require_webhook_secrets()?;
     }
     telemetry::init(&settings.log)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    runtime()?.block_on(async {
         let webhook = if args.sync_only {
             None
         } else {
@@ -231,6 +261,13 @@ fn serve(settings: Settings, args: ServeArgs) -> anyhow::Result<ExitCode> {
         fenx_sync::run(settings, listeners, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 async fn bind(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<tokio::net::TcpListener> {

@@ -3,6 +3,7 @@
 
 mod cli;
 mod crash;
+mod demo;
 mod helpers;
 mod ingest;
 mod sync;
