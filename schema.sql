@@ -237,3 +237,20 @@ FROM (
     FROM sync_log
 )
 GROUP BY event_type;
+
+-- Backfill and reconciliation runs: each pass over Fenergo's paged entity list, what it found
+-- missing or behind in this store and repaired, and (while running) the cursor to resume from.
+CREATE TABLE IF NOT EXISTS reconcile_run (
+    run_id        INTEGER PRIMARY KEY,
+    kind          TEXT    NOT NULL CHECK (kind IN ('backfill', 'reconcile')),
+    status        TEXT    NOT NULL CHECK (status IN ('running', 'finished')),
+    started_at    TEXT    NOT NULL,
+    updated_at    TEXT    NOT NULL,
+    finished_at   TEXT,
+    cursor        TEXT,                 -- the list's searchAfter cursor after the last stored page
+    total_items   INTEGER,              -- what Fenergo said the list holds
+    seen          INTEGER NOT NULL DEFAULT 0, -- entities read from the list
+    added         INTEGER NOT NULL DEFAULT 0, -- missing from the store, now stored
+    updated       INTEGER NOT NULL DEFAULT 0, -- stored at an older version, now current
+    unchanged     INTEGER NOT NULL DEFAULT 0  -- already current
+);

@@ -41,6 +41,7 @@ pub struct Settings {
     pub fenergo: FenergoSettings,
     pub sync: SyncSettings,
     pub polling: PollingSettings,
+    pub reconcile: ReconcileSettings,
     pub log: LogSettings,
 }
 
@@ -333,6 +334,27 @@ impl Default for PollingSettings {
             feeds: vec!["all".into()],
             interval: Duration::from_secs(30),
             retry_max: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// Backfill and the scheduled reconciliation against Fenergo's paged entity list.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReconcileSettings {
+    /// Inside `serve`, compare the whole store with Fenergo this often and repair what is missing
+    /// or behind (e.g. "24h"); unset: never.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub every: Option<Duration>,
+    /// Entities per page of the list.
+    pub page_size: usize,
+}
+
+impl Default for ReconcileSettings {
+    fn default() -> Self {
+        ReconcileSettings {
+            every: None,
+            page_size: 100,
         }
     }
 }

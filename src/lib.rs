@@ -22,6 +22,7 @@ pub mod http;
 pub mod notification;
 pub mod outbox;
 pub mod poller;
+pub mod reconcile;
 pub mod signature;
 pub mod sim;
 pub mod sqlite;
@@ -110,6 +111,22 @@ pub async fn run(
                         worker.run(outbox.new_work(), stopping.clone()),
                     ));
                 }
+                if let Some(every) = settings.reconcile.every {
+                    let store = Arc::new(store::ReportingStore::open(
+                        &settings.store.reporting_path(),
+                    )?);
+                    let reconciler = reconcile::Reconciler::new(
+                        client.clone(),
+                        store,
+                        settings.reconcile.page_size,
+                    );
+                    tracing::info!(every = ?every, "scheduled reconciliation enabled");
+                    tasks.push(tokio::spawn(reconcile_every(
+                        reconciler,
+                        every,
+                        stopping.clone(),
+                    )));
+                }
                 if settings.polling.enabled {
                     let poller = Arc::new(Poller::new(client, outbox.clone(), &settings.polling));
                     tracing::info!(feeds = ?settings.polling.feeds, "polling Fenergo's notification feeds");
@@ -152,6 +169,37 @@ pub enum RunError {
     Client(#[from] fenergo::ClientError),
     #[error(transparent)]
     Worker(#[from] worker::WorkerError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+/// Runs a reconciliation every `every` until stopped, logging what each repaired.
+async fn reconcile_every(
+    reconciler: reconcile::Reconciler,
+    every: Duration,
+    mut stopping: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stopping.wait_for(|stop| *stop) => return,
+        }
+        match reconciler
+            .run(store::RunKind::Reconcile, false, |_| {})
+            .await
+        {
+            Ok(run) => tracing::info!(
+                run = run.run_id,
+                seen = run.counts.seen,
+                missing_repaired = run.counts.added,
+                behind_repaired = run.counts.updated,
+                "reconciliation finished"
+            ),
+            Err(error) => {
+                tracing::error!(%error, "reconciliation failed; next attempt at the next interval")
+            }
+        }
+    }
 }
 
 /// Completes once the stop flag turns true.

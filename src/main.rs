@@ -47,6 +47,16 @@ enum Command {
         #[arg(required = true, value_name = "ENTITY_ID")]
         entity_ids: Vec<String>,
     },
+    /// Pull every entity from Fenergo's paged entity list into the reporting store (resumes an
+    /// interrupted run from its saved cursor).
+    Backfill {
+        /// Start from the beginning even if an earlier backfill was interrupted.
+        #[arg(long)]
+        restart: bool,
+        /// Entities per page (default: reconcile.page_size).
+        #[arg(long)]
+        page_size: Option<usize>,
+    },
     /// Create or upgrade the database files in store.dir, then exit.
     Migrate,
     /// Exit 0 if the running service answers /readyz with 200, else 1 (for container health checks).
@@ -172,6 +182,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate => {
             let settings = Settings::load(&sources)?;
             fenx_sync::outbox::open_connection(&settings.store.dir, settings.store.busy_timeout)?;
+            fenx_sync::store::ReportingStore::open(&settings.store.reporting_path())?;
             println!(
                 "{} is at the current schema",
                 settings
@@ -181,6 +192,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .display()
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Backfill { restart, page_size } => {
+            backfill(Settings::load(&sources)?, restart, page_size)
         }
         Command::Demo { keep } => {
             let runtime = runtime()?;
@@ -261,6 +275,61 @@ fn serve(settings: Settings, args: ServeArgs) -> anyhow::Result<ExitCode> {
         fenx_sync::run(settings, listeners, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+fn backfill(
+    settings: Settings,
+    restart: bool,
+    page_size: Option<usize>,
+) -> anyhow::Result<ExitCode> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    telemetry::init(&settings.log)?;
+    let metrics = std::sync::Arc::new(telemetry::Metrics::new());
+    let client = fenx_sync::fenergo::FenergoClient::new(&settings.fenergo, metrics)?;
+    let store = fenx_sync::store::ReportingStore::open(&settings.store.reporting_path())?;
+    let reconciler = fenx_sync::reconcile::Reconciler::new(
+        std::sync::Arc::new(client),
+        std::sync::Arc::new(store),
+        page_size.unwrap_or(settings.reconcile.page_size),
+    );
+    // A bar with rate and ETA on a terminal; one log line per page elsewhere (hidden bar).
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} entities  {per_sec}  ETA {eta}  {msg}")
+            .expect("a valid template"),
+    );
+    let run =
+        runtime()?.block_on(
+            reconciler.run(fenx_sync::store::RunKind::Backfill, !restart, |run| {
+                if let Some(total) = run.total_items {
+                    bar.set_length(u64::try_from(total).unwrap_or(0));
+                }
+                bar.set_position(u64::try_from(run.counts.seen).unwrap_or(0));
+                bar.set_message(format!(
+                    "{} new, {} updated",
+                    run.counts.added, run.counts.updated
+                ));
+                if bar.is_hidden() {
+                    tracing::info!(
+                        seen = run.counts.seen,
+                        total = run.total_items,
+                        "backfill page stored"
+                    );
+                }
+            }),
+        );
+    bar.finish_and_clear();
+    let run = run.context("backfill stopped; run it again to resume from the last stored page")?;
+    let c = run.counts;
+    println!(
+        "backfill finished: {} entities read, {} added, {} updated, {} already current",
+        c.seen, c.added, c.updated, c.unchanged
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

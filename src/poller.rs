@@ -82,61 +82,69 @@ impl Poller {
 
     /// Takes one batch from `feed`, stores it, then acknowledges it.
     pub async fn poll_once(&self, feed: &str) -> Result<Polled, PollError> {
-        let fetch_error = |source| PollError::Fetch {
-            feed: feed.to_owned(),
-            source,
+        let Some(batch) = self.take_batch(feed).await? else {
+            return Ok(Polled::Empty);
         };
-        let correlation_id = format!("fenx-sync:poll:{feed}");
+        let (stored, duplicates) = self.store(feed, &batch).await?;
+        self.acknowledge(feed, &batch.batch_id).await?;
+        tracing::info!(feed, batch_id = %batch.batch_id, stored, duplicates, more_available = batch.more_available, "polled batch stored and acknowledged");
+        Ok(Polled::Batch {
+            batch_id: batch.batch_id,
+            stored,
+            duplicates,
+            more_available: batch.more_available,
+        })
+    }
+
+    /// `GET …/next`: the next batch, or `None` when nothing waits (204).
+    pub async fn take_batch(&self, feed: &str) -> Result<Option<Batch>, PollError> {
         let (status, body) = self
             .client
             .request(
                 Method::GET,
                 &format!("eventnotifications/v2/{feed}/next"),
                 None,
-                &correlation_id,
+                &correlation_id(feed),
             )
             .await
-            .map_err(fetch_error)?;
+            .map_err(|source| fetch_error(feed, source))?;
         if status == 204 || body.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Polled::Empty);
+            return Ok(None);
         }
-        let (batch_id, more_available, rows) =
-            parse_batch(&body).map_err(|reason| PollError::Batch {
+        parse_batch(&body)
+            .map(Some)
+            .map_err(|reason| PollError::Batch {
                 feed: feed.to_owned(),
                 reason,
-            })?;
+            })
+    }
+
+    /// Appends the batch's notifications to the outbox (durably); returns (stored, duplicates).
+    pub async fn store(&self, feed: &str, batch: &Batch) -> Result<(usize, usize), PollError> {
         let outcomes = self
             .outbox
-            .append_batch(rows)
+            .append_batch(batch.rows.clone())
             .await
             .map_err(|source| PollError::Store {
                 feed: feed.to_owned(),
-                batch_id: batch_id.clone(),
+                batch_id: batch.batch_id.clone(),
                 source,
             })?;
-        let complete = format!("eventnotifications/v2/{feed}/{batch_id}/complete");
-        self.client
-            .request(Method::POST, &complete, None, &correlation_id)
-            .await
-            .map_err(fetch_error)?;
         let duplicates = outcomes
             .iter()
             .filter(|o| **o == Appended::Duplicate)
             .count();
-        tracing::info!(
-            feed,
-            batch_id,
-            notifications = outcomes.len(),
-            duplicates,
-            more_available,
-            "polled batch stored and acknowledged"
-        );
-        Ok(Polled::Batch {
-            batch_id,
-            stored: outcomes.len() - duplicates,
-            duplicates,
-            more_available,
-        })
+        Ok((outcomes.len() - duplicates, duplicates))
+    }
+
+    /// `POST …/{batchId}/complete`: Fenergo may now forget the batch.
+    pub async fn acknowledge(&self, feed: &str, batch_id: &str) -> Result<(), PollError> {
+        let complete = format!("eventnotifications/v2/{feed}/{batch_id}/complete");
+        self.client
+            .request(Method::POST, &complete, None, &correlation_id(feed))
+            .await
+            .map(drop)
+            .map_err(|source| fetch_error(feed, source))
     }
 
     /// Polls every configured feed until `stop`: again at once while `moreAvailable`, after
@@ -192,8 +200,27 @@ impl Poller {
     }
 }
 
+/// A batch taken from a feed, ready for the outbox.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub batch_id: String,
+    pub more_available: bool,
+    pub rows: Vec<NewNotification>,
+}
+
+fn correlation_id(feed: &str) -> String {
+    format!("fenx-sync:poll:{feed}")
+}
+
+fn fetch_error(feed: &str, source: FetchError) -> PollError {
+    PollError::Fetch {
+        feed: feed.to_owned(),
+        source,
+    }
+}
+
 /// The batch id, `moreAvailable`, and the notifications ready for the outbox.
-fn parse_batch(body: &Bytes) -> Result<(String, bool, Vec<NewNotification>), String> {
+fn parse_batch(body: &Bytes) -> Result<Batch, String> {
     let header: BatchHeader =
         serde_json::from_slice(body).map_err(|e| format!("not a batch: {e}"))?;
     let batch_id = match header.batch_id {
@@ -210,7 +237,11 @@ fn parse_batch(body: &Bytes) -> Result<(String, bool, Vec<NewNotification>), Str
             signature_recipe: None,
         })
         .collect();
-    Ok((batch_id, header.more_available, rows))
+    Ok(Batch {
+        batch_id,
+        more_available: header.more_available,
+        rows,
+    })
 }
 
 #[cfg(test)]
@@ -222,8 +253,12 @@ mod tests {
         let body = Bytes::from_static(
             br#"{"batchId":"1642925639481","notifications":[{"id":"a","eventType":"journey:taskcompleted"},{"id":"b","url":"x"}],"moreAvailable":true}"#,
         );
-        let (batch_id, more, rows) = parse_batch(&body).unwrap();
-        assert_eq!((batch_id.as_str(), more), ("1642925639481", true));
+        let Batch {
+            batch_id,
+            more_available,
+            rows,
+        } = parse_batch(&body).unwrap();
+        assert_eq!((batch_id.as_str(), more_available), ("1642925639481", true));
         assert_eq!(rows.len(), 2);
         assert_eq!(
             rows[0].notification.raw,

@@ -22,7 +22,7 @@ use crate::config::FenergoSettings;
 use crate::telemetry::{Metrics, StatusLabel};
 use limiter::Limiter;
 use token::{TokenCache, TokenError, TokenRequest};
-pub use wire::Entity;
+pub use wire::{Entity, Page};
 
 /// The longest response excerpt kept for a dead letter.
 const EXCERPT_LEN: usize = 300;
@@ -139,6 +139,34 @@ impl FenergoClient {
         Entity::from_body(&body).map_err(|e| FetchError::Transient {
             status: Some(status),
             reason: format!("HTTP {status} with an unusable body: {e}"),
+        })
+    }
+
+    /// One page of the entity list (`getentitiespagedlist`, v2), after `search_after`.
+    pub async fn list_entities(
+        &self,
+        search_after: Option<&str>,
+        size: usize,
+        correlation_id: &str,
+    ) -> Result<Page, FetchError> {
+        let body = serde_json::json!({
+            "data": {
+                "pager": {"size": size, "sortBy": "id", "sortOrder": "asc"},
+                "searchAfter": search_after,
+                "attributes": [],
+            }
+        });
+        let (status, bytes) = self
+            .request(
+                Method::POST,
+                "entitydataquery/api/v2/entity/getentitiespagedlist",
+                Some(&body),
+                correlation_id,
+            )
+            .await?;
+        Page::from_body(&bytes).map_err(|e| FetchError::Transient {
+            status: Some(status),
+            reason: format!("HTTP {status} with an unusable entity list: {e}"),
         })
     }
 

@@ -40,10 +40,14 @@ pub enum WireError {
 impl Entity {
     pub fn from_body(body: &[u8]) -> Result<Entity, WireError> {
         let envelope: Envelope = serde_json::from_slice(body)?;
-        let data = envelope
-            .data
-            .filter(Value::is_object)
-            .ok_or(WireError::NoData)?;
+        Entity::from_data(envelope.data.ok_or(WireError::NoData)?)
+    }
+
+    /// An entity from an EntityDto object (a response's `data`, or an item of a list).
+    pub fn from_data(data: Value) -> Result<Entity, WireError> {
+        if !data.is_object() {
+            return Err(WireError::NoData);
+        }
         let text = |key: &str| match data.get(key) {
             Some(Value::String(s)) => Some(s.clone()),
             Some(Value::Number(n)) => Some(n.to_string()),
@@ -67,6 +71,68 @@ impl Entity {
     }
 }
 
+/// One page of `getentitiespagedlist`. Fenergo's response shape is not documented, so this
+/// reads what the sources suggest: `data` as an array of EntityDto (v1) or as an object holding
+/// the array under `items`, `entities` or `results` (v2), and the next cursor as `searchAfter`
+/// inside `data` or beside it.
+#[derive(Debug)]
+pub struct Page {
+    pub entities: Vec<Entity>,
+    /// Items that were not usable entities (logged, skipped).
+    pub unusable: Vec<String>,
+    pub total_items: Option<i64>,
+    /// The cursor for the next page; `None` on the last page.
+    pub search_after: Option<String>,
+    /// How many items the page held, usable or not (a short page ends offset paging).
+    pub len: usize,
+}
+
+impl Page {
+    pub fn from_body(body: &[u8]) -> Result<Page, WireError> {
+        let root: Value = serde_json::from_slice(body)?;
+        let data = root.get("data").ok_or(WireError::NoData)?;
+        let items = match data {
+            Value::Array(items) => items.clone(),
+            Value::Object(fields) => ["items", "entities", "results"]
+                .iter()
+                .find_map(|k| fields.get(*k).and_then(Value::as_array))
+                .cloned()
+                .ok_or(WireError::NoData)?,
+            _ => return Err(WireError::NoData),
+        };
+        let cursor = data
+            .get("searchAfter")
+            .or_else(|| root.get("searchAfter"))
+            .and_then(|c| match c {
+                Value::Null => None,
+                Value::String(s) if s.is_empty() => None,
+                Value::String(s) => Some(s.clone()),
+                other => Some(other.to_string()),
+            });
+        let total_items = ["totalItems", "total"].iter().find_map(|k| {
+            data.get(*k)
+                .or_else(|| root.get(*k))
+                .and_then(Value::as_i64)
+        });
+        let len = items.len();
+        let mut entities = Vec::with_capacity(len);
+        let mut unusable = Vec::new();
+        for item in items {
+            match Entity::from_data(item) {
+                Ok(entity) => entities.push(entity),
+                Err(e) => unusable.push(e.to_string()),
+            }
+        }
+        Ok(Page {
+            entities,
+            unusable,
+            total_items,
+            search_after: cursor,
+            len,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +145,24 @@ mod tests {
         assert_eq!(e.entity_type.as_deref(), Some("Company"));
         assert_eq!(e.status.as_deref(), Some("1"));
         assert_eq!(e.data["future"], true);
+    }
+
+    #[test]
+    fn pages_are_read_in_every_plausible_shape() {
+        let v2 = br#"{"data":{"items":[{"id":"a","version":1},{"id":"b","version":2},{"nope":1}],"totalItems":3,"searchAfter":"Yg=="},"messages":[]}"#;
+        let page = Page::from_body(v2).unwrap();
+        let ids: Vec<&str> = page.entities.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!((ids, page.unusable.len(), page.len), (vec!["a", "b"], 1, 3));
+        assert_eq!(
+            (page.total_items, page.search_after.as_deref()),
+            (Some(3), Some("Yg=="))
+        );
+        let v1 = br#"{"data":[{"id":"a","version":1}],"searchAfter":["a",17]}"#;
+        let page = Page::from_body(v1).unwrap();
+        assert_eq!(page.search_after.as_deref(), Some(r#"["a",17]"#));
+        let last = Page::from_body(br#"{"data":{"items":[],"searchAfter":null}}"#).unwrap();
+        assert_eq!((last.len, last.search_after), (0, None));
+        assert!(Page::from_body(br#"{"data":"x"}"#).is_err());
     }
 
     #[test]

@@ -202,6 +202,87 @@ impl ReportingStore {
         })
     }
 
+    /// The unfinished run of `kind` to resume, if any.
+    pub fn running_reconcile(&self, kind: RunKind) -> Result<Option<ReconcileRun>, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT run_id, cursor, total_items, seen, added, updated, unchanged FROM reconcile_run
+                  WHERE kind = ?1 AND status = 'running' ORDER BY run_id DESC LIMIT 1",
+                [kind.as_str()],
+                |r| {
+                    Ok(ReconcileRun {
+                        run_id: r.get(0)?,
+                        cursor: r.get(1)?,
+                        total_items: r.get(2)?,
+                        counts: RunCounts {
+                            seen: r.get(3)?,
+                            added: r.get(4)?,
+                            updated: r.get(5)?,
+                            unchanged: r.get(6)?,
+                        },
+                    })
+                },
+            )
+            .optional()
+            .map_err(|source| self.error(format!("read the running {} run", kind.as_str()), source))
+    }
+
+    /// Starts a run of `kind`; earlier unfinished runs of that kind are closed.
+    pub fn start_reconcile(&self, kind: RunKind) -> Result<ReconcileRun, StoreError> {
+        let now = sqlite::now();
+        let mut conn = self.lock();
+        let start = |conn: &mut Connection| -> rusqlite::Result<i64> {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "UPDATE reconcile_run SET status = 'finished', finished_at = ?2
+                  WHERE kind = ?1 AND status = 'running'",
+                (kind.as_str(), &now),
+            )?;
+            tx.execute(
+                "INSERT INTO reconcile_run (kind, status, started_at, updated_at) VALUES (?1, 'running', ?2, ?2)",
+                (kind.as_str(), &now),
+            )?;
+            let id = tx.last_insert_rowid();
+            tx.commit()?;
+            Ok(id)
+        };
+        let run_id = start(&mut conn)
+            .map_err(|source| self.error(format!("start a {} run", kind.as_str()), source))?;
+        Ok(ReconcileRun {
+            run_id,
+            cursor: None,
+            total_items: None,
+            counts: RunCounts::default(),
+        })
+    }
+
+    /// Saves a run's progress after a page was stored, or marks it finished.
+    pub fn save_reconcile(&self, run: &ReconcileRun, finished: bool) -> Result<(), StoreError> {
+        let now = sqlite::now();
+        let c = &run.counts;
+        self.lock()
+            .execute(
+                "UPDATE reconcile_run SET cursor = ?2, total_items = ?3, seen = ?4, added = ?5,
+                        updated = ?6, unchanged = ?7, updated_at = ?8,
+                        status = CASE WHEN ?9 THEN 'finished' ELSE 'running' END,
+                        finished_at = CASE WHEN ?9 THEN ?8 END
+                  WHERE run_id = ?1",
+                rusqlite::params![
+                    run.run_id,
+                    run.cursor,
+                    run.total_items,
+                    c.seen,
+                    c.added,
+                    c.updated,
+                    c.unchanged,
+                    now,
+                    finished
+                ],
+            )
+            .map(drop)
+            .map_err(|source| self.error(format!("save run {}", run.run_id), source))
+    }
+
     /// A panic while the lock was held cannot have left a transaction open (dropping one rolls
     /// it back), so a poisoned lock still guards a usable connection.
     fn lock(&self) -> MutexGuard<'_, Connection> {
@@ -215,6 +296,42 @@ impl ReportingStore {
             source,
         }
     }
+}
+
+/// Which kind of pass over the entity list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunKind {
+    /// `fenx-sync backfill`: fill an empty or incomplete store; resumable.
+    Backfill,
+    /// The scheduled check that repairs gaps.
+    Reconcile,
+}
+
+impl RunKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunKind::Backfill => "backfill",
+            RunKind::Reconcile => "reconcile",
+        }
+    }
+}
+
+/// What a run found so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunCounts {
+    pub seen: i64,
+    pub added: i64,
+    pub updated: i64,
+    pub unchanged: i64,
+}
+
+/// A backfill or reconciliation run, with the cursor to resume from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReconcileRun {
+    pub run_id: i64,
+    pub cursor: Option<String>,
+    pub total_items: Option<i64>,
+    pub counts: RunCounts,
 }
 
 /// An entity's rows, prepared before the write lock is taken.

@@ -357,7 +357,8 @@ fn event_after(row: &Claimed, last_event_when: Option<&str>, synced_at: &str) ->
     }
 }
 
-fn snapshot(entity: &Entity) -> EntitySnapshot {
+/// Fenergo's wire entity in the store's terms.
+pub(crate) fn snapshot(entity: &Entity) -> EntitySnapshot {
     EntitySnapshot {
         entity_id: entity.id.clone(),
         entity_type: entity.entity_type.clone(),

@@ -32,7 +32,7 @@ struct Harness {
     settings: Settings,
 }
 
-fn sim_config() -> SimConfig {
+pub fn sim_config() -> SimConfig {
     SimConfig {
         tenant_id: TENANT.into(),
         client_id: "fenx-sync-test".into(),

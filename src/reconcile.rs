@@ -1,0 +1,159 @@
+//! Backfill and reconciliation: walks Fenergo's paged entity list (`getentitiespagedlist`, with
+//! its `searchAfter` cursor) and writes every entity through the same monotonic upsert as the
+//! sync worker, so a new install starts complete and gaps (a disabled webhook, notifications
+//! past their 30-day TTL) are repaired. Progress and the cursor are saved after every page, so
+//! an interrupted backfill resumes where it stopped.
+//!
+//! It never lets a listed version overwrite a newer stored one, and never goes around the
+//! client's rate limiter.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use crate::fenergo::{FenergoClient, FetchError, Page};
+use crate::store::{ReconcileRun, ReportingStore, RunKind, StoreError, SyncCause, UpsertOutcome};
+use crate::worker::snapshot;
+
+/// Attempts at one page before the run stops (it can be resumed).
+const PAGE_ATTEMPTS: usize = 6;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("reading the entity list failed after {attempts} attempts: {source}")]
+    List {
+        attempts: usize,
+        #[source]
+        source: FetchError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("a blocking store task failed: {0}")]
+    Blocking(#[from] tokio::task::JoinError),
+}
+
+pub struct Reconciler {
+    client: Arc<FenergoClient>,
+    store: Arc<ReportingStore>,
+    page_size: usize,
+}
+
+impl Reconciler {
+    pub fn new(
+        client: Arc<FenergoClient>,
+        store: Arc<ReportingStore>,
+        page_size: usize,
+    ) -> Reconciler {
+        Reconciler {
+            client,
+            store,
+            page_size: page_size.clamp(1, 1000),
+        }
+    }
+
+    /// Walks the whole list once. A backfill with `resume` continues an interrupted run from its
+    /// saved cursor; otherwise a new run starts at the beginning. `on_page` sees the progress
+    /// after every stored page.
+    pub async fn run(
+        &self,
+        kind: RunKind,
+        resume: bool,
+        mut on_page: impl FnMut(&ReconcileRun),
+    ) -> Result<ReconcileRun, ReconcileError> {
+        let store = self.store.clone();
+        let mut run = tokio::task::spawn_blocking(move || -> Result<ReconcileRun, StoreError> {
+            match store.running_reconcile(kind)? {
+                Some(run) if resume => Ok(run),
+                _ => store.start_reconcile(kind),
+            }
+        })
+        .await??;
+        if run.cursor.is_some() {
+            tracing::info!(
+                run = run.run_id,
+                seen = run.counts.seen,
+                "resuming {} from its saved cursor",
+                kind.as_str()
+            );
+        }
+        loop {
+            let page = self.page(run.cursor.as_deref(), run.run_id).await?;
+            for problem in &page.unusable {
+                tracing::warn!(run = run.run_id, %problem, "skipped an unusable item of the entity list");
+            }
+            let last = page.search_after.is_none() || page.len == 0;
+            let cause = SyncCause {
+                notification_id: format!("{}:{}", kind.as_str(), run.run_id),
+                event_type: Some(format!("fenx-sync:{}", kind.as_str())),
+                event_when: None,
+            };
+            let store = self.store.clone();
+            let snapshots: Vec<_> = page.entities.iter().map(snapshot).collect();
+            let outcomes = tokio::task::spawn_blocking(move || {
+                snapshots
+                    .iter()
+                    .map(|s| store.upsert_entity(s, &cause))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await??;
+            for outcome in outcomes {
+                let counts = &mut run.counts;
+                counts.seen += 1;
+                match outcome {
+                    UpsertOutcome::Inserted => counts.added += 1,
+                    UpsertOutcome::Updated { .. } => counts.updated += 1,
+                    UpsertOutcome::Unchanged | UpsertOutcome::Older { .. } => counts.unchanged += 1,
+                }
+            }
+            run.cursor = page.search_after;
+            run.total_items = page.total_items.or(run.total_items);
+            let (store, saved) = (self.store.clone(), run.clone());
+            tokio::task::spawn_blocking(move || store.save_reconcile(&saved, last)).await??;
+            on_page(&run);
+            if last {
+                return Ok(run);
+            }
+        }
+    }
+
+    /// One page, retried with back-off on transient failures and 429s.
+    async fn page(&self, cursor: Option<&str>, run_id: i64) -> Result<Page, ReconcileError> {
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(500))
+            .with_max_delay(Duration::from_secs(30))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        let correlation_id = format!("fenx-sync:reconcile:{run_id}");
+        let mut attempt = 1;
+        loop {
+            match self
+                .client
+                .list_entities(cursor, self.page_size, &correlation_id)
+                .await
+            {
+                Ok(page) => return Ok(page),
+                Err(
+                    error @ (FetchError::Transient { .. }
+                    | FetchError::RateLimited { .. }
+                    | FetchError::Token(_)),
+                ) if attempt < PAGE_ATTEMPTS => {
+                    let wait = match &error {
+                        FetchError::RateLimited { retry_after } => *retry_after,
+                        _ => delays.next().unwrap_or(Duration::from_secs(30)),
+                    };
+                    tracing::warn!(%error, attempt, retry_in = ?wait, "entity list page failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Err(source) => {
+                    return Err(ReconcileError::List {
+                        attempts: attempt,
+                        source,
+                    });
+                }
+            }
+        }
+    }
+}
