@@ -4,16 +4,26 @@
 //! - [`config`]: defaults → TOML → `FENX_*` env → secret files, into [`config::Settings`].
 //! - [`signature`]: the candidate HMAC recipes and pure verification of `x-fenx-signature`.
 //! - [`notification`]: tolerant, pure parsing of one notification or a batch.
-//! - [`http`]: the hyper server ([`http::serve`]) and the webhook/health routes
-//!   ([`http::ingest::Ingress`]); [`http::error`] maps every refusal to a status code.
-//! - [`outbox`]: the group-commit writer thread over `outbox.db`.
+//! - [`http`]: the hyper server ([`http::serve`]), the webhook/health routes
+//!   ([`http::ingest::Ingress`]) and `/metrics` ([`http::admin`]); [`http::error`] maps every
+//!   refusal to a status code.
+//! - [`outbox`]: the group-commit writer over `outbox.db`, the worker's claims and leases, and the
+//!   operator actions.
+//! - [`poller`]: polling Fenergo's notification feeds into the outbox.
+//! - [`worker`]: routing, one fetch per entity, failure classes, settling rows.
+//! - [`fenergo`]: the query API client (tokens, rate limit, classified errors, wire types).
+//! - [`store`]: the reporting database and its monotonic upsert.
+//! - [`reconcile`]: backfill and reconciliation over the paged entity list.
 //! - [`sqlite`]: opening files with proven durability, schema sections, time format.
-//! - [`telemetry`] sets up logging.
+//! - [`telemetry`]: logs and Prometheus metrics; [`systemd`]: notify and watchdog.
+//! - [`sim`]: the Fenergo simulator; [`demo`]: `fenx-sync demo`.
 //!
 //! # Invariants
-//! - No code path answers 2xx before the outbox COMMIT returned at `synchronous=FULL`.
+//! - No code path answers 2xx before the outbox COMMIT returned at `synchronous=FULL`, and no
+//!   polled batch is acknowledged before that.
 //! - HTTP handlers never open SQLite themselves; only the outbox writer thread writes appends.
 //! - The stored raw bytes are the bytes that were signed; JSON is never re-serialised.
+//! - An older entity version never overwrites a newer one.
 
 pub mod config;
 pub mod demo;

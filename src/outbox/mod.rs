@@ -1,11 +1,11 @@
 //! The durable outbox (`outbox.db`): every accepted notification, byte-exact, with its
 //! processing state.
 //!
-//! Owns the single writer thread ([`writer`]) that turns concurrent appends into group commits:
+//! Owns the single writer thread (`writer.rs`) that turns concurrent appends into group commits:
 //! it drains whatever is queued, writes it in one `BEGIN IMMEDIATE` transaction at
 //! `synchronous=FULL`, and only then answers each waiting caller. De-duplication on the
 //! notification id happens here. The sync worker's claims, leases and retry schedule are in
-//! [`queue`].
+//! `queue.rs` ([`WorkQueue`]).
 //!
 //! It must never answer an append before its COMMIT has returned, and never let a failed commit
 //! look like a success: the caller's 2xx depends on it.
