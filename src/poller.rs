@@ -270,9 +270,16 @@ mod tests {
 
     #[test]
     fn numeric_batch_ids_and_missing_more_available_are_accepted() {
-        let (id, more, rows) =
+        let batch =
             parse_batch(&Bytes::from_static(br#"{"batchId":42,"notifications":[]}"#)).unwrap();
-        assert_eq!((id.as_str(), more, rows.len()), ("42", false, 0));
+        assert_eq!(
+            (
+                batch.batch_id.as_str(),
+                batch.more_available,
+                batch.rows.len()
+            ),
+            ("42", false, 0)
+        );
         assert!(parse_batch(&Bytes::from_static(br#"{"notifications":[]}"#)).is_err());
         assert!(parse_batch(&Bytes::from_static(b"[]")).is_err());
     }

@@ -90,13 +90,9 @@ impl Reconciler {
             };
             let store = self.store.clone();
             let snapshots: Vec<_> = page.entities.iter().map(snapshot).collect();
-            let outcomes = tokio::task::spawn_blocking(move || {
-                snapshots
-                    .iter()
-                    .map(|s| store.upsert_entity(s, &cause))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await??;
+            let outcomes =
+                tokio::task::spawn_blocking(move || store.upsert_entities(&snapshots, &cause))
+                    .await??;
             for outcome in outcomes {
                 let counts = &mut run.counts;
                 counts.seen += 1;

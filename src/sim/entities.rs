@@ -1,13 +1,18 @@
 //! Fenergo's JSON shapes as the simulator writes them: the `{"data", "messages"}` envelope, the
-//! EntityDto (contract §6, field order as in Fenergo's generated client), the PascalCase webhook
-//! notification (§3), Fenergo's 7-digit timestamps, and realistic sample entities.
+//! EntityDto (contract §6, field order as in Fenergo's generated client), a page of the entity
+//! list and its opaque cursor, the notification in its PascalCase webhook shape and camelCase
+//! polling v2 shape (§3), a polling batch (§5), Fenergo's 7-digit timestamps, and realistic
+//! sample entities.
 //!
 //! Everything here is a pure function of its arguments (seeded randomness included), so a seed
 //! and an index always give the same entity. It must never touch the simulator's shared state,
 //! do I/O, or read the clock except where a timestamp is the point.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -129,10 +134,17 @@ pub(super) struct Snapshot<'a> {
     pub properties: &'a Value,
 }
 
-#[derive(Serialize)]
-struct Envelope<T> {
-    data: T,
-    messages: [Value; 0],
+/// What comes before and after already-serialised `data` in a success envelope.
+const DATA_OPEN: &[u8] = b"{\"data\":";
+const DATA_CLOSE: &[u8] = b",\"messages\":[]}";
+
+/// One entity version, serialised once when it is stored: the body a GET serves, and the
+/// EntityDto inside it, which list pages splice in without serialising it again.
+#[derive(Clone)]
+pub(super) struct EntityJson {
+    pub envelope: Bytes,
+    /// A slice of `envelope` (the buffer is shared, not copied).
+    pub dto: Bytes,
 }
 
 #[derive(Serialize)]
@@ -156,21 +168,45 @@ struct EntityDto<'a> {
     version: i64,
 }
 
+/// One event notification. Serialised as it is, it has the polling v2 shape: camelCase keys in
+/// the schema's order (contract §3).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct Notification {
+    pub id: String,
+    pub event_type: String,
+    when: String,
+    tenant_id: String,
+    causation_id: String,
+    correlation_id: String,
+    relative_url: String,
+    payload: Map<String, Value>,
+}
+
+/// The webhook body's view of a [`Notification`]: PascalCase keys in the documented order.
 #[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]
 struct WebhookNotification<'a> {
-    id: String,
+    id: &'a str,
     tenant_id: &'a str,
     event_type: &'a str,
-    relative_url: String,
-    payload: Map<String, Value>,
-    when: String,
-    correlation_id: String,
-    causation_id: String,
+    relative_url: &'a str,
+    payload: &'a Map<String, Value>,
+    when: &'a str,
+    correlation_id: &'a str,
+    causation_id: &'a str,
 }
 
-/// The 200 body for one entity version: `{"data": EntityDto, "messages": []}`.
-pub(super) fn entity_body(snapshot: &Snapshot<'_>) -> Bytes {
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Batch<'a> {
+    batch_id: &'a str,
+    notifications: Vec<&'a Notification>,
+    more_available: bool,
+}
+
+/// The 200 body for one entity version, `{"data": EntityDto, "messages": []}`, and its DTO.
+pub(super) fn entity_json(snapshot: &Snapshot<'_>) -> EntityJson {
     // Risk, role and the other metadata are stable per entity id, as they would be across
     // versions of a real entity.
     let mut rng = fastrand::Rng::with_seed(hash_of(snapshot.id));
@@ -206,13 +242,46 @@ pub(super) fn entity_body(snapshot: &Snapshot<'_>) -> Bytes {
         offboarded_jurisdictions: Vec::new(),
         version: snapshot.version,
     };
-    Bytes::from(
-        serde_json::to_vec(&Envelope {
-            data: dto,
-            messages: [],
-        })
-        .expect("the entity envelope has only string keys"),
-    )
+    let dto = serde_json::to_vec(&dto).expect("an EntityDto has only string keys");
+    let envelope = success_envelope(&dto);
+    let dto = envelope.slice(DATA_OPEN.len()..DATA_OPEN.len() + dto.len());
+    EntityJson { envelope, dto }
+}
+
+/// A page of the entity list: `{"data": {"items", "totalItems", "searchAfter"}, "messages": []}`,
+/// where `searchAfter` is the cursor after `last_id`, or null when this was the last page.
+/// Fenergo's shape is not documented (contract §6); this is the project's assumption.
+pub(super) fn entity_page_body(
+    items: &[Bytes],
+    total_items: usize,
+    last_id: Option<&str>,
+) -> Bytes {
+    let cursor =
+        serde_json::to_string(&last_id.map(cursor_after)).expect("a cursor is a plain string");
+    let data = [
+        b"{\"items\":[".as_slice(),
+        &items.join(b",".as_slice()),
+        format!("],\"totalItems\":{total_items},\"searchAfter\":{cursor}}}").as_bytes(),
+    ]
+    .concat();
+    success_envelope(&data)
+}
+
+/// The opaque `searchAfter` cursor for the page after entity `id`. Base64 keeps clients from
+/// building cursors themselves, which Fenergo's would not allow either.
+pub(super) fn cursor_after(id: &str) -> String {
+    URL_SAFE_NO_PAD.encode(id)
+}
+
+/// The entity id a cursor from [`cursor_after`] stands for; `None` for anything else.
+pub(super) fn cursor_position(cursor: &str) -> Option<String> {
+    let bytes = URL_SAFE_NO_PAD.decode(cursor).ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+/// `{"data": <data>, "messages": []}` around JSON that is already serialised.
+fn success_envelope(data: &[u8]) -> Bytes {
+    Bytes::from([DATA_OPEN, data, DATA_CLOSE].concat())
 }
 
 /// An error body in Fenergo's envelope: `{"data": null, "messages": [{message, type}]}`, where
@@ -221,24 +290,54 @@ pub(super) fn error_envelope(message: &str, kind: &str) -> Value {
     json!({ "data": null, "messages": [{ "message": message, "type": kind }] })
 }
 
-/// A webhook body in Fenergo's PascalCase shape, keys in the documented order.
-pub(super) fn notification(
-    rng: &mut fastrand::Rng,
-    tenant_id: &str,
-    event_type: &str,
-    entity_id: &str,
-) -> String {
-    let body = WebhookNotification {
-        id: uuid_v4(rng),
-        tenant_id,
-        event_type,
-        relative_url: format!("entitydataquery/api/entity/{entity_id}"),
-        payload: Map::new(),
-        when: fenergo_timestamp(Utc::now(), OFFSET_SUFFIX),
-        correlation_id: uuid_v4(rng),
-        causation_id: uuid_v4(rng),
+impl Notification {
+    /// A fresh notification (new id, correlation and causation ids) about `entity_id`.
+    pub(super) fn new(
+        rng: &mut fastrand::Rng,
+        tenant_id: &str,
+        event_type: &str,
+        entity_id: &str,
+    ) -> Notification {
+        Notification {
+            id: uuid_v4(rng),
+            event_type: event_type.to_owned(),
+            when: fenergo_timestamp(Utc::now(), OFFSET_SUFFIX),
+            tenant_id: tenant_id.to_owned(),
+            correlation_id: uuid_v4(rng),
+            causation_id: uuid_v4(rng),
+            relative_url: format!("entitydataquery/api/entity/{entity_id}"),
+            payload: Map::new(),
+        }
+    }
+
+    /// The webhook body: Fenergo's PascalCase shape, keys in the documented order.
+    pub(super) fn webhook_body(&self) -> String {
+        let body = WebhookNotification {
+            id: &self.id,
+            tenant_id: &self.tenant_id,
+            event_type: &self.event_type,
+            relative_url: &self.relative_url,
+            payload: &self.payload,
+            when: &self.when,
+            correlation_id: &self.correlation_id,
+            causation_id: &self.causation_id,
+        };
+        serde_json::to_string(&body).expect("a notification has only string keys")
+    }
+}
+
+/// A polling v2 batch: `{"batchId", "notifications": [...], "moreAvailable"}`.
+pub(super) fn batch_body(
+    batch_id: &str,
+    notifications: &[Arc<Notification>],
+    more_available: bool,
+) -> Bytes {
+    let batch = Batch {
+        batch_id,
+        notifications: notifications.iter().map(Arc::as_ref).collect(),
+        more_available,
     };
-    serde_json::to_string(&body).expect("a notification has only string keys")
+    Bytes::from(serde_json::to_vec(&batch).expect("a batch has only string keys"))
 }
 
 /// `2021-05-05T10:19:17.3157953` plus `suffix`: Fenergo writes 7 fractional digits, which
@@ -551,19 +650,26 @@ mod tests {
         assert_ne!(uuid_v4(&mut rng), id);
     }
 
-    #[test]
-    fn notifications_are_pascal_case_in_the_documented_order() {
-        let mut rng = fastrand::Rng::with_seed(1);
-        let body = notification(&mut rng, "tenant-1", "entitydata:created", "e-1");
-        let keys: Vec<&str> = body
-            .split('"')
+    /// The top-level keys of a JSON object, in the order they were written.
+    fn keys_in_order(body: &str) -> Vec<&str> {
+        body.split('"')
             .collect::<Vec<_>>()
             .windows(2)
             .filter(|w| w[1].starts_with(':'))
             .map(|w| w[0])
-            .collect();
+            .collect()
+    }
+
+    fn new_notification(rng: &mut fastrand::Rng, event_type: &str, entity: &str) -> Notification {
+        Notification::new(rng, "tenant-1", event_type, entity)
+    }
+
+    #[test]
+    fn webhook_notifications_are_pascal_case_in_the_documented_order() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        let body = new_notification(&mut rng, "entitydata:created", "e-1").webhook_body();
         assert_eq!(
-            keys,
+            keys_in_order(&body),
             [
                 "Id",
                 "TenantId",
@@ -581,20 +687,49 @@ mod tests {
         let when = parsed["When"].as_str().unwrap();
         assert!(when.ends_with("+00:00") && when.len() == 33, "{when}");
         assert!(DateTime::parse_from_rfc3339(when).is_ok());
-        let again = notification(&mut rng, "tenant-1", "entitydata:created", "e-1");
+        let again = new_notification(&mut rng, "entitydata:created", "e-1").webhook_body();
         let again: Value = serde_json::from_str(&again).unwrap();
         assert_ne!(again["Id"], parsed["Id"]);
     }
 
     #[test]
+    fn polled_notifications_are_the_same_notification_in_camel_case() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        let notification = new_notification(&mut rng, "journey:taskcompleted", "e-2");
+        let polled = serde_json::to_string(&notification).unwrap();
+        assert_eq!(
+            keys_in_order(&polled),
+            [
+                "id",
+                "eventType",
+                "when",
+                "tenantId",
+                "causationId",
+                "correlationId",
+                "relativeUrl",
+                "payload"
+            ]
+        );
+        let polled: Value = serde_json::from_str(&polled).unwrap();
+        let webhook: Value = serde_json::from_str(&notification.webhook_body()).unwrap();
+        for (camel, pascal) in [
+            ("id", "Id"),
+            ("when", "When"),
+            ("tenantId", "TenantId"),
+            ("causationId", "CausationId"),
+            ("correlationId", "CorrelationId"),
+            ("relativeUrl", "RelativeUrl"),
+            ("payload", "Payload"),
+        ] {
+            assert_eq!(polled[camel], webhook[pascal], "{camel}");
+        }
+    }
+
+    #[test]
     fn the_project_parser_reads_what_the_simulator_sends() {
         let mut rng = fastrand::Rng::with_seed(2);
-        let body = Bytes::from(notification(
-            &mut rng,
-            "t",
-            "entitydata:draftverified",
-            "abc",
-        ));
+        let notification = new_notification(&mut rng, "entitydata:draftverified", "abc");
+        let body = Bytes::from(notification.webhook_body());
         let parsed = crate::notification::parse_body(&body).unwrap();
         assert_eq!(parsed.len(), 1);
         assert_eq!(
@@ -604,16 +739,81 @@ mod tests {
         let url = parsed[0].relative_url.as_deref().unwrap();
         assert_eq!(crate::notification::entity_id(url), Some("abc"));
 
+        let second = new_notification(&mut rng, "journey:taskstarted", "def");
+        let batch = batch_body(
+            "1642925639481",
+            &[Arc::new(notification), Arc::new(second)],
+            true,
+        );
+        let polled = crate::notification::parse_body(&batch).unwrap();
+        assert_eq!(polled.len(), 2);
+        assert_eq!(polled[1].event_type.as_deref(), Some("journey:taskstarted"));
+        let url = polled[0].relative_url.as_deref().unwrap();
+        assert_eq!(crate::notification::entity_id(url), Some("abc"));
+
         let s = sample(3, 0);
-        let entity = entity_body(&Snapshot {
+        let entity = entity_json(&Snapshot {
             id: &s.id,
             entity_type: s.entity_type,
             version: 4,
             created: Utc::now(),
             properties: &s.properties,
         });
-        let read = crate::fenergo::wire::Entity::from_body(&entity).unwrap();
+        let read = crate::fenergo::wire::Entity::from_body(&entity.envelope).unwrap();
         assert_eq!((read.id.as_str(), read.version), (s.id.as_str(), 4));
         assert_eq!(read.entity_type.as_deref(), Some("Company"));
+    }
+
+    #[test]
+    fn a_batch_has_the_walkthroughs_shape() {
+        let mut rng = fastrand::Rng::with_seed(4);
+        let notification = Arc::new(new_notification(&mut rng, "entitydata:created", "e"));
+        let body = batch_body("1642925639481", &[notification], false);
+        let text = std::str::from_utf8(&body).unwrap();
+        assert_eq!(
+            keys_in_order(text)[..2],
+            ["batchId", "notifications"],
+            "{text}"
+        );
+        let parsed: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(parsed["batchId"], "1642925639481");
+        assert_eq!(parsed["moreAvailable"], false);
+        assert_eq!(
+            parsed["notifications"][0]["eventType"],
+            "entitydata:created"
+        );
+    }
+
+    #[test]
+    fn entity_json_is_one_serialisation_shared_by_the_get_body_and_list_pages() {
+        let s = sample(5, 1);
+        let entity = entity_json(&Snapshot {
+            id: &s.id,
+            entity_type: s.entity_type,
+            version: 2,
+            created: Utc::now(),
+            properties: &s.properties,
+        });
+        let envelope: Value = serde_json::from_slice(&entity.envelope).unwrap();
+        let dto: Value = serde_json::from_slice(&entity.dto).unwrap();
+        assert_eq!(envelope, json!({ "data": dto, "messages": [] }));
+
+        let page = entity_page_body(&[entity.dto.clone(), entity.dto], 7, Some(&s.id));
+        let page: Value = serde_json::from_slice(&page).unwrap();
+        assert_eq!(page["messages"], json!([]));
+        assert_eq!(page["data"]["items"], json!([dto, dto]));
+        assert_eq!(page["data"]["totalItems"], 7);
+        let cursor = page["data"]["searchAfter"].as_str().unwrap();
+        assert_ne!(cursor, s.id, "opaque");
+        assert_eq!(cursor_position(cursor), Some(s.id));
+
+        let last: Value = serde_json::from_slice(&entity_page_body(&[], 0, None)).unwrap();
+        assert_eq!(
+            last,
+            json!({ "data": { "items": [], "totalItems": 0, "searchAfter": null }, "messages": [] })
+        );
+        for bad in ["not base64!", "/w", "_w"] {
+            assert_eq!(cursor_position(bad), None, "{bad}");
+        }
     }
 }

@@ -1,18 +1,21 @@
 //! A faithful Fenergo simulator for tests, benchmarks and local runs: the identity service's
-//! token endpoint, the entity data query API, eventual-consistency lag, fault and rate-limit
-//! knobs, statistics, and a webhook sender that re-delivers the way Fenergo does.
+//! token endpoint, the entity data query API (one entity, and the paged list), the polling API
+//! (event notifications v2), eventual-consistency lag, fault and rate-limit knobs, statistics,
+//! and a webhook sender that re-delivers the way Fenergo does.
 //!
 //! This file owns the handle ([`Simulator`]), its configuration and knobs, and the standalone
 //! entry point. What Fenergo's JSON looks like lives in `entities`, the decisions in `state`,
-//! HTTP in `routes`, webhook delivery in `webhook`. The simulator must never be used by the
+//! the polling feeds in `feeds`, HTTP in `routes`, webhook delivery in `webhook`. The simulator must never be used by the
 //! production data path (only tests, benchmarks and the `simulator` subcommand start one), and
 //! it binds only the address it is given (`127.0.0.1:0` from [`Simulator::start`]).
 //!
 //! Fenergo behaviour the contract could not confirm (the 2-4-8-16 minute re-delivery, the
-//! meaning of entity `status`, `Retry-After` on tenant-limit 429s) is modelled as the project
-//! assumes it, and said so where it is modelled.
+//! meaning of entity `status`, `Retry-After` on tenant-limit 429s, the redelivery of batches
+//! never completed, the paged list's response shape) is modelled as the project assumes it, and
+//! said so where it is modelled.
 
 mod entities;
+mod feeds;
 mod routes;
 mod state;
 #[cfg(test)]
@@ -21,6 +24,7 @@ mod webhook;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -88,8 +92,8 @@ pub enum Lag {
     None,
     /// For this long after the update.
     For(Duration),
-    /// For the next this-many reads of that entity (reads refused earlier, e.g. 401 or an
-    /// injected 5xx, do not count).
+    /// For the next this-many reads of that entity: GETs, and list pages that reach it (reads
+    /// refused earlier, e.g. 401 or an injected 5xx, do not count).
     Reads(u32),
 }
 
@@ -107,9 +111,10 @@ pub enum TokenRefusal {
 /// the token endpoint.
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
-    /// The next this-many entity requests past the gateway fail with 500, 502, 503, 500, …
+    /// The next this-many API requests past the gateway (entity reads, list pages, polls and
+    /// completions alike) fail with 500, 502, 503, 500, …
     pub server_errors: u32,
-    /// After those, every this-many-th entity request fails the same way (0: never).
+    /// After those, every this-many-th such request fails the same way (0: never).
     pub server_error_every: u32,
     /// The next this-many authenticated API requests get 429.
     pub rate_limited_requests: u32,
@@ -121,6 +126,30 @@ pub struct Faults {
     /// Added to [`SimConfig::latency`].
     pub latency: Duration,
     pub refuse_tokens: Option<TokenRefusal>,
+}
+
+/// How the polling API hands out batches, replaced as a whole by [`Simulator::set_polling`].
+/// Fenergo documents none of these values (contract §5), so the defaults are guesses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollingKnobs {
+    /// The most notifications in one batch (0 is taken as 1).
+    pub batch_size: usize,
+    /// How long a served batch waits for its `complete` before it is served again, whole,
+    /// under a new batch id. Applies to batches served after it is set.
+    pub visibility_timeout: Duration,
+    /// Every this-many-th notification published from now on is enqueued twice in a row, with
+    /// the same id, as at-least-once delivery allows (0: never).
+    pub duplicate_every: u32,
+}
+
+impl Default for PollingKnobs {
+    fn default() -> PollingKnobs {
+        PollingKnobs {
+            batch_size: 10,
+            visibility_timeout: Duration::from_secs(30),
+            duplicate_every: 0,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +254,11 @@ impl Simulator {
         (sample.id, version)
     }
 
+    /// [`Simulator::sample_entity`] for every index in `indexes`, in order.
+    pub fn sample_entities(&self, indexes: Range<usize>) -> Vec<(String, i64)> {
+        indexes.map(|index| self.sample_entity(index)).collect()
+    }
+
     /// The latest version of an entity, whether or not the lag lets reads see it yet.
     pub fn latest_version(&self, id: &str) -> Option<i64> {
         self.state().latest_version(id)
@@ -233,6 +267,17 @@ impl Simulator {
     /// A webhook body for `entity_id` in Fenergo's PascalCase shape, with a fresh `Id`.
     pub fn notification(&self, event_type: &str, entity_id: &str) -> String {
         self.state().notification(event_type, entity_id)
+    }
+
+    /// Raises a notification for `entity_id` (built as [`Simulator::notification`] builds one)
+    /// on the polling feeds `all` and the event type's domain (the part before `:`); returns
+    /// its id.
+    pub fn publish(&self, event_type: &str, entity_id: &str) -> String {
+        self.state().publish(event_type, entity_id)
+    }
+
+    pub fn set_polling(&self, knobs: PollingKnobs) {
+        self.state().set_polling(knobs);
     }
 
     /// The lag for updates made from now on (entities with their own lag excepted).
@@ -314,10 +359,10 @@ pub async fn run_standalone(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SimError> {
     let sim = Simulator::bind(options.config, options.listen).await?;
-    let mut example = String::new();
-    for index in 0..options.entities {
-        example = format!("entitydataquery/api/entity/{}", sim.sample_entity(index).0);
-    }
+    let example = match sim.sample_entities(0..options.entities).pop() {
+        Some((id, _)) => format!("entitydataquery/api/entity/{id}"),
+        None => String::new(),
+    };
     let config = sim.config();
     tracing::info!(
         api_base = %sim.api_base(),

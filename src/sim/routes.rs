@@ -1,6 +1,9 @@
-//! The simulator's HTTP surface: `POST /connect/token` (identity service) and
-//! `GET /entitydataquery/api/entity/{id}` (entity data query API), with Fenergo's status codes,
-//! bodies and rate-limit headers.
+//! The simulator's HTTP surface, with Fenergo's status codes, bodies and rate-limit headers:
+//! `POST /connect/token` (identity service); `GET /entitydataquery/api/entity/{id}` and
+//! `POST /entitydataquery/api/v2/entity/getentitiespagedlist` (entity data query API);
+//! `GET /eventnotifications/v2/{feedId}/next` and
+//! `POST /eventnotifications/v2/{feedId}/{batchId}/complete` (polling API). Every API route
+//! goes through the same gateway checks, latency and fault knobs.
 //!
 //! It parses requests and renders `state`'s decisions; it decides nothing itself. It must never
 //! panic on a request (a malformed one gets a 4xx), never read a body without a size and time
@@ -15,31 +18,128 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
+use serde::Deserialize;
 use serde_json::json;
 
 use super::TokenRefusal;
-use super::entities::{ZULU_SUFFIX, error_envelope, fenergo_timestamp};
-use super::state::{Answer, ApiHeaders, Refusal, State, Throttle, TokenRefused, TokenRequest};
+use super::entities::{
+    ZULU_SUFFIX, batch_body, cursor_position, entity_page_body, error_envelope, fenergo_timestamp,
+};
+use super::feeds::Missing;
+use super::state::{ApiHeaders, Refusal, State, Throttle, TokenRefused, TokenRequest};
 use crate::http::{Routes, json_response};
 
 /// Token requests are a few short form fields.
 const MAX_FORM_BYTES: usize = 16 * 1024;
+/// A list query is a pager, a cursor and a list of attribute names.
+pub(super) const MAX_QUERY_BYTES: usize = 64 * 1024;
 const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 const NOT_FOUND_ENTITY: &str = "Not Found. Entity with given id does not exist";
+const NOT_FOUND_FEED: &str = "Not Found. Feed with given id does not exist";
+const NOT_FOUND_BATCH: &str = "Not Found. Batch with given id is not in flight on this feed";
+/// List page sizes; Fenergo documents neither a default nor a maximum (contract §6).
+const DEFAULT_PAGE_SIZE: usize = 100;
+const MAX_PAGE_SIZE: usize = 1000;
 
-/// Why a token request body could not be read; every case is a 400 `invalid_request`.
+/// Why a request body could not be read.
 #[derive(Debug, thiserror::Error)]
-enum FormError {
-    #[error("content type must be application/x-www-form-urlencoded")]
-    NotForm,
-    #[error("body is larger than {MAX_FORM_BYTES} bytes")]
-    TooLarge,
+enum BodyError {
+    #[error("body is larger than {0} bytes")]
+    TooLarge(usize),
     #[error("body was not received within {BODY_TIMEOUT:?}")]
     Timeout,
     #[error("body could not be read")]
     Read,
+}
+
+/// Why a token request body could not be used; every case is a 400 `invalid_request`.
+#[derive(Debug, thiserror::Error)]
+enum FormError {
+    #[error("content type must be application/x-www-form-urlencoded")]
+    NotForm,
+    #[error(transparent)]
+    Body(#[from] BodyError),
     #[error("body is not valid form encoding")]
     Encoding,
+}
+
+/// What an API request asks for, from its method and path.
+enum Operation {
+    Entity(String),
+    EntityPage,
+    NextBatch { feed: String },
+    CompleteBatch { feed: String, batch: String },
+}
+
+/// Why a request names nothing the API serves.
+enum NotServed {
+    /// 404.
+    Path,
+    /// 405, with the method the path takes.
+    Method(&'static str),
+}
+
+impl Operation {
+    fn parse(method: &Method, segments: &[&str]) -> Result<Operation, NotServed> {
+        let (operation, allowed) = match segments {
+            ["entitydataquery", "api", "entity", id] => (Operation::Entity(decoded(id)), "GET"),
+            [
+                "entitydataquery",
+                "api",
+                "v2",
+                "entity",
+                "getentitiespagedlist",
+            ] => (Operation::EntityPage, "POST"),
+            ["eventnotifications", "v2", feed, "next"] => (
+                Operation::NextBatch {
+                    feed: decoded(feed),
+                },
+                "GET",
+            ),
+            ["eventnotifications", "v2", feed, batch, "complete"] => (
+                Operation::CompleteBatch {
+                    feed: decoded(feed),
+                    batch: decoded(batch),
+                },
+                "POST",
+            ),
+            _ => return Err(NotServed::Path),
+        };
+        if method.as_str() != allowed {
+            return Err(NotServed::Method(allowed));
+        }
+        Ok(operation)
+    }
+}
+
+/// What `getentitiespagedlist` was asked (contract §6). `pager.from` and `attributes` are
+/// accepted and ignored: the cursor replaces offsets, and items are always whole EntityDtos.
+#[derive(Deserialize)]
+struct PageRequest {
+    data: PageRequestData,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PageRequestData {
+    #[serde(default)]
+    pager: Option<Pager>,
+    #[serde(default)]
+    search_after: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Pager {
+    size: Option<i64>,
+    sort_by: Option<String>,
+    sort_order: Option<String>,
+}
+
+/// A list query the simulator can answer.
+struct PageQuery {
+    size: usize,
+    after: Option<String>,
 }
 
 pub(super) struct SimRoutes {
@@ -102,32 +202,75 @@ impl SimRoutes {
             correlation_id: text_header(headers, "x-correlation-id"),
         };
         let call = self.state.begin_call(&api_headers);
-        let ["entitydataquery", "api", "entity", raw_id] = segments else {
-            return envelope(StatusCode::NOT_FOUND, "Not Found", "Error");
+        let operation = match Operation::parse(request.method(), segments) {
+            Ok(operation) => operation,
+            Err(NotServed::Path) => return envelope(StatusCode::NOT_FOUND, "Not Found", "Error"),
+            Err(NotServed::Method(allow)) => return method_not_allowed(allow),
         };
-        if request.method() != Method::GET {
-            return method_not_allowed("GET");
-        }
-        // An id with broken percent-encoding cannot name a stored entity; it is looked up
-        // as sent and answered 404.
-        let id = percent_decode(raw_id, false).unwrap_or_else(|| (*raw_id).to_owned());
         let response = match self.state.gateway(&call, &api_headers) {
             Err(refusal) => refusal_response(refusal),
             Ok(()) => {
                 sleep(self.state.latency()).await;
-                match self.state.read_entity(&id) {
-                    Answer::Entity(body) => json_bytes(StatusCode::OK, body),
-                    Answer::NotFound => envelope(StatusCode::NOT_FOUND, NOT_FOUND_ENTITY, "Error"),
-                    Answer::ServerError(status) => envelope(
+                match self.state.injected_server_error() {
+                    Some(status) => envelope(
                         status,
                         status.canonical_reason().unwrap_or("Server Error"),
                         "Error",
                     ),
+                    None => self.serve(&operation, request).await,
                 }
             }
         };
-        self.state.record_entity_response(&id, response.status());
+        if let Operation::Entity(id) = &operation {
+            self.state.record_entity_response(id, response.status());
+        }
         response
+    }
+
+    /// The answer of the service behind the gateway.
+    async fn serve(
+        &self,
+        operation: &Operation,
+        request: Request<Incoming>,
+    ) -> Response<Full<Bytes>> {
+        match operation {
+            Operation::Entity(id) => match self.state.read_entity(id) {
+                Some(body) => json_bytes(StatusCode::OK, body),
+                None => envelope(StatusCode::NOT_FOUND, NOT_FOUND_ENTITY, "Error"),
+            },
+            Operation::EntityPage => {
+                let query = match read_body(request, MAX_QUERY_BYTES).await {
+                    Ok(body) => parse_page_query(&body),
+                    Err(error) => Err(error.to_string()),
+                };
+                match query {
+                    Ok(query) => {
+                        let page = self.state.list_entities(query.after.as_deref(), query.size);
+                        let body = entity_page_body(
+                            &page.items,
+                            page.total_items,
+                            page.next_after.as_deref(),
+                        );
+                        json_bytes(StatusCode::OK, body)
+                    }
+                    Err(reason) => envelope(StatusCode::BAD_REQUEST, &reason, "Error"),
+                }
+            }
+            Operation::NextBatch { feed } => match self.state.next_batch(feed) {
+                Ok(Some(batch)) => json_bytes(
+                    StatusCode::OK,
+                    batch_body(&batch.batch_id, &batch.notifications, batch.more_available),
+                ),
+                Ok(None) => empty(StatusCode::NO_CONTENT),
+                Err(missing) => not_found(missing),
+            },
+            Operation::CompleteBatch { feed, batch } => {
+                match self.state.complete_batch(feed, batch) {
+                    Ok(()) => empty(StatusCode::OK),
+                    Err(missing) => not_found(missing),
+                }
+            }
+        }
     }
 }
 
@@ -168,14 +311,46 @@ async fn read_form(request: Request<Incoming>) -> Result<HashMap<String, String>
     if !is_form {
         return Err(FormError::NotForm);
     }
-    let limited = Limited::new(request.into_body(), MAX_FORM_BYTES);
-    let body = match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
-        Err(_) => return Err(FormError::Timeout),
-        Ok(Err(error)) if error.is::<LengthLimitError>() => return Err(FormError::TooLarge),
-        Ok(Err(_)) => return Err(FormError::Read),
-        Ok(Ok(collected)) => collected.to_bytes(),
+    parse_form(&read_body(request, MAX_FORM_BYTES).await?)
+}
+
+async fn read_body(request: Request<Incoming>, max_bytes: usize) -> Result<Bytes, BodyError> {
+    let limited = Limited::new(request.into_body(), max_bytes);
+    match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
+        Err(_) => Err(BodyError::Timeout),
+        Ok(Err(error)) if error.is::<LengthLimitError>() => Err(BodyError::TooLarge(max_bytes)),
+        Ok(Err(_)) => Err(BodyError::Read),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+/// A `getentitiespagedlist` body → the page to serve, or why it is a 400. The size is clamped
+/// rather than refused, as search APIs commonly do; an order the simulator cannot give is
+/// refused rather than silently ignored.
+fn parse_page_query(body: &[u8]) -> Result<PageQuery, String> {
+    let request: PageRequest =
+        serde_json::from_slice(body).map_err(|e| format!("body is not a paged-list query: {e}"))?;
+    let pager = request.data.pager.unwrap_or_default();
+    let supported =
+        |given: Option<&str>, only: &str| given.is_none_or(|g| g.eq_ignore_ascii_case(only));
+    if !supported(pager.sort_by.as_deref(), "id") {
+        return Err("pager.sortBy: only \"id\" is supported".to_owned());
+    }
+    if !supported(pager.sort_order.as_deref(), "asc") {
+        return Err("pager.sortOrder: only \"asc\" is supported".to_owned());
+    }
+    // Only a size beyond usize (on a 32-bit target) fails the conversion; it is over the cap.
+    let size = pager.size.map_or(DEFAULT_PAGE_SIZE, |size| {
+        usize::try_from(size.max(1)).map_or(MAX_PAGE_SIZE, |size| size.min(MAX_PAGE_SIZE))
+    });
+    let after = match request.data.search_after {
+        Some(cursor) => Some(
+            cursor_position(&cursor)
+                .ok_or_else(|| "searchAfter is not a cursor this API issued".to_owned())?,
+        ),
+        None => None,
     };
-    parse_form(&body)
+    Ok(PageQuery { size, after })
 }
 
 /// `application/x-www-form-urlencoded` → fields (a repeated field keeps its last value).
@@ -218,6 +393,12 @@ fn percent_decode(text: &str, plus_is_space: bool) -> Option<String> {
         }
     }
     String::from_utf8(decoded).ok()
+}
+
+/// A path segment, percent-decoded. A segment with broken percent-encoding cannot name
+/// anything stored; it is looked up as sent and answered 404.
+fn decoded(segment: &str) -> String {
+    percent_decode(segment, false).unwrap_or_else(|| segment.to_owned())
 }
 
 fn text_header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -291,6 +472,21 @@ fn oauth_error(
         None => json!({ "error": error }),
     };
     json_response(status, body)
+}
+
+fn not_found(missing: Missing) -> Response<Full<Bytes>> {
+    let message = match missing {
+        Missing::Feed => NOT_FOUND_FEED,
+        Missing::Batch => NOT_FOUND_BATCH,
+    };
+    envelope(StatusCode::NOT_FOUND, message, "Error")
+}
+
+/// A response without a body (204 for an empty feed, 200 for a completed batch).
+fn empty(status: StatusCode) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = status;
+    response
 }
 
 fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {

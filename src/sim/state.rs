@@ -1,12 +1,14 @@
 //! The simulator's shared state and every decision made from it: which tokens are live, which
-//! version of an entity a read sees (eventual-consistency lag), which request is throttled or
-//! failed on purpose, and the statistics tests assert on.
+//! version of an entity a read or a list page sees (eventual-consistency lag), which request is
+//! throttled or failed on purpose, what the polling feeds hand out, and the statistics tests
+//! assert on.
 //!
 //! It knows nothing of HTTP beyond status codes: `routes` turns its answers into responses. It
 //! must never hold its lock across an `.await` or while doing I/O, and never panic on anything
 //! a request carries.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -16,8 +18,9 @@ use http::StatusCode;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::entities::{self, Snapshot};
-use super::{Faults, Lag, SimConfig, TokenRefusal};
+use super::entities::{self, EntityJson, Notification, Snapshot};
+use super::feeds::{Feeds, Missing, Served};
+use super::{Faults, Lag, PollingKnobs, SimConfig, TokenRefusal};
 
 /// How many correlation ids the statistics keep (the most recent ones), so a long-running
 /// standalone simulator does not grow without bound.
@@ -60,6 +63,20 @@ pub struct SimStats {
     pub requests_missing_correlation_id: u64,
     pub requests_missing_tenant: u64,
     pub requests_wrong_tenant: u64,
+    /// `next` requests the polling API answered (past the gateway and the fault knobs),
+    /// whatever the answer.
+    pub polls: u64,
+    /// `next` answered 204.
+    pub empty_polls: u64,
+    /// Batches handed out, redeliveries included.
+    pub batches_served: u64,
+    pub batches_completed: u64,
+    /// Batches handed out again after their visibility timeout.
+    pub batches_redelivered: u64,
+    /// Notifications not yet completed (waiting or in flight) per feed, every feed listed.
+    pub feed_depth: BTreeMap<String, usize>,
+    /// Entity list pages served (200s).
+    pub list_pages: u64,
 }
 
 impl SimStats {
@@ -117,11 +134,14 @@ pub(super) struct Throttle {
     pub retry_after: Option<Duration>,
 }
 
-/// What the entity service answered.
-pub(super) enum Answer {
-    Entity(Bytes),
-    NotFound,
-    ServerError(StatusCode),
+/// One page of the entity list, as the lag lets it be seen.
+pub(super) struct EntityPage {
+    /// EntityDtos, in id order.
+    pub items: Vec<Bytes>,
+    /// Entities a read would see now.
+    pub total_items: usize,
+    /// The id the next page starts after; `None` when nothing visible follows.
+    pub next_after: Option<String>,
 }
 
 /// The fields of a token request.
@@ -158,13 +178,15 @@ struct Inner {
     rng: fastrand::Rng,
     /// Live tokens and when each expires.
     tokens: HashMap<String, Instant>,
-    entities: HashMap<String, Record>,
+    /// Ordered by id, which is the entity list's order.
+    entities: BTreeMap<String, Record>,
     lag: Lag,
     lag_overrides: HashMap<String, Lag>,
     faults: FaultState,
     /// The current 1-second window of the real rate limit: (UNIX second, requests in it).
     window: (i64, u32),
     in_flight: u32,
+    feeds: Feeds,
     stats: SimStats,
 }
 
@@ -172,9 +194,9 @@ struct Inner {
 struct Record {
     version: i64,
     created: DateTime<Utc>,
-    current: Bytes,
+    current: EntityJson,
     /// The version readers saw before the pending update (`None`: the entity is new).
-    visible: Option<Bytes>,
+    visible: Option<EntityJson>,
     pending: Option<Pending>,
 }
 
@@ -202,19 +224,27 @@ impl Pending {
 }
 
 impl Record {
-    /// The body a read gets now; a read while an update is pending uses up one lagging read.
-    fn read(&mut self, now: Instant) -> Option<Bytes> {
-        match &mut self.pending {
-            Some(Pending::Until(until)) if now < *until => self.visible.clone(),
-            Some(Pending::Reads(left)) if *left > 0 => {
-                *left -= 1;
-                self.visible.clone()
-            }
-            _ => {
-                self.pending = None;
-                Some(self.current.clone())
-            }
+    /// Whether reads still see the version before the latest update (or nothing).
+    fn lagging(&self, now: Instant) -> bool {
+        self.pending.as_ref().is_some_and(|p| p.active(now))
+    }
+
+    /// What a read would get now, without counting as one.
+    fn peek(&self, now: Instant) -> Option<&EntityJson> {
+        if self.lagging(now) {
+            self.visible.as_ref()
+        } else {
+            Some(&self.current)
         }
+    }
+
+    /// What a read gets now; a read while an update is pending uses up one lagging read.
+    fn read(&mut self, now: Instant) -> Option<EntityJson> {
+        let seen = self.peek(now).cloned();
+        if let Some(Pending::Reads(left)) = &mut self.pending {
+            *left = left.saturating_sub(1);
+        }
+        seen
     }
 }
 
@@ -281,12 +311,16 @@ impl State {
         let inner = Inner {
             rng: fastrand::Rng::with_seed(config.seed),
             tokens: HashMap::new(),
-            entities: HashMap::new(),
+            entities: BTreeMap::new(),
             lag: Lag::None,
             lag_overrides: HashMap::new(),
             faults: FaultState::new(Faults::default()),
             window: (0, 0),
             in_flight: 0,
+            feeds: Feeds::new(
+                PollingKnobs::default(),
+                u64::try_from(Utc::now().timestamp_millis()).unwrap_or(1),
+            ),
             stats: SimStats::default(),
         };
         State {
@@ -401,22 +435,60 @@ impl State {
         self.config.latency + self.lock().faults.faults.latency
     }
 
-    /// The entity service's answer for `id`: an injected 5xx, the version the lag lets this
-    /// read see, or not found.
-    pub fn read_entity(&self, id: &str) -> Answer {
+    /// The 5xx the fault knobs give this request past the gateway, if any.
+    pub fn injected_server_error(&self) -> Option<StatusCode> {
         let mut inner = self.lock();
-        if inner.faults.server_error() {
-            let status = SERVER_ERRORS[(inner.stats.server_errors % 3) as usize];
-            inner.stats.server_errors += 1;
-            return Answer::ServerError(status);
+        if !inner.faults.server_error() {
+            return None;
         }
-        match inner
+        let status = SERVER_ERRORS[(inner.stats.server_errors % 3) as usize];
+        inner.stats.server_errors += 1;
+        Some(status)
+    }
+
+    /// The body of the version the lag lets this read of `id` see; `None`: not found.
+    pub fn read_entity(&self, id: &str) -> Option<Bytes> {
+        let mut inner = self.lock();
+        let entity = inner.entities.get_mut(id)?.read(Instant::now())?;
+        Some(entity.envelope)
+    }
+
+    /// Up to `size` entities after id `after` (from the first without), each as a read of it
+    /// would see it now: an entity the lag still hides is skipped, a stale one is listed at
+    /// the version reads see. Every entity the page passes uses up a lagging read, as a GET
+    /// does, so a walk of the list makes progress under [`Lag::Reads`].
+    pub fn list_entities(&self, after: Option<&str>, size: usize) -> EntityPage {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let now = Instant::now();
+        // Counted before this page's reads, so the total describes the same moment as the items.
+        let total_items = inner
             .entities
-            .get_mut(id)
-            .and_then(|r| r.read(Instant::now()))
-        {
-            Some(body) => Answer::Entity(body),
-            None => Answer::NotFound,
+            .values()
+            .filter(|record| record.peek(now).is_some())
+            .count();
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut items = Vec::with_capacity(size.min(inner.entities.len()));
+        let mut rest = inner
+            .entities
+            .range_mut::<str, _>((start, Bound::Unbounded));
+        let mut last = None;
+        for (id, record) in rest.by_ref() {
+            if let Some(entity) = record.read(now) {
+                items.push(entity.dto);
+                last = Some(id);
+                if items.len() >= size {
+                    break;
+                }
+            }
+        }
+        let more = rest.any(|(_, record)| record.peek(now).is_some());
+        let next_after = last.filter(|_| more).cloned();
+        inner.stats.list_pages += 1;
+        EntityPage {
+            items,
+            total_items,
+            next_after,
         }
     }
 
@@ -445,8 +517,7 @@ impl State {
             Some(old) => {
                 // While the previous update is still pending, readers keep the version before
                 // it: a projection catching up never shows a version it has not reached.
-                let still_lagging = old.pending.as_ref().is_some_and(|p| p.active(now));
-                let visible = if still_lagging {
+                let visible = if old.lagging(now) {
                     old.visible.clone()
                 } else {
                     Some(old.current.clone())
@@ -455,7 +526,7 @@ impl State {
             }
             None => (1, Utc::now(), None),
         };
-        let current = entities::entity_body(&Snapshot {
+        let current = entities::entity_json(&Snapshot {
             id,
             entity_type,
             version,
@@ -481,13 +552,58 @@ impl State {
     }
 
     pub fn notification(&self, event_type: &str, entity_id: &str) -> String {
+        self.new_notification(&mut self.lock(), event_type, entity_id)
+            .webhook_body()
+    }
+
+    /// Raises a notification on the polling feeds; returns its id.
+    pub fn publish(&self, event_type: &str, entity_id: &str) -> String {
         let mut inner = self.lock();
-        entities::notification(
+        let notification = self.new_notification(&mut inner, event_type, entity_id);
+        let id = notification.id.clone();
+        inner.feeds.publish(notification);
+        id
+    }
+
+    fn new_notification(
+        &self,
+        inner: &mut Inner,
+        event_type: &str,
+        entity_id: &str,
+    ) -> Notification {
+        Notification::new(
             &mut inner.rng,
             &self.config.tenant_id,
             event_type,
             entity_id,
         )
+    }
+
+    /// The polling API's answer to `next` on `feed_id`: a batch, or `None` for 204.
+    pub fn next_batch(&self, feed_id: &str) -> Result<Option<Served>, Missing> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        inner.stats.polls += 1;
+        let served = inner.feeds.next(feed_id, Instant::now())?;
+        match &served {
+            None => inner.stats.empty_polls += 1,
+            Some(batch) => {
+                inner.stats.batches_served += 1;
+                inner.stats.batches_redelivered += u64::from(batch.redelivered);
+            }
+        }
+        Ok(served)
+    }
+
+    pub fn complete_batch(&self, feed_id: &str, batch_id: &str) -> Result<(), Missing> {
+        let mut inner = self.lock();
+        inner.feeds.complete(feed_id, batch_id)?;
+        inner.stats.batches_completed += 1;
+        Ok(())
+    }
+
+    pub fn set_polling(&self, knobs: PollingKnobs) {
+        self.lock().feeds.set_knobs(knobs);
     }
 
     pub fn set_lag(&self, lag: Lag) {
@@ -503,7 +619,11 @@ impl State {
     }
 
     pub fn stats(&self) -> SimStats {
-        self.lock().stats.clone()
+        let inner = self.lock();
+        SimStats {
+            feed_depth: inner.feeds.depth(),
+            ..inner.stats.clone()
+        }
     }
 }
 
@@ -558,4 +678,201 @@ fn judge_token_request(
 /// The start of the next UNIX second: when the real rate limit's window resets.
 fn next_second(now: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp(now.timestamp() + 1, 0).unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use crate::sim::testkit::Api;
+    use crate::sim::{Faults, Lag, SimConfig, Simulator};
+
+    fn page_request(size: Option<i64>, cursor: &Value) -> String {
+        json!({ "data": {
+            "pager": { "size": size, "sortBy": "id", "sortOrder": "asc" },
+            "searchAfter": cursor,
+            "attributes": [],
+        }})
+        .to_string()
+    }
+
+    /// One page: its items' ids and versions, `totalItems`, and `searchAfter`.
+    async fn page(api: &Api, size: i64, cursor: &Value) -> (Vec<(String, i64)>, u64, Value) {
+        let (status, body) = api.entity_page(page_request(Some(size), cursor)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["messages"], json!([]));
+        let data = &body["data"];
+        let items = data["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|dto| {
+                let id = dto["id"].as_str().unwrap().to_owned();
+                (id, dto["version"].as_i64().unwrap())
+            })
+            .collect();
+        let total = data["totalItems"].as_u64().unwrap();
+        (items, total, data["searchAfter"].clone())
+    }
+
+    #[tokio::test]
+    async fn the_cursor_walks_every_entity_once_in_id_order() {
+        let sim = Simulator::start(SimConfig::default()).await;
+        let api = Api::new(&sim).await;
+        let mut expected = sim.sample_entities(0..25);
+        expected.sort();
+
+        let mut walked = Vec::new();
+        let mut cursor = Value::Null;
+        let mut pages = 0;
+        loop {
+            let (items, total, next) = page(&api, 10, &cursor).await;
+            assert_eq!(total, 25);
+            walked.extend(items);
+            pages += 1;
+            if next.is_null() {
+                break;
+            }
+            assert!(next.as_str().is_some_and(|c| !c.is_empty()), "{next}");
+            cursor = next;
+        }
+        assert_eq!(pages, 3);
+        assert_eq!(walked, expected);
+
+        let (exact, _, next) = page(&api, 25, &Value::Null).await;
+        assert_eq!(
+            (exact.len(), next),
+            (25, Value::Null),
+            "no cursor past the end"
+        );
+        assert_eq!(sim.stats().list_pages, 4);
+    }
+
+    #[tokio::test]
+    async fn items_are_what_a_get_of_each_entity_serves() {
+        let sim = Simulator::start(SimConfig::default()).await;
+        let api = Api::new(&sim).await;
+        sim.sample_entities(0..3);
+        let (status, body) = api.entity_page(page_request(None, &Value::Null)).await;
+        assert_eq!(status, 200);
+        for dto in body["data"]["items"].as_array().unwrap() {
+            let (status, one) = api.entity_json(dto["id"].as_str().unwrap()).await;
+            assert_eq!(status, 200);
+            assert_eq!(&one["data"], dto);
+        }
+    }
+
+    #[tokio::test]
+    async fn pages_follow_the_lag_rules_of_reads() {
+        let sim = Simulator::start(SimConfig::default()).await;
+        let api = Api::new(&sim).await;
+        sim.put_entity("a", "Company", json!({}));
+        sim.put_entity("b", "Company", json!({}));
+        sim.set_lag(Lag::Reads(1));
+        sim.put_entity("b", "Company", json!({}));
+        sim.put_entity("c", "Company", json!({}));
+
+        let (items, total, next) = page(&api, 10, &Value::Null).await;
+        assert_eq!(
+            items,
+            [("a".to_owned(), 1), ("b".to_owned(), 1)],
+            "c is still missing, b is stale"
+        );
+        assert_eq!((total, next), (2, Value::Null));
+        let (items, total, _) = page(&api, 10, &Value::Null).await;
+        assert_eq!(
+            items,
+            [
+                ("a".to_owned(), 1),
+                ("b".to_owned(), 2),
+                ("c".to_owned(), 1)
+            ],
+            "a list page used up the lagging read, as a GET does"
+        );
+        assert_eq!(total, 3);
+
+        sim.set_lag(Lag::Reads(1));
+        sim.put_entity("d", "Company", json!({}));
+        let (first, total, cursor) = page(&api, 1, &Value::Null).await;
+        assert_eq!((first[0].0.as_str(), total), ("a", 3));
+        let (_, _, cursor) = page(&api, 2, &cursor).await;
+        assert!(cursor.is_null(), "nothing visible after c yet");
+        let after_c = json!(crate::sim::entities::cursor_after("c"));
+        let (hidden, total, _) = page(&api, 10, &after_c).await;
+        assert_eq!(
+            (hidden, total),
+            (vec![], 3),
+            "this page used up d's lagging read"
+        );
+        let (last, total, _) = page(&api, 10, &after_c).await;
+        assert_eq!((last, total), (vec![("d".to_owned(), 1)], 4));
+    }
+
+    #[tokio::test]
+    async fn sizes_are_clamped_and_default_to_100() {
+        let sim = Simulator::start(SimConfig::default()).await;
+        let api = Api::new(&sim).await;
+        sim.sample_entities(0..102);
+        for (size, expected) in [(Some(0), 1), (Some(-5), 1), (Some(5000), 102), (None, 100)] {
+            let (status, body) = api.entity_page(page_request(size, &Value::Null)).await;
+            assert_eq!(status, 200, "{size:?}");
+            let items = body["data"]["items"].as_array().unwrap().len();
+            assert_eq!(items, expected, "{size:?}");
+        }
+        let (status, body) = api.entity_page(r#"{"data":{}}"#).await;
+        assert_eq!(status, 200, "pager and cursor are optional");
+        assert_eq!(body["data"]["items"].as_array().unwrap().len(), 100);
+    }
+
+    #[tokio::test]
+    async fn a_bad_query_is_400_in_the_envelope() {
+        let sim = Simulator::start(SimConfig::default()).await;
+        let api = Api::new(&sim).await;
+        sim.sample_entities(0..2);
+        let with_pager = |pager: Value| json!({ "data": { "pager": pager } }).to_string();
+        for body in [
+            String::new(),
+            "not json".to_owned(),
+            "[]".to_owned(),
+            r#"{"pager":{"size":10}}"#.to_owned(),
+            with_pager(json!({ "size": "ten" })),
+            with_pager(json!({ "size": 1.5 })),
+            with_pager(json!({ "sortBy": "name" })),
+            with_pager(json!({ "sortOrder": "desc" })),
+            json!({ "data": { "searchAfter": "not a cursor!" } }).to_string(),
+            json!({ "data": { "searchAfter": 7 } }).to_string(),
+            "x".repeat(crate::sim::routes::MAX_QUERY_BYTES + 1),
+        ] {
+            let (status, answer) = api.entity_page(body.clone()).await;
+            assert_eq!(status, 400, "{body:.80}");
+            assert_eq!(answer["data"], Value::Null);
+            assert_eq!(answer["messages"][0]["type"], "Error");
+        }
+        assert_eq!(sim.stats().list_pages, 0);
+    }
+
+    #[tokio::test]
+    async fn the_list_goes_through_the_gateway_and_the_fault_knobs() {
+        let sim = Simulator::start(SimConfig::default()).await;
+        let api = Api::new(&sim).await;
+        let url = format!(
+            "{}/entitydataquery/api/v2/entity/getentitiespagedlist",
+            api.base
+        );
+        let anonymous = api.http.post(&url).header("X-TENANT-ID", &api.tenant);
+        assert_eq!(anonymous.body("{}").send().await.unwrap().status(), 401);
+        sim.expire_tokens();
+        assert_eq!(api.entity_page(r#"{"data":{}}"#).await.0, 401);
+        let api = Api::new(&sim).await;
+        assert_eq!(api.get(&url).send().await.unwrap().status(), 405);
+        sim.set_faults(Faults {
+            rate_limited_requests: 1,
+            server_errors: 1,
+            ..Faults::default()
+        });
+        assert_eq!(api.entity_page(r#"{"data":{}}"#).await.0, 429);
+        assert_eq!(api.entity_page(r#"{"data":{}}"#).await.0, 500);
+        assert_eq!(api.entity_page(r#"{"data":{}}"#).await.0, 200);
+        assert_eq!(sim.stats().list_pages, 1);
+    }
 }

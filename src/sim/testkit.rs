@@ -3,6 +3,7 @@
 //!
 //! It must never be compiled outside `cfg(test)` and never hide a status code from a test.
 
+use reqwest::Method;
 use serde_json::Value;
 
 use super::Simulator;
@@ -54,14 +55,47 @@ impl Api {
 
     /// The status and parsed body of [`Api::entity`].
     pub async fn entity_json(&self, id: &str) -> (u16, Value) {
-        let response = self.entity(id).await;
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap())
+        status_and_json(self.entity(id).await).await
+    }
+
+    /// `GET {feed}/next`: the status and the batch (`Null` for an empty body).
+    pub async fn next_batch(&self, feed: &str) -> (u16, Value) {
+        let url = format!("{}/eventnotifications/v2/{feed}/next", self.base);
+        status_and_json(self.get(&url).send().await.unwrap()).await
+    }
+
+    /// `POST {feed}/{batch}/complete`: the status and the body (`Null` for an empty body).
+    pub async fn complete(&self, feed: &str, batch: &str) -> (u16, Value) {
+        let url = format!(
+            "{}/eventnotifications/v2/{feed}/{batch}/complete",
+            self.base
+        );
+        status_and_json(self.post(&url).send().await.unwrap()).await
+    }
+
+    /// A POST of `body` to the paged entity list: the status and the parsed answer.
+    pub async fn entity_page(&self, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let url = format!(
+            "{}/entitydataquery/api/v2/entity/getentitiespagedlist",
+            self.base
+        );
+        let request = self.post(&url).header("content-type", "application/json");
+        status_and_json(request.body(body).send().await.unwrap()).await
     }
 
     /// A GET to `url` with the bearer token, the tenant and a correlation id.
     pub fn get(&self, url: &str) -> reqwest::RequestBuilder {
         self.get_with(url, Some(&self.tenant), Some("test-correlation"))
+    }
+
+    /// A POST to `url` with the bearer token, the tenant and a correlation id.
+    pub fn post(&self, url: &str) -> reqwest::RequestBuilder {
+        self.request_with(
+            Method::POST,
+            url,
+            Some(&self.tenant),
+            Some("test-correlation"),
+        )
     }
 
     /// A GET to `url` with the bearer token and these headers (reqwest adds a header a second
@@ -72,7 +106,17 @@ impl Api {
         tenant: Option<&str>,
         correlation_id: Option<&str>,
     ) -> reqwest::RequestBuilder {
-        let mut request = self.http.get(url).bearer_auth(&self.token);
+        self.request_with(Method::GET, url, tenant, correlation_id)
+    }
+
+    fn request_with(
+        &self,
+        method: Method,
+        url: &str,
+        tenant: Option<&str>,
+        correlation_id: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let mut request = self.http.request(method, url).bearer_auth(&self.token);
         if let Some(tenant) = tenant {
             request = request.header("X-TENANT-ID", tenant);
         }
@@ -81,6 +125,15 @@ impl Api {
         }
         request
     }
+}
+
+async fn status_and_json(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let body = response.bytes().await.unwrap();
+    if body.is_empty() {
+        return (status, Value::Null);
+    }
+    (status, serde_json::from_slice(&body).unwrap())
 }
 
 /// The form fenx-sync posts to the token endpoint.

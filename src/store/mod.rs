@@ -140,23 +140,40 @@ impl ReportingStore {
         entity: &EntitySnapshot,
         cause: &SyncCause,
     ) -> Result<UpsertOutcome, StoreError> {
+        let outcomes = self.upsert_entities(std::slice::from_ref(entity), cause)?;
+        Ok(outcomes[0])
+    }
+
+    /// [`upsert_entity`](Self::upsert_entity) for many entities in one transaction (a page of a
+    /// backfill), with the same monotonic rule for each.
+    pub fn upsert_entities(
+        &self,
+        entities: &[EntitySnapshot],
+        cause: &SyncCause,
+    ) -> Result<Vec<UpsertOutcome>, StoreError> {
         // Pure work outside the lock, so concurrent workers only queue for the SQL itself.
-        let (properties, collections) =
-            flatten(entity.json.get("properties").unwrap_or(&Value::Null));
-        let json = entity.json.to_string();
-        let rows = Flattened {
-            json: &json,
-            properties: &properties,
-            collections: &collections,
-        };
-        upsert(&mut self.lock(), entity, cause, &rows).map_err(|source| {
-            self.error(
-                format!(
-                    "store entity {} version {}",
-                    entity.entity_id, entity.version
-                ),
-                source,
-            )
+        let prepared: Vec<(String, Vec<PropertyRow>, Vec<CollectionRow>)> = entities
+            .iter()
+            .map(|entity| {
+                let (properties, collections) =
+                    flatten(entity.json.get("properties").unwrap_or(&Value::Null));
+                (entity.json.to_string(), properties, collections)
+            })
+            .collect();
+        let rows: Vec<Flattened> = prepared
+            .iter()
+            .map(|(json, properties, collections)| Flattened {
+                json,
+                properties,
+                collections,
+            })
+            .collect();
+        upsert(&mut self.lock(), entities, cause, &rows).map_err(|source| {
+            let what = match entities {
+                [one] => format!("store entity {} version {}", one.entity_id, one.version),
+                many => format!("store {} entities", many.len()),
+            };
+            self.error(what, source)
         })
     }
 
@@ -343,13 +360,31 @@ struct Flattened<'a> {
 
 fn upsert(
     conn: &mut Connection,
-    entity: &EntitySnapshot,
+    entities: &[EntitySnapshot],
     cause: &SyncCause,
-    rows: &Flattened,
-) -> rusqlite::Result<UpsertOutcome> {
+    rows: &[Flattened],
+) -> rusqlite::Result<Vec<UpsertOutcome>> {
     // IMMEDIATE: the version check and the write must see the same state, and a deferred
     // transaction upgrading to a writer would fail at once instead of waiting for the lock.
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let now = sqlite::now();
+    let outcomes = entities
+        .iter()
+        .zip(rows)
+        .map(|(entity, rows)| write_entity(&tx, entity, cause, rows, &now))
+        .collect::<rusqlite::Result<_>>()?;
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+/// Writes one entity inside `tx` if its version is newer than the stored one.
+fn write_entity(
+    tx: &rusqlite::Transaction<'_>,
+    entity: &EntitySnapshot,
+    cause: &SyncCause,
+    rows: &Flattened,
+    now: &str,
+) -> rusqlite::Result<UpsertOutcome> {
     let id = &entity.entity_id;
     let stored: Option<i64> = tx
         .prepare_cached("SELECT version FROM entity WHERE entity_id = ?1")?
@@ -363,7 +398,6 @@ fn upsert(
             return Ok(UpsertOutcome::Older { stored_version });
         }
     };
-    let now = sqlite::now();
     tx.prepare_cached(
         "INSERT OR REPLACE INTO entity (entity_id, entity_type, version, status, created, json,
              last_notification_id, last_event_type, last_event_when, synced_at)
@@ -418,7 +452,6 @@ fn upsert(
         cause.notification_id,
         cause.event_type,
     ])?;
-    tx.commit()?;
     Ok(outcome)
 }
 

@@ -241,7 +241,10 @@ fn migrate_creates_the_schema_and_is_idempotent() {
 #[test]
 fn backfill_without_fenergo_credentials_says_which_keys_are_missing() {
     let dir = tempfile::tempdir().unwrap();
-    let out = fenx(&["backfill"], &[("FENX_STORE__DIR", dir.path().to_str().unwrap())]);
+    let out = fenx(
+        &["backfill"],
+        &[("FENX_STORE__DIR", dir.path().to_str().unwrap())],
+    );
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(

@@ -6,5 +6,6 @@ mod crash;
 mod demo;
 mod helpers;
 mod ingest;
+mod polling;
 mod sync;
 mod systemd;

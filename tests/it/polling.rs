@@ -1,0 +1,277 @@
+//! Keeping the store complete without webhooks: the polling source, backfill with resume, and
+//! reconciliation that repairs planted gaps, all against the simulator.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fenx_sync::config::Settings;
+use fenx_sync::fenergo::FenergoClient;
+use fenx_sync::outbox::{Outbox, OutboxOptions};
+use fenx_sync::poller::{Polled, Poller};
+use fenx_sync::reconcile::Reconciler;
+use fenx_sync::sim::{PollingKnobs, SimConfig, Simulator};
+use fenx_sync::store::{ReportingStore, RunKind};
+use fenx_sync::telemetry::Metrics;
+use rusqlite::Connection;
+
+use crate::helpers::{TestApp, test_settings};
+use crate::sync::sync_settings;
+
+fn client(settings: &Settings) -> Arc<FenergoClient> {
+    Arc::new(FenergoClient::new(&settings.fenergo, Arc::new(Metrics::new())).unwrap())
+}
+
+fn sim_config(requests_per_second: Option<u32>) -> SimConfig {
+    SimConfig {
+        requests_per_second,
+        max_concurrent: requests_per_second.map(|_| 10),
+        ..crate::sync::sim_config()
+    }
+}
+
+fn count(conn: &Connection, sql: &str) -> i64 {
+    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+/// Waits (bounded) until `sql` counts at least `want`.
+async fn wait_for(path: &std::path::Path, sql: &str, want: i64) {
+    for _ in 0..500 {
+        if path.exists() && count(&Connection::open(path).unwrap(), sql) >= want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{sql} never reached {want} within 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polled_notifications_are_stored_acknowledged_and_synced() {
+    let sim = Simulator::start(sim_config(None)).await;
+    sim.set_polling(PollingKnobs {
+        batch_size: 7,
+        duplicate_every: 4,
+        ..PollingKnobs::default()
+    });
+    let entities: Vec<String> = (0..25).map(|i| sim.sample_entity(i).0).collect();
+    for entity in &entities {
+        sim.publish("entitydata:draftverified", entity);
+    }
+    sim.publish("journey:taskcompleted", &entities[0]);
+    let app = TestApp::spawn_with(|s| {
+        sync_settings(s, &sim);
+        s.polling.enabled = true;
+        s.polling.interval = Duration::from_millis(50);
+    })
+    .await;
+    let outbox = app.dir.path().join("outbox.db");
+    wait_for(
+        &outbox,
+        "SELECT count(*) FROM notification WHERE status <> 'pending'",
+        26,
+    )
+    .await;
+    let conn = Connection::open(&outbox).unwrap();
+    assert_eq!(
+        count(&conn, "SELECT count(*) FROM notification"),
+        26,
+        "duplicates stored once"
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT count(*) FROM notification WHERE source = 'poll'"
+        ),
+        26
+    );
+    assert!(count(&conn, "SELECT sum(duplicates) FROM notification") >= 6);
+    let reporting = Connection::open(app.dir.path().join("reporting.db")).unwrap();
+    assert_eq!(count(&reporting, "SELECT count(*) FROM entity"), 25);
+    let stats = sim.stats();
+    assert_eq!(
+        stats.feed_depth.get("all").copied().unwrap_or(0),
+        0,
+        "every batch acknowledged"
+    );
+    assert!(stats.batches_completed >= 5);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_crash_between_storing_and_acknowledging_redelivers_without_doubling() {
+    let sim = Simulator::start(sim_config(None)).await;
+    sim.set_polling(PollingKnobs {
+        batch_size: 10,
+        visibility_timeout: Duration::from_millis(200),
+        ..PollingKnobs::default()
+    });
+    let entities: Vec<String> = (0..5).map(|i| sim.sample_entity(i).0).collect();
+    for entity in &entities {
+        sim.publish("entitydata:created", entity);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(dir.path());
+    sync_settings(&mut settings, &sim);
+    let options = OutboxOptions {
+        busy_timeout: Duration::from_secs(1),
+        max_batch: 100,
+        queue_capacity: 10,
+        enqueue_timeout: Duration::from_secs(1),
+    };
+    let (outbox, _writer) = Outbox::open(dir.path(), &options).unwrap();
+    let poller = Poller::new(client(&settings), outbox, &settings.polling);
+
+    // Take and store a batch, then "crash" before acknowledging it.
+    let batch = poller.take_batch("all").await.unwrap().expect("a batch");
+    assert_eq!(poller.store("all", &batch).await.unwrap(), (5, 0));
+    assert_eq!(
+        poller.poll_once("all").await.unwrap(),
+        Polled::Empty,
+        "the batch is in flight"
+    );
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    match poller.poll_once("all").await.unwrap() {
+        Polled::Batch {
+            stored,
+            duplicates,
+            batch_id,
+            ..
+        } => {
+            assert_eq!(
+                (stored, duplicates),
+                (0, 5),
+                "redelivered, recognised, not doubled"
+            );
+            assert_ne!(batch_id, batch.batch_id);
+        }
+        other => panic!("expected the redelivered batch, got {other:?}"),
+    }
+    assert_eq!(poller.poll_once("all").await.unwrap(), Polled::Empty);
+    let conn = Connection::open(dir.path().join("outbox.db")).unwrap();
+    assert_eq!(count(&conn, "SELECT count(*) FROM notification"), 5);
+    assert_eq!(sim.stats().feed_depth.get("all").copied().unwrap_or(0), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_and_polling_together_store_each_notification_once() {
+    let sim = Simulator::start(sim_config(None)).await;
+    let entities: Vec<String> = (0..10).map(|i| sim.sample_entity(i).0).collect();
+    let app = TestApp::spawn_with(|s| {
+        sync_settings(s, &sim);
+        s.polling.enabled = true;
+        s.polling.interval = Duration::from_millis(50);
+    })
+    .await;
+    for entity in &entities {
+        let id = sim.publish("entitydata:draftverified", entity);
+        let body = format!(
+            r#"{{"Id":"{id}","EventType":"entitydata:draftverified","RelativeUrl":"entitydataquery/api/entity/{entity}"}}"#
+        );
+        assert_eq!(app.post_signed(&body).await.status(), 200);
+    }
+    let outbox = app.dir.path().join("outbox.db");
+    wait_for(&outbox, "SELECT sum(duplicates) FROM notification", 10).await;
+    let conn = Connection::open(&outbox).unwrap();
+    assert_eq!(count(&conn, "SELECT count(*) FROM notification"), 10);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_backfill_resumes_after_an_interruption_and_reads_each_page_once() {
+    let sim = Simulator::start(sim_config(None)).await;
+    sim.sample_entities(0..2000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(dir.path());
+    sync_settings(&mut settings, &sim);
+    let store = Arc::new(ReportingStore::open(&settings.store.reporting_path()).unwrap());
+    let reconciler = Arc::new(Reconciler::new(client(&settings), store.clone(), 100));
+
+    // Interrupted after five pages, as if the process were killed.
+    let (pages, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let first = {
+        let reconciler = reconciler.clone();
+        tokio::spawn(async move {
+            reconciler
+                .run(RunKind::Backfill, true, |_| {
+                    let _ = pages.send(());
+                })
+                .await
+        })
+    };
+    for _ in 0..5 {
+        seen.recv().await.unwrap();
+    }
+    first.abort();
+    let _ = first.await;
+    let pages_before = sim.stats().list_pages;
+
+    let run = reconciler
+        .run(RunKind::Backfill, true, |_| {})
+        .await
+        .unwrap();
+    let reporting = Connection::open(settings.store.reporting_path()).unwrap();
+    assert_eq!(count(&reporting, "SELECT count(*) FROM entity"), 2000);
+    assert_eq!(
+        (run.counts.seen, run.counts.added),
+        (2000, 2000),
+        "counts carry over the resume"
+    );
+    let pages_after = sim.stats().list_pages - pages_before;
+    assert!(
+        pages_after <= 15,
+        "{pages_after} pages read after resuming: it started over"
+    );
+    assert_eq!(
+        count(
+            &reporting,
+            "SELECT count(*) FROM reconcile_run WHERE status = 'finished'"
+        ),
+        1
+    );
+}
+
+#[tokio::test]
+async fn reconciliation_repairs_missing_and_behind_entities_within_the_rate_limit() {
+    let sim = Simulator::start(sim_config(Some(20))).await;
+    let entities = sim.sample_entities(0..300);
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(dir.path());
+    sync_settings(&mut settings, &sim);
+    // A little under the tenant's limit: network jitter can bunch two calls at the server.
+    settings.fenergo.requests_per_second = 19;
+    settings.fenergo.max_concurrent_requests = 10;
+    let store = Arc::new(ReportingStore::open(&settings.store.reporting_path()).unwrap());
+    let reconciler = Reconciler::new(client(&settings), store, 25);
+    let first = reconciler
+        .run(RunKind::Backfill, false, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(first.counts.added, 300);
+
+    // Plant gaps: ten entities vanish from the store, five move on in Fenergo.
+    let reporting = Connection::open(settings.store.reporting_path()).unwrap();
+    for (id, _) in &entities[..10] {
+        reporting
+            .execute("DELETE FROM entity WHERE entity_id = ?1", [id])
+            .unwrap();
+    }
+    for (id, _) in &entities[100..105] {
+        sim.put_entity(
+            id,
+            "Company",
+            serde_json::json!({"legalEntityName": {"type": "Single", "value": "Moved On"}}),
+        );
+    }
+    let repair = reconciler
+        .run(RunKind::Reconcile, false, |_| {})
+        .await
+        .unwrap();
+    assert_eq!((repair.counts.added, repair.counts.updated), (10, 5));
+    assert_eq!(repair.counts.unchanged, 285);
+    assert_eq!(count(&reporting, "SELECT count(*) FROM entity"), 300);
+    assert_eq!(
+        sim.stats().rate_limited,
+        0,
+        "the client stayed under the tenant's rate limit"
+    );
+}
