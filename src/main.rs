@@ -181,7 +181,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Migrate => {
             let settings = Settings::load(&sources)?;
-            fenx_sync::outbox::open_connection(&settings.store.dir, settings.store.busy_timeout)?;
+            fenx_sync::outbox::open_connection(
+                &settings.store.dir,
+                fenx_sync::outbox::Durability::Full,
+                settings.store.busy_timeout,
+            )?;
             fenx_sync::store::ReportingStore::open(&settings.store.reporting_path())?;
             println!(
                 "{} is at the current schema",
@@ -207,7 +211,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Simulator { listen, entities } => {
-            telemetry::init(&fenx_sync::config::LogSettings::default())?;
+            telemetry::init(&Settings::load(&sources)?.log)?;
             let options = fenx_sync::sim::StandaloneOptions {
                 listen,
                 entities,

@@ -25,7 +25,8 @@ mod writer;
 pub use queue::{Claim, Claimed, RowOutcome, Settlement, WorkQueue};
 
 use crate::notification::Notification;
-use crate::sqlite::{self, DbError, Durability};
+pub use crate::sqlite::Durability;
+use crate::sqlite::{self, DbError};
 
 /// The outbox file inside `store.dir`.
 pub const FILE_NAME: &str = "outbox.db";
@@ -132,7 +133,7 @@ impl Outbox {
         dir: &Path,
         options: &OutboxOptions,
     ) -> Result<(Outbox, WriterThread), OutboxError> {
-        let conn = open_connection(dir, options.busy_timeout)?;
+        let conn = open_connection(dir, Durability::Full, options.busy_timeout)?;
         let (queue, rx) = mpsc::channel(options.queue_capacity.max(1));
         let max_batch = options.max_batch.max(1);
         let thread = std::thread::Builder::new()
@@ -187,14 +188,20 @@ impl Outbox {
     }
 }
 
-/// Opens the outbox file with full durability and the current schema.
-pub fn open_connection(dir: &Path, busy_timeout: Duration) -> Result<Connection, OutboxError> {
+/// Opens the outbox file with the current schema. Appends need [`Durability::Full`]; the
+/// worker's claims and settlements may use `Normal`, since losing one to a power cut only
+/// repeats idempotent work.
+pub fn open_connection(
+    dir: &Path,
+    durability: Durability,
+    busy_timeout: Duration,
+) -> Result<Connection, OutboxError> {
     std::fs::create_dir_all(dir).map_err(|source| OutboxError::CreateDir {
         path: dir.to_owned(),
         source,
     })?;
     let path = dir.join(FILE_NAME);
-    let mut conn = sqlite::open(&path, Durability::Full, busy_timeout)?;
+    let mut conn = sqlite::open(&path, durability, busy_timeout)?;
     sqlite::apply_schema(&mut conn, &path, "outbox")?;
     Ok(conn)
 }

@@ -194,9 +194,11 @@ impl SyncWorker {
         // Stale: not newer than what we hold, although the event is newer than our last sync.
         let stale = state.as_ref().is_some_and(|s| {
             entity.version <= s.version
-                && event_after(newest, s.last_event_when.as_deref(), &s.synced_at)
+                && rows.iter().any(|r| event_after_last_write(r, &s.synced_at))
         });
-        if self.policy.retry_stale(newest, stale) {
+        // The budget is the group's: a notification arriving later must not restart it.
+        let attempts = rows.iter().map(|r| r.attempts).max().unwrap_or(0);
+        if self.policy.retry_stale(attempts, stale) {
             let stored = state.as_ref().map_or(0, |s| s.version);
             tracing::info!(entity = %entity.id, fetched = entity.version, stored, "stale read; re-fetching later");
             for row in rows {
@@ -344,17 +346,18 @@ fn processed(
     }
 }
 
-/// Whether `row`'s event happened after the one we last synced the entity for: compares `When`
-/// where both are readable, else our receive time with our last sync time.
-fn event_after(row: &Claimed, last_event_when: Option<&str>, synced_at: &str) -> bool {
+/// Whether `row`'s event happened after we last wrote the entity (`synced_at`): only then can a
+/// read that is not newer be stale. An event from before that write was already covered by it
+/// (so a late duplicate costs no re-fetch). Uses the event's `When` where readable, else our
+/// receive time.
+fn event_after_last_write(row: &Claimed, synced_at: &str) -> bool {
     let parse = |t: &str| DateTime::parse_from_rfc3339(t.trim()).ok();
-    match (
-        row.event_when.as_deref().and_then(parse),
-        last_event_when.and_then(parse),
-    ) {
-        (Some(event), Some(last)) => event > last,
-        _ => parse(&row.received_at) > parse(synced_at),
-    }
+    let event = row
+        .event_when
+        .as_deref()
+        .and_then(parse)
+        .or_else(|| parse(&row.received_at));
+    matches!((event, parse(synced_at)), (Some(event), Some(written)) if event > written)
 }
 
 /// Fenergo's wire entity in the store's terms.
@@ -387,21 +390,29 @@ mod tests {
     }
 
     #[test]
-    fn event_order_uses_when_with_seven_digits_and_offsets() {
-        let r = row(
-            Some("2021-05-05T10:19:17.3157953+00:00"),
+    fn only_events_after_our_last_write_make_a_read_stale() {
+        let written = "2021-05-05T10:19:17.500Z";
+        let after = row(
+            Some("2021-05-05T10:19:17.5000001+00:00"),
             "2021-05-05T10:19:18.000Z",
         );
-        assert!(event_after(
-            &r,
-            Some("2021-05-05T10:19:17.3157952+00:00"),
-            "x"
+        assert!(event_after_last_write(&after, written));
+        let before = row(
+            Some("2021-05-05T11:19:17.4+01:00"),
+            "2021-05-05T10:19:18.000Z",
+        );
+        assert!(
+            !event_after_last_write(&before, written),
+            "a late duplicate is not stale"
+        );
+        // No usable When: our own receive time decides.
+        assert!(event_after_last_write(
+            &row(None, "2021-05-05T10:19:18.000Z"),
+            written
         ));
-        assert!(!event_after(&r, Some("2021-05-05T11:19:18+01:00"), "x"));
-        assert!(!event_after(&r, Some("2021-05-05T10:19:17.3157953Z"), "x"));
-        // No usable When: our own clock decides.
-        let r = row(None, "2021-05-05T10:00:01.000Z");
-        assert!(event_after(&r, None, "2021-05-05T10:00:00.000Z"));
-        assert!(!event_after(&r, None, "2021-05-05T10:00:02.000Z"));
+        assert!(!event_after_last_write(
+            &row(Some("garbage"), "2021-05-05T10:19:17.000Z"),
+            written
+        ));
     }
 }

@@ -252,3 +252,120 @@ fn backfill_without_fenergo_credentials_says_which_keys_are_missing() {
         "{stderr}"
     );
 }
+
+/// Starts a long-running subcommand and returns it with the first value of `field=` in its log.
+fn spawn_logging(
+    args: &[&str],
+    env: &[(&str, String)],
+    field: &str,
+) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fenx-sync"));
+    command
+        .args(args)
+        .env_remove("FENX_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().unwrap();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Read on a thread so a process that never logs the field fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let pattern = format!("\"{field}\":\"");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let value = loop {
+        let wait = deadline.saturating_duration_since(std::time::Instant::now());
+        let Ok(line) = rx.recv_timeout(wait) else {
+            let _ = child.kill();
+            panic!("{args:?} did not log {field} within 10 s");
+        };
+        if let Some(start) = line.find(&pattern) {
+            let rest = &line[start + pattern.len()..];
+            break rest[..rest.find('"').unwrap()].to_owned();
+        }
+    };
+    (child, value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_syncs_against_the_simulator_subcommand_as_a_user_would_run_them() {
+    let (mut simulator, api_base) = spawn_logging(
+        &["simulator", "--listen", "127.0.0.1:0", "--entities", "3"],
+        &[("FENX_LOG__FORMAT", "json".into())],
+        "api_base",
+    );
+    let store = tempfile::tempdir().unwrap();
+    let dir = store.path().to_str().unwrap().to_owned();
+    let env = vec![
+        ("FENX_SERVER__LISTEN", "127.0.0.1:0".to_owned()),
+        ("FENX_ADMIN__ENABLED", "false".to_owned()),
+        ("FENX_WEBHOOK__SECRETS", crate::helpers::SECRET.to_owned()),
+        ("FENX_STORE__DIR", dir.clone()),
+        ("FENX_LOG__FORMAT", "json".to_owned()),
+        ("FENX_FENERGO__API_BASE", api_base.clone()),
+        (
+            "FENX_FENERGO__TOKEN_URL",
+            format!("{api_base}/connect/token"),
+        ),
+        (
+            "FENX_FENERGO__TENANT_ID",
+            fenx_sync::sim::SimConfig::default().tenant_id,
+        ),
+        (
+            "FENX_FENERGO__CLIENT_ID",
+            fenx_sync::sim::SimConfig::default().client_id,
+        ),
+        (
+            "FENX_FENERGO__CLIENT_SECRET",
+            fenx_sync::sim::SimConfig::default().client_secret,
+        ),
+    ];
+    let (mut service, listen) = spawn_logging(&["serve"], &env, "listen");
+
+    // The simulator's first sample entity, by the seed both processes share.
+    let sim = fenx_sync::sim::Simulator::start(fenx_sync::sim::SimConfig::default()).await;
+    let (entity, _) = sim.sample_entity(0);
+    let body = sim.notification("entitydata:draftverified", &entity);
+    let signature = crate::helpers::sign(crate::helpers::SECRET, "sha256-hex/hex", &body);
+    let client = fenx_sync::fenergo::client_builder().build().unwrap();
+    let response = client
+        .post(format!("http://{listen}/webhooks/fenergo"))
+        .header("x-fenx-signature", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let mut done = false;
+    for _ in 0..100 {
+        let out = fenx(&["status", "--json"], &[("FENX_STORE__DIR", dir.as_str())]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if status["by_status"] == serde_json::json!([["done", 1]]) {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    service.kill().unwrap();
+    simulator.kill().unwrap();
+    let _ = (service.wait(), simulator.wait());
+    assert!(done, "the notification was not synced within 5 s");
+    let reporting = rusqlite::Connection::open(store.path().join("reporting.db")).unwrap();
+    let stored: i64 = reporting
+        .query_row(
+            "SELECT count(*) FROM entity WHERE entity_id = ?1",
+            [&entity],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stored, 1);
+}

@@ -1,0 +1,688 @@
+//! Sync benchmark: `cargo bench --bench sync`.
+//!
+//! Runs fenx-sync in-process (`fenx_sync::run`: webhook ingest and the sync worker in one
+//! service on 127.0.0.1:0 with a temp store) against the Fenergo simulator, posts signed
+//! webhooks for distinct sample entities and waits (bounded) until every outbox row is settled.
+//! Each scenario gets a fresh simulator and store. Per scenario it prints entities synced per
+//! second, API calls per entity, token requests, 429s served, the steady API call rate, and the
+//! webhook-acknowledged → reporting-row latency (`entity.synced_at`) p50/p99/max. The scenarios:
+//! a burst at 1, the default and 8 workers (scaling); a paced stream below capacity (latency
+//! without a backlog); a duplicate-heavy burst, interleaved so each entity's notifications are
+//! as far apart as the burst allows (coalescing); a tenant rate limit on both sides (limiter
+//! adherence). Then it upserts fetched sample entities straight into a
+//! `ReportingStore` for its entities/s and property+collection rows/s.
+//!
+//! Timing is reported, never asserted; the run asserts correctness only (every webhook 200,
+//! every row done, every entity stored at its latest version).
+//!
+//! Knobs: FENX_BENCH_ENTITIES (per scaling/paced scenario, default 500), FENX_BENCH_LATENCY_MS
+//! (simulated API latency, default 20), FENX_BENCH_PACE (webhooks/s of the paced run, default
+//! 100), FENX_BENCH_DUP_ENTITIES and FENX_BENCH_DUPLICATES (duplicate run, default 200 × 5),
+//! FENX_BENCH_DUP_PACE (webhooks/s of the duplicate run, default 0: a burst; a pace spreads each
+//! entity's notifications over time, e.g. 100 with 50 × 3 puts them 0.5 s apart), FENX_BENCH_RPS (tenant limit of the rate-limit run, default 50, Fenergo's SDLC limit),
+//! FENX_BENCH_RATE_SECONDS (its intended length at that rate, default 6), FENX_BENCH_UPSERTS
+//! (store run, default 2000), FENX_BENCH_CONNECTIONS (webhook connections, default 16),
+//! FENX_BENCH_TIMEOUT_SECS (bound on each scenario's wait, default 60).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use fenx_sync::config::{FenergoSettings, Settings, SyncSettings};
+use fenx_sync::fenergo::FenergoClient;
+use fenx_sync::signature::{DigestEncoding, KeyDerivation, Recipe, RecipeChoice};
+use fenx_sync::sim::{SimConfig, Simulator};
+use fenx_sync::store::{EntitySnapshot, ReportingStore, SyncCause, UpsertOutcome};
+use fenx_sync::telemetry::Metrics;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const SECRET: &str = "bench-secret";
+const RECIPE: Recipe = Recipe {
+    key: KeyDerivation::Sha256Hex,
+    digest: DigestEncoding::Hex,
+};
+/// An event type the default routes fetch.
+const EVENT: &str = "entitydata:draftverified";
+/// "A high client rate limit": the one the integration tests use, far above what the
+/// simulator's latency lets the worker reach, so only the worker count limits throughput.
+const HIGH_LIMIT: Limit = Limit {
+    rps: 1000,
+    concurrent: 20,
+};
+/// Fenergo's SDLC tenant allows 10 requests in flight.
+const TENANT_CONCURRENCY: u32 = 10;
+/// More workers than the tenant's concurrency, so the client limiter, not the worker count, is
+/// what holds the rate-limit run back.
+const RATE_RUN_WORKERS: usize = 16;
+/// How often progress (outbox rows settled, API calls served) is sampled.
+const POLL: Duration = Duration::from_millis(10);
+/// Distinct sample entities behind the store run (half companies, half individuals).
+const STORE_SAMPLES: usize = 16;
+
+fn main() {
+    let knobs = Knobs::from_env();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let default_workers = SyncSettings::default().workers;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rate_entities = knobs.rps as usize * knobs.rate_seconds as usize;
+    let scenarios = [
+        Scenario::burst(knobs.entities, 1),
+        Scenario::burst(knobs.entities, default_workers),
+        Scenario::burst(knobs.entities, 8),
+        Scenario {
+            name: format!("paced {}/s", knobs.pace),
+            pace: Some(knobs.pace),
+            ..Scenario::burst(knobs.entities, default_workers)
+        },
+        Scenario {
+            name: format!("dupes x{}", knobs.duplicates),
+            per_entity: knobs.duplicates,
+            pace: knobs.dup_pace,
+            ..Scenario::burst(knobs.dup_entities, default_workers)
+        },
+        Scenario {
+            name: format!("limit {}/s", knobs.rps),
+            limit: Some(Limit {
+                rps: knobs.rps,
+                concurrent: TENANT_CONCURRENCY,
+            }),
+            ..Scenario::burst(rate_entities, RATE_RUN_WORKERS)
+        },
+    ];
+
+    println!(
+        "simulated API latency {} ms; client limit {} req/s, {} in flight (limit row: {} req/s, \
+         {TENANT_CONCURRENCY} in flight at both simulator and client); default sync.workers = \
+         {default_workers}; {} webhook connections; service, simulator and load share one \
+         {threads}-thread tokio runtime on 127.0.0.1",
+        knobs.latency.as_millis(),
+        HIGH_LIMIT.rps,
+        HIGH_LIMIT.concurrent,
+        knobs.rps,
+        knobs.connections,
+    );
+    println!(
+        "each scenario: fresh simulator and store, waits up to {} s; latency = entity.synced_at \
+         minus the 200 for its first webhook (burst rows include the backlog)\n",
+        knobs.timeout.as_secs()
+    );
+    println!(
+        "{:<13} {:>7} {:>8} {:>8} {:>6} {:>7} {:>9} {:>6} {:>5} {:>7} {:>8} {:>8} {:>8}",
+        "scenario",
+        "workers",
+        "entities",
+        "webhooks",
+        "secs",
+        "ent/s",
+        "calls/ent",
+        "tokens",
+        "429s",
+        "calls/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms"
+    );
+    let [_, _, _, paced, dupes, limited] = scenarios.each_ref().map(|scenario| {
+        let outcome = runtime.block_on(run_scenario(&knobs, scenario));
+        outcome.print(scenario);
+        outcome
+    });
+    println!();
+    println!(
+        "webhook -> row latency at {} webhooks/s, {default_workers} workers: p50 {:.1} ms, \
+         p99 {:.1} ms, max {:.1} ms",
+        knobs.pace,
+        paced.latency(0.50),
+        paced.latency(0.99),
+        paced.latency(1.0),
+    );
+    println!(
+        "duplicates ({} entities x {} notifications, {}): {:.3} API calls per entity (target \
+         <= 1.05), {} token request(s) (expect 1), every row done after {:.2} s",
+        knobs.dup_entities,
+        knobs.duplicates,
+        knobs
+            .dup_pace
+            .map_or("one burst".to_owned(), |pace| format!("{pace} webhooks/s")),
+        dupes.calls_per_entity(),
+        dupes.token_requests,
+        dupes.elapsed.as_secs_f64(),
+    );
+    println!(
+        "tenant limit {} req/s, {TENANT_CONCURRENCY} in flight: {:.1} API calls/s = {:.1}% of \
+         the limit (goal: within 5%, no 429s); {} 429s served; at most {} calls in flight at \
+         the simulator",
+        knobs.rps,
+        limited.call_rate,
+        100.0 * limited.call_rate / f64::from(knobs.rps),
+        limited.rate_limited,
+        limited.max_in_flight,
+    );
+    let samples = runtime.block_on(fetched_samples(STORE_SAMPLES));
+    let store = upsert_run(&samples, knobs.upserts);
+    let secs = store.elapsed.as_secs_f64();
+    println!(
+        "store: {} upserts in {secs:.2} s: {:.0} entities/s, {:.0} property+collection rows/s \
+         ({:.1} rows per entity)",
+        knobs.upserts,
+        knobs.upserts as f64 / secs,
+        store.rows as f64 / secs,
+        store.rows as f64 / knobs.upserts as f64,
+    );
+}
+
+struct Knobs {
+    entities: usize,
+    latency: Duration,
+    pace: u32,
+    dup_entities: usize,
+    duplicates: usize,
+    dup_pace: Option<u32>,
+    rps: u32,
+    rate_seconds: u32,
+    upserts: usize,
+    connections: usize,
+    timeout: Duration,
+}
+
+impl Knobs {
+    fn from_env() -> Knobs {
+        Knobs {
+            entities: env_or("FENX_BENCH_ENTITIES", 500),
+            latency: Duration::from_millis(env_or("FENX_BENCH_LATENCY_MS", 20)),
+            pace: env_or("FENX_BENCH_PACE", 100),
+            dup_entities: env_or("FENX_BENCH_DUP_ENTITIES", 200),
+            duplicates: env_or("FENX_BENCH_DUPLICATES", 5),
+            dup_pace: Some(env_or("FENX_BENCH_DUP_PACE", 0)).filter(|&pace| pace > 0),
+            rps: env_or("FENX_BENCH_RPS", 50),
+            rate_seconds: env_or("FENX_BENCH_RATE_SECONDS", 6),
+            upserts: env_or("FENX_BENCH_UPSERTS", 2000),
+            connections: env_or("FENX_BENCH_CONNECTIONS", 16),
+            timeout: Duration::from_secs(env_or("FENX_BENCH_TIMEOUT_SECS", 60)),
+        }
+    }
+}
+
+/// A request limit, per second and in flight.
+#[derive(Clone, Copy)]
+struct Limit {
+    rps: u32,
+    concurrent: u32,
+}
+
+struct Scenario {
+    name: String,
+    entities: usize,
+    /// Notifications per entity, each with its own id.
+    per_entity: usize,
+    workers: usize,
+    /// Webhooks per second; `None` sends them as fast as the connections allow.
+    pace: Option<u32>,
+    /// The tenant limit, applied by the simulator and configured in the client alike; `None`
+    /// means an unlimited simulator and [`HIGH_LIMIT`] in the client.
+    limit: Option<Limit>,
+}
+
+impl Scenario {
+    fn burst(entities: usize, workers: usize) -> Scenario {
+        Scenario {
+            name: "burst".to_owned(),
+            entities,
+            per_entity: 1,
+            workers,
+            pace: None,
+            limit: None,
+        }
+    }
+}
+
+struct Outcome {
+    entities: usize,
+    /// From the first webhook sent until every outbox row was settled.
+    elapsed: Duration,
+    entity_requests: u64,
+    token_requests: u64,
+    rate_limited: u64,
+    max_in_flight: u32,
+    /// API calls per second between the first and the last call observed.
+    call_rate: f64,
+    /// Per entity, sorted, in ms.
+    latencies: Vec<f64>,
+}
+
+impl Outcome {
+    fn calls_per_entity(&self) -> f64 {
+        self.entity_requests as f64 / self.entities as f64
+    }
+
+    fn latency(&self, p: f64) -> f64 {
+        let index = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies.get(index).copied().unwrap_or_default()
+    }
+
+    fn print(&self, scenario: &Scenario) {
+        let secs = self.elapsed.as_secs_f64();
+        println!(
+            "{:<13} {:>7} {:>8} {:>8} {:>6.2} {:>7.1} {:>9.3} {:>6} {:>5} {:>7.1} {:>8.1} {:>8.1} {:>8.1}",
+            scenario.name,
+            scenario.workers,
+            self.entities,
+            self.entities * scenario.per_entity,
+            secs,
+            self.entities as f64 / secs,
+            self.calls_per_entity(),
+            self.token_requests,
+            self.rate_limited,
+            self.call_rate,
+            self.latency(0.50),
+            self.latency(0.99),
+            self.latency(1.0),
+        );
+    }
+}
+
+async fn run_scenario(knobs: &Knobs, scenario: &Scenario) -> Outcome {
+    let sim = Simulator::start(SimConfig {
+        requests_per_second: scenario.limit.map(|l| l.rps),
+        max_concurrent: scenario.limit.map(|l| l.concurrent),
+        latency: knobs.latency,
+        ..SimConfig::default()
+    })
+    .await;
+    let ids: Vec<String> = (0..scenario.entities)
+        .map(|i| sim.sample_entity(i).0)
+        .collect();
+    // Interleaved, round by round: every entity's k-th notification goes before any (k+1)-th,
+    // so an entity's duplicates are as far apart as the delivery allows, the hard case for
+    // coalescing them into one fetch.
+    let bodies: Vec<(usize, String)> = (0..scenario.per_entity)
+        .flat_map(|_| ids.iter().enumerate())
+        .map(|(i, id)| (i, sim.notification(EVENT, id)))
+        .collect();
+    let total = bodies.len();
+    let service =
+        Service::start(&sim, scenario.workers, scenario.limit.unwrap_or(HIGH_LIMIT)).await;
+    let started = Instant::now();
+    let delivery = tokio::spawn(deliver(
+        service.url("/webhooks/fenergo"),
+        bodies,
+        knobs.connections,
+        scenario.pace,
+    ));
+    let progress = watch(
+        &sim,
+        &service.dir.path().join("outbox.db"),
+        total,
+        started,
+        knobs.timeout,
+    )
+    .await;
+    let acks = delivery.await;
+    let dir = service.stop().await;
+    let acks = acks.expect("every webhook is answered 200");
+    let stats = sim.stats();
+    let latest: Vec<i64> = ids
+        .iter()
+        .map(|id| sim.latest_version(id).expect("the simulator holds it"))
+        .collect();
+    sim.shutdown().await;
+
+    assert_eq!(
+        (progress.done, progress.settled),
+        (total, total),
+        "{}: (done, settled) outbox rows of {total} within {:?}",
+        scenario.name,
+        knobs.timeout
+    );
+    let stored = stored_entities(&dir.path().join(fenx_sync::store::FILE_NAME));
+    let mut first_ack: Vec<Option<DateTime<Utc>>> = vec![None; ids.len()];
+    for (entity, at) in acks {
+        let first = &mut first_ack[entity];
+        *first = Some(first.map_or(at, |f| f.min(at)));
+    }
+    let mut latencies: Vec<f64> = ids
+        .iter()
+        .zip(&latest)
+        .zip(&first_ack)
+        .map(|((id, latest), ack)| {
+            let (version, synced_at) = stored
+                .get(id)
+                .unwrap_or_else(|| panic!("{}: entity {id} is not in the store", scenario.name));
+            assert_eq!(
+                version, latest,
+                "{}: entity {id} stored at an old version",
+                scenario.name
+            );
+            let ack = ack.expect("every entity had a webhook acknowledged");
+            // synced_at has millisecond resolution; a row written within the same millisecond
+            // as the 200 would otherwise come out slightly negative.
+            ((*synced_at - ack).as_seconds_f64() * 1000.0).max(0.0)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    Outcome {
+        entities: ids.len(),
+        elapsed: progress.elapsed,
+        entity_requests: stats.entity_requests(),
+        token_requests: stats.token_requests,
+        rate_limited: stats.rate_limited,
+        max_in_flight: stats.max_in_flight,
+        call_rate: progress.call_rate,
+        latencies,
+    }
+}
+
+/// fenx-sync as `serve` runs it, in-process: ingest and the sync worker over one temp store.
+struct Service {
+    addr: SocketAddr,
+    dir: TempDir,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), fenx_sync::RunError>>,
+}
+
+impl Service {
+    async fn start(sim: &Simulator, workers: usize, limit: Limit) -> Service {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::default();
+        settings.store.dir = dir.path().to_owned();
+        settings.webhook.secrets = vec![SECRET.into()];
+        settings.webhook.signature.recipe = RecipeChoice::Pinned(RECIPE);
+        settings.server.shutdown_grace = Duration::from_secs(5);
+        point_at(&mut settings.fenergo, sim, limit);
+        // Timings as in the integration tests' `sync_settings`.
+        let sync = &mut settings.sync;
+        sync.workers = workers;
+        sync.retry_base = Duration::from_secs(2);
+        sync.stale_delay = Duration::from_secs(5);
+        sync.idle_poll = Duration::from_millis(20);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let listeners = fenx_sync::Listeners {
+            webhook: Some(listener),
+            admin: None,
+        };
+        let task = tokio::spawn(fenx_sync::run(settings, listeners, async {
+            let _ = stopped.await;
+        }));
+        let service = Service {
+            addr,
+            dir,
+            stop,
+            task,
+        };
+        service.wait_ready().await;
+        service
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Waits until `/readyz` says the outbox is writable, so start-up is not timed.
+    async fn wait_ready(&self) {
+        let client = fenx_sync::fenergo::client_builder().build().unwrap();
+        for _ in 0..100 {
+            if let Ok(r) = client.get(self.url("/readyz")).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("fenx-sync at {} never became ready", self.addr);
+    }
+
+    /// Shuts the service down and waits (bounded) until it has drained; hands back the store.
+    async fn stop(self) -> TempDir {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .expect("fenx-sync stops within 15 s")
+            .expect("the service task does not panic")
+            .expect("fenx-sync runs and stops without error");
+        self.dir
+    }
+}
+
+/// Points the client at `sim` with the simulator's own credentials, under `limit`.
+fn point_at(fenergo: &mut FenergoSettings, sim: &Simulator, limit: Limit) {
+    let config = sim.config();
+    fenergo.api_base = sim.api_base();
+    fenergo.token_url = sim.token_url();
+    fenergo.tenant_id = config.tenant_id.clone();
+    fenergo.client_id = config.client_id.clone();
+    fenergo.client_secret = Some(config.client_secret.as_str().into());
+    fenergo.requests_per_second = limit.rps;
+    fenergo.max_concurrent_requests = limit.concurrent;
+}
+
+/// Posts every body, signed, over `connections` keep-alive connections (at `pace` per second
+/// if given, else as fast as they go); returns each entity index with the time of its 200.
+async fn deliver(
+    url: String,
+    bodies: Vec<(usize, String)>,
+    connections: usize,
+    pace: Option<u32>,
+) -> Vec<(usize, DateTime<Utc>)> {
+    let client = fenx_sync::fenergo::client_builder()
+        .pool_max_idle_per_host(connections)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let bodies = Arc::new(bodies);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = tokio::time::Instant::now();
+    let senders: Vec<_> = (0..connections)
+        .map(|_| {
+            let (client, url, bodies, next) =
+                (client.clone(), url.clone(), bodies.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut acks = Vec::new();
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((entity, body)) = bodies.get(n) else {
+                        break;
+                    };
+                    if let Some(pace) = pace {
+                        let due = Duration::from_secs_f64(n as f64 / f64::from(pace));
+                        tokio::time::sleep_until(started + due).await;
+                    }
+                    let response = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .header("x-fenx-signature", RECIPE.sign(SECRET, body.as_bytes()))
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .expect("the webhook reaches fenx-sync");
+                    assert_eq!(response.status(), 200, "webhook {n} refused");
+                    acks.push((*entity, Utc::now()));
+                }
+                acks
+            })
+        })
+        .collect();
+    let mut acks = Vec::with_capacity(bodies.len());
+    for sender in senders {
+        acks.extend(sender.await.expect("a webhook sender failed"));
+    }
+    acks
+}
+
+struct Progress {
+    done: usize,
+    /// Rows no longer pending (done, ignored or dead).
+    settled: usize,
+    elapsed: Duration,
+    call_rate: f64,
+}
+
+/// Samples the outbox and the simulator every [`POLL`] until all `total` rows are settled or
+/// `timeout` has passed since `started`.
+async fn watch(
+    sim: &Simulator,
+    outbox: &Path,
+    total: usize,
+    started: Instant,
+    timeout: Duration,
+) -> Progress {
+    // (when, count) at the first and the latest sample that saw more API calls: the steady
+    // rate excludes start-up (webhooks not yet arrived) and the drain after the last call.
+    let mut first_call: Option<(Instant, u64)> = None;
+    let mut last_call = (started, 0);
+    loop {
+        let calls = sim.stats().api_calls;
+        let now = Instant::now();
+        if calls > last_call.1 {
+            first_call.get_or_insert((now, calls));
+            last_call = (now, calls);
+        }
+        let path = outbox.to_owned();
+        let (done, settled) = tokio::task::spawn_blocking(move || settled_rows(&path))
+            .await
+            .unwrap();
+        if settled >= total || now - started > timeout {
+            let call_rate = match first_call {
+                Some((at, count)) if last_call.0 > at => {
+                    (last_call.1 - count) as f64 / (last_call.0 - at).as_secs_f64()
+                }
+                _ => f64::NAN,
+            };
+            return Progress {
+                done,
+                settled,
+                elapsed: now - started,
+                call_rate,
+            };
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// (done, not pending) outbox rows.
+fn settled_rows(outbox: &Path) -> (usize, usize) {
+    let conn = rusqlite::Connection::open(outbox).unwrap();
+    conn.query_row(
+        "SELECT coalesce(sum(status = 'done'), 0), coalesce(sum(status <> 'pending'), 0)
+           FROM notification",
+        [],
+        |r| Ok((r.get::<_, i64>(0)? as usize, r.get::<_, i64>(1)? as usize)),
+    )
+    .unwrap()
+}
+
+/// Every stored entity's version and `synced_at`.
+fn stored_entities(reporting: &Path) -> HashMap<String, (i64, DateTime<Utc>)> {
+    let conn = rusqlite::Connection::open(reporting).unwrap();
+    let mut select = conn
+        .prepare("SELECT entity_id, version, synced_at FROM entity")
+        .unwrap();
+    select
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, String>(2)?))
+        })
+        .unwrap()
+        .map(|row| {
+            let (id, version, synced_at) = row.unwrap();
+            let synced_at = DateTime::parse_from_rfc3339(&synced_at)
+                .expect("synced_at is RFC 3339")
+                .with_timezone(&Utc);
+            (id, (version, synced_at))
+        })
+        .collect()
+}
+
+/// `count` sample entities as the worker would store them: fetched from a simulator through
+/// the real client, so the store run writes the JSON Fenergo's shape produces.
+async fn fetched_samples(count: usize) -> Vec<EntitySnapshot> {
+    let sim = Simulator::start(SimConfig::default()).await;
+    let mut fenergo = FenergoSettings::default();
+    point_at(&mut fenergo, &sim, HIGH_LIMIT);
+    let client = FenergoClient::new(&fenergo, Arc::new(Metrics::new())).unwrap();
+    let mut samples = Vec::with_capacity(count);
+    for index in 0..count {
+        let (id, _) = sim.sample_entity(index);
+        let entity = client
+            .get_entity(
+                &format!("entitydataquery/api/entity/{id}"),
+                "fenx-sync-bench",
+            )
+            .await
+            .expect("the simulator serves its sample entity");
+        samples.push(EntitySnapshot {
+            entity_id: entity.id,
+            entity_type: entity.entity_type,
+            version: entity.version,
+            status: entity.status,
+            created: entity.created,
+            json: entity.data,
+        });
+    }
+    sim.shutdown().await;
+    samples
+}
+
+struct StoreOutcome {
+    elapsed: Duration,
+    /// `entity_property` plus `entity_collection` rows written.
+    rows: usize,
+}
+
+/// Upserts `count` distinct entities (the samples under new ids) into a fresh reporting store,
+/// one transaction each, as the worker does.
+fn upsert_run(samples: &[EntitySnapshot], count: usize) -> StoreOutcome {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(fenx_sync::store::FILE_NAME);
+    let store = ReportingStore::open(&path).unwrap();
+    // Prepared before the clock starts, so only the store's work is timed.
+    let snapshots: Vec<EntitySnapshot> = (0..count)
+        .map(|i| {
+            let mut snapshot = samples[i % samples.len()].clone();
+            snapshot.entity_id = format!("{}-{i}", snapshot.entity_id);
+            snapshot
+        })
+        .collect();
+    let cause = SyncCause {
+        notification_id: "fenx-sync-bench".to_owned(),
+        event_type: Some(EVENT.to_owned()),
+        event_when: None,
+    };
+    let started = Instant::now();
+    for snapshot in &snapshots {
+        assert_eq!(
+            store.upsert_entity(snapshot, &cause).unwrap(),
+            UpsertOutcome::Inserted
+        );
+    }
+    let elapsed = started.elapsed();
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let rows: i64 = conn
+        .query_row(
+            "SELECT (SELECT count(*) FROM entity_property) + (SELECT count(*) FROM entity_collection)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    StoreOutcome {
+        elapsed,
+        rows: rows as usize,
+    }
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
