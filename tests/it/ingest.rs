@@ -9,6 +9,29 @@ use tokio::net::TcpStream;
 
 use crate::helpers::{SECRET, TestApp, notification, sign};
 
+/// Sends the headers of a signed webhook and only the first `sent` bytes of its body.
+async fn start_signed_post(app: &TestApp, body: &str, sent: usize) -> TcpStream {
+    let signature = sign(SECRET, "sha256-hex/hex", body);
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /webhooks/fenergo HTTP/1.1\r\nhost: x\r\nx-fenx-signature: {signature}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body.as_bytes()[..sent]).await.unwrap();
+    stream
+}
+
+/// The start of whatever the server answers on a raw connection (bounded wait).
+async fn read_answer(stream: &mut TcpStream) -> String {
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
 async fn error_of(response: reqwest::Response) -> String {
     let body: serde_json::Value = response.json().await.unwrap();
     body["error"].as_str().unwrap_or_default().to_owned()
@@ -127,12 +150,7 @@ async fn oversized_bodies_get_413_whether_declared_or_streamed() {
             .unwrap();
     }
     let _ = stream.write_all(b"0\r\n\r\n").await;
-    let mut answer = vec![0; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 413"));
+    assert!(read_answer(&mut stream).await.starts_with("HTTP/1.1 413"));
 
     let fits = notification("fits", "entitydata:created");
     assert_eq!(app.post_signed(&fits).await.status(), 200);
@@ -328,19 +346,8 @@ async fn slow_clients_are_cut_off() {
 
     // Headers complete, body trickles: 408.
     let body = notification("slow", "entitydata:created");
-    let signature = sign(SECRET, "sha256-hex/hex", &body);
-    let mut stream = TcpStream::connect(app.addr).await.unwrap();
-    let head = format!(
-        "POST /webhooks/fenergo HTTP/1.1\r\nhost: x\r\nx-fenx-signature: {signature}\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&body.as_bytes()[..10]).await.unwrap();
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"));
+    let mut stream = start_signed_post(&app, &body, 10).await;
+    assert!(read_answer(&mut stream).await.starts_with("HTTP/1.1 408"));
     assert!(app.stored().is_empty());
     app.stop().await;
 }
@@ -349,14 +356,7 @@ async fn slow_clients_are_cut_off() {
 async fn shutdown_finishes_requests_in_flight_and_their_commits() {
     let app = TestApp::spawn().await;
     let body = notification("in-flight", "entitydata:created");
-    let signature = sign(SECRET, "sha256-hex/hex", &body);
-    let mut stream = TcpStream::connect(app.addr).await.unwrap();
-    let head = format!(
-        "POST /webhooks/fenergo HTTP/1.1\r\nhost: x\r\nx-fenx-signature: {signature}\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&body.as_bytes()[..20]).await.unwrap();
+    let mut stream = start_signed_post(&app, &body, 20).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let addr = app.addr;
@@ -368,16 +368,8 @@ async fn shutdown_finishes_requests_in_flight_and_their_commits() {
     );
 
     stream.write_all(&body.as_bytes()[20..]).await.unwrap();
-    let mut buf = vec![0u8; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&buf[..n])
-    );
+    let answer = read_answer(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let dir = stopping.await.unwrap();
     let stored = crate::helpers::read_outbox(&dir.path().join("outbox.db"));
     assert_eq!(stored.len(), 1);
