@@ -187,3 +187,20 @@ pub fn notification(id: &str, event_type: &str) -> String {
         r#"{{"Id":"{id}","TenantId":"45bf62ac-e4b1-4c16-ae32-d774cd18db6d","EventType":"{event_type}","RelativeUrl":"entitydataquery/api/entity/9b22ae41-3f0a-4c68-a332-8669705ee3ec","Payload":{{}},"When":"2023-11-12T17:18:55+00:00","CorrelationId":"c","CausationId":"d"}}"#
     )
 }
+
+/// Waits (bounded) until `sql` counts at least `want`.
+pub async fn wait_for(path: &std::path::Path, sql: &str, want: i64) {
+    for _ in 0..500 {
+        if path.exists()
+            && Connection::open(path)
+                .unwrap()
+                .query_row(sql, [], |r| r.get::<_, i64>(0))
+                .unwrap()
+                >= want
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{sql} never reached {want} within 10 s");
+}

@@ -14,7 +14,7 @@ use fenx_sync::store::{ReportingStore, RunKind};
 use fenx_sync::telemetry::Metrics;
 use rusqlite::Connection;
 
-use crate::helpers::{TestApp, test_settings};
+use crate::helpers::{TestApp, test_settings, wait_for};
 use crate::sync::sync_settings;
 
 fn client(settings: &Settings) -> Arc<FenergoClient> {
@@ -31,17 +31,6 @@ fn sim_config(requests_per_second: Option<u32>) -> SimConfig {
 
 fn count(conn: &Connection, sql: &str) -> i64 {
     conn.query_row(sql, [], |r| r.get(0)).unwrap()
-}
-
-/// Waits (bounded) until `sql` counts at least `want`.
-async fn wait_for(path: &std::path::Path, sql: &str, want: i64) {
-    for _ in 0..500 {
-        if path.exists() && count(&Connection::open(path).unwrap(), sql) >= want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{sql} never reached {want} within 10 s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use fenx_sync::telemetry::Metrics;
 use fenx_sync::worker::{Step, SyncWorker};
 use rusqlite::Connection;
 
-use crate::helpers::{TestApp, test_settings};
+use crate::helpers::{TestApp, test_settings, wait_for};
 
 const TENANT: &str = "45bf62ac-e4b1-4c16-ae32-d774cd18db6d";
 
@@ -444,48 +444,29 @@ async fn a_token_expiring_mid_run_is_refreshed_once_for_all_workers() {
     })
     .await;
     let entities: Vec<(String, i64)> = (0..40).map(|i| sim.sample_entity(100 + i)).collect();
-    for (entity, _) in &entities[..20] {
-        assert_eq!(
-            app.post_signed(&sim.notification("entitydata:created", entity))
-                .await
-                .status(),
-            200
-        );
-    }
-    wait_until_done(&app, 20).await;
+    let deliver = |batch: &[(String, i64)]| {
+        let bodies: Vec<String> = batch
+            .iter()
+            .map(|(entity, _)| sim.notification("entitydata:created", entity))
+            .collect();
+        let app = &app;
+        async move {
+            for body in bodies {
+                assert_eq!(app.post_signed(&body).await.status(), 200);
+            }
+        }
+    };
+    let done = "SELECT count(*) FROM notification WHERE status = 'done'";
+    let outbox = app.dir.path().join("outbox.db");
+    deliver(&entities[..20]).await;
+    wait_for(&outbox, done, 20).await;
     sim.expire_tokens();
-    for (entity, _) in &entities[20..] {
-        assert_eq!(
-            app.post_signed(&sim.notification("entitydata:created", entity))
-                .await
-                .status(),
-            200
-        );
-    }
-    wait_until_done(&app, 40).await;
+    deliver(&entities[20..]).await;
+    wait_for(&outbox, done, 40).await;
     assert_eq!(
         sim.stats().token_requests,
         2,
         "one token, then exactly one refresh"
     );
     app.stop().await;
-}
-
-/// Waits (bounded) until `count` outbox rows are done.
-async fn wait_until_done(app: &TestApp, count: i64) {
-    for _ in 0..500 {
-        let done: i64 = app
-            .outbox()
-            .query_row(
-                "SELECT count(*) FROM notification WHERE status = 'done'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        if done >= count {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("fewer than {count} notifications synced within 10 s");
 }
