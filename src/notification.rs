@@ -323,6 +323,38 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_bytes_never_panic_and_parsed_raw_bytes_are_slices_of_the_body() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let pieces: [&[u8]; 12] = [
+            b"{",
+            b"}",
+            b"[",
+            b"]",
+            b",",
+            b":",
+            b"\"Id\"",
+            b"\"notifications\"",
+            b"\"x\"",
+            b"1",
+            b"null",
+            b"\xff",
+        ];
+        for _ in 0..20_000 {
+            let body: Vec<u8> = (0..rng.usize(0..24))
+                .flat_map(|_| pieces[rng.usize(..pieces.len())].iter().copied())
+                .collect();
+            let body = Bytes::from(body);
+            if let Ok(notifications) = parse_body(&body) {
+                let whole = body.as_ptr_range();
+                for n in notifications {
+                    let raw = n.raw.as_ptr_range();
+                    assert!(whole.start <= raw.start && raw.end <= whole.end);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn malformed_bodies_are_clear_errors() {
         for (body, want) in [
             ("", "not valid JSON"),

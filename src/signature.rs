@@ -452,6 +452,19 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_headers_never_panic_and_never_verify() {
+        let v = verifier(&[SECRET, "second"], "auto");
+        let mut rng = fastrand::Rng::with_seed(11);
+        let alphabet = b"0123456789abcdefABCDEF+/=-_ sha256=\xff\x00";
+        for _ in 0..20_000 {
+            let header: Vec<u8> = (0..rng.usize(0..100))
+                .map(|_| alphabet[rng.usize(..alphabet.len())])
+                .collect();
+            assert!(v.verify(Some(&header), BODY).is_err(), "{header:?}");
+        }
+    }
+
+    #[test]
     fn a_changed_body_byte_breaks_the_signature() {
         let v = verifier(&[SECRET], "auto");
         let header = CONTRACT_VECTORS[0].1;
