@@ -26,6 +26,7 @@
 //! - An older entity version never overwrites a newer one.
 
 pub mod config;
+#[cfg(feature = "simulator")]
 pub mod demo;
 pub mod fenergo;
 pub mod http;
@@ -34,6 +35,7 @@ pub mod outbox;
 pub mod poller;
 pub mod reconcile;
 pub mod signature;
+#[cfg(feature = "simulator")]
 pub mod sim;
 pub mod sqlite;
 pub mod store;
@@ -129,7 +131,8 @@ pub async fn run(
                         client.clone(),
                         store,
                         settings.reconcile.page_size,
-                    );
+                    )
+                    .with_metrics(metrics.clone());
                     tracing::info!(every = ?every, "scheduled reconciliation enabled");
                     tasks.push(tokio::spawn(reconcile_every(
                         reconciler,

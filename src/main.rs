@@ -68,19 +68,16 @@ enum Command {
         timeout: Duration,
     },
     /// Run the simulator and the service on loopback, send a realistic burst, print what happened.
+    #[cfg(feature = "simulator")]
     Demo {
         /// Keep the temporary store afterwards, for exploring with sqlite3.
         #[arg(long)]
         keep: bool,
     },
-    /// Serve a Fenergo simulator (token, entity query, polling feed APIs) for local trials.
-    Simulator {
-        #[arg(long, default_value = "127.0.0.1:8089")]
-        listen: std::net::SocketAddr,
-        /// Sample entities to create.
-        #[arg(long, default_value_t = 100)]
-        entities: usize,
-    },
+    /// Serve a Fenergo simulator (token, entity query, polling feed, paged list APIs) for local
+    /// trials; print a configuration for `serve`, and optionally send it signed webhooks.
+    #[cfg(feature = "simulator")]
+    Simulator(SimulatorArgs),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -97,6 +94,32 @@ struct ServeArgs {
     /// Run the sync worker only; open no webhook listener.
     #[arg(long)]
     sync_only: bool,
+}
+
+#[cfg(feature = "simulator")]
+#[derive(Args)]
+struct SimulatorArgs {
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    listen: std::net::SocketAddr,
+    /// Sample entities to create.
+    #[arg(long, default_value_t = 100)]
+    entities: usize,
+    /// Write the configuration for `fenx-sync serve --config` here instead of printing it.
+    #[arg(long, value_name = "PATH")]
+    write_config: Option<PathBuf>,
+    /// Send signed webhooks (one entity update each) to this URL, e.g.
+    /// http://127.0.0.1:8080/webhooks/fenergo.
+    #[arg(long, value_name = "URL")]
+    send_to: Option<String>,
+    /// Webhooks per second for --send-to.
+    #[arg(long, default_value_t = 1.0, requires = "send_to")]
+    rate: f64,
+    /// Stop after this many webhooks (default: until stopped).
+    #[arg(long, requires = "send_to")]
+    count: Option<u64>,
+    /// The webhook secret to sign with (and to write into the configuration).
+    #[arg(long, default_value = fenx_sync::sim::STANDALONE_WEBHOOK_SECRET)]
+    webhook_secret: String,
 }
 
 #[derive(Subcommand)]
@@ -162,7 +185,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { json } => {
             let status = open_admin(&Settings::load(&sources)?)?.status()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                println!("{}", serde_json::to_string_pretty(&status_json(&status)?)?);
             } else {
                 print_status(&status);
             }
@@ -200,6 +223,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backfill { restart, page_size } => {
             backfill(Settings::load(&sources)?, restart, page_size)
         }
+        #[cfg(feature = "simulator")]
         Command::Demo { keep } => {
             let runtime = runtime()?;
             let report = runtime.block_on(fenx_sync::demo::run(keep, &mut std::io::stdout()))?;
@@ -210,11 +234,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Simulator { listen, entities } => {
+        #[cfg(feature = "simulator")]
+        Command::Simulator(args) => {
             telemetry::init(&Settings::load(&sources)?.log)?;
             let options = fenx_sync::sim::StandaloneOptions {
-                listen,
-                entities,
+                listen: args.listen,
+                entities: args.entities,
+                webhook_secret: args.webhook_secret,
+                write_config: args.write_config,
+                send_to: args.send_to,
+                rate: args.rate,
+                count: args.count,
                 ..Default::default()
             };
             runtime()?.block_on(fenx_sync::sim::run_standalone(options, shutdown_signal()))?;
@@ -286,54 +316,93 @@ fn backfill(
     restart: bool,
     page_size: Option<usize>,
 ) -> anyhow::Result<ExitCode> {
+    use fenx_sync::store::RunKind;
     use indicatif::{ProgressBar, ProgressStyle};
     telemetry::init(&settings.log)?;
     let metrics = std::sync::Arc::new(telemetry::Metrics::new());
     let client = fenx_sync::fenergo::FenergoClient::new(&settings.fenergo, metrics)?;
     let store = fenx_sync::store::ReportingStore::open(&settings.store.reporting_path())?;
+    // Entities a resumed run already counted: the rate and ETA cover this run's work only.
+    let resumed_from = match store.running_reconcile(RunKind::Backfill)? {
+        Some(run) if !restart => run.counts.seen,
+        _ => 0,
+    };
     let reconciler = fenx_sync::reconcile::Reconciler::new(
         std::sync::Arc::new(client),
         std::sync::Arc::new(store),
         page_size.unwrap_or(settings.reconcile.page_size),
     );
-    // A bar with rate and ETA on a terminal; one log line per page elsewhere (hidden bar).
+    // A bar on a terminal; one log line per page elsewhere (hidden bar).
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         ProgressBar::new(0)
     } else {
         ProgressBar::hidden()
     };
     bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} entities  {per_sec}  ETA {eta}  {msg}")
+        ProgressStyle::with_template("{bar:40} {pos}/{len} entities  {msg}")
             .expect("a valid template"),
     );
-    let run =
-        runtime()?.block_on(
-            reconciler.run(fenx_sync::store::RunKind::Backfill, !restart, |run| {
-                if let Some(total) = run.total_items {
-                    bar.set_length(u64::try_from(total).unwrap_or(0));
-                }
-                bar.set_position(u64::try_from(run.counts.seen).unwrap_or(0));
-                bar.set_message(format!(
-                    "{} new, {} updated",
-                    run.counts.added, run.counts.updated
-                ));
-                if bar.is_hidden() {
-                    tracing::info!(
-                        seen = run.counts.seen,
-                        total = run.total_items,
-                        "backfill page stored"
-                    );
-                }
-            }),
-        );
+    let started = std::time::Instant::now();
+    let mut stored_this_run = 0;
+    let walk = reconciler.run(RunKind::Backfill, !restart, |run| {
+        stored_this_run = run.counts.seen - resumed_from;
+        let rate = progress_rate(stored_this_run, started.elapsed());
+        let eta = run
+            .total_items
+            .filter(|_| rate > 0.0)
+            .map(|total| Duration::from_secs_f64((total - run.counts.seen).max(0) as f64 / rate));
+        if let Some(total) = run.total_items {
+            bar.set_length(u64::try_from(total).unwrap_or(0));
+        }
+        bar.set_position(u64::try_from(run.counts.seen).unwrap_or(0));
+        bar.set_message(format!(
+            "{:.0}/s  ETA {}  {} new, {} updated",
+            rate,
+            eta.map_or("-".into(), |d| humantime::format_duration(
+                Duration::from_secs(d.as_secs())
+            )
+            .to_string()),
+            run.counts.added,
+            run.counts.updated
+        ));
+        if bar.is_hidden() {
+            tracing::info!(
+                seen = run.counts.seen,
+                total = run.total_items,
+                per_second = rate.round(),
+                "backfill page stored"
+            );
+        }
+    });
+    let run = runtime()?.block_on(async {
+        tokio::select! {
+            run = walk => Some(run),
+            _ = shutdown_signal() => None,
+        }
+    });
     bar.finish_and_clear();
-    let run = run.context("backfill stopped; run it again to resume from the last stored page")?;
+    let Some(run) = run else {
+        eprintln!(
+            "backfill stopped; run again to resume ({stored_this_run} entities stored in this run)"
+        );
+        return Ok(ExitCode::from(130));
+    };
+    let run = run.context("backfill stopped; run again to resume from the last stored page")?;
     let c = run.counts;
     println!(
-        "backfill finished: {} entities read, {} added, {} updated, {} already current",
-        c.seen, c.added, c.updated, c.unchanged
+        "backfill finished: {} entities read, {} added, {} updated, {} already current ({:.0}/s)",
+        c.seen,
+        c.added,
+        c.updated,
+        c.unchanged,
+        progress_rate(c.seen - resumed_from, started.elapsed())
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Entities per second over `elapsed`.
+fn progress_rate(entities: i64, elapsed: Duration) -> f64 {
+    entities as f64 / elapsed.as_secs_f64().max(1e-3)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -451,6 +520,21 @@ fn probe_ready(addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result
         .and_then(|text| text.split_whitespace().nth(1))
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| std::io::Error::other("not an HTTP answer"))
+}
+
+/// `status --json`: the counts keyed by name (`"by_status": {"done": 3}`), not as pairs.
+fn status_json(status: &Status) -> anyhow::Result<serde_json::Value> {
+    let object = |pairs: &[(String, i64)]| -> serde_json::Value {
+        pairs
+            .iter()
+            .map(|(name, n)| (name.clone(), serde_json::Value::from(*n)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let mut json = serde_json::to_value(status)?;
+    json["by_status"] = object(&status.by_status);
+    json["signature_recipes"] = object(&status.signature_recipes);
+    Ok(json)
 }
 
 fn print_status(s: &Status) {

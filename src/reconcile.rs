@@ -2,7 +2,8 @@
 //! its `searchAfter` cursor) and writes every entity through the same monotonic upsert as the
 //! sync worker, so a new install starts complete and gaps (a disabled webhook, notifications
 //! past their 30-day TTL) are repaired. Progress and the cursor are saved after every page, so
-//! an interrupted backfill resumes where it stopped.
+//! an interrupted backfill resumes where it stopped. With [`Reconciler::with_metrics`] each run
+//! reports its progress and its last success as `fenx_reconcile_*` gauges.
 //!
 //! It never lets a listed version overwrite a newer stored one, and never goes around the
 //! client's rate limiter.
@@ -14,6 +15,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 
 use crate::fenergo::{FenergoClient, FetchError, Page};
 use crate::store::{ReconcileRun, ReportingStore, RunKind, StoreError, SyncCause, UpsertOutcome};
+use crate::telemetry::{KindLabel, Metrics};
 use crate::worker::snapshot;
 
 /// Attempts at one page before the run stops (it can be resumed).
@@ -37,6 +39,7 @@ pub struct Reconciler {
     client: Arc<FenergoClient>,
     store: Arc<ReportingStore>,
     page_size: usize,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Reconciler {
@@ -49,13 +52,60 @@ impl Reconciler {
             client,
             store,
             page_size: page_size.clamp(1, 1000),
+            metrics: None,
         }
+    }
+
+    /// Reports every run's progress and last success into `metrics` (for `/metrics`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Reconciler {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Runs [`Reconciler::walk`] with the `fenx_reconcile_*` gauges kept up to date.
+    pub async fn run(
+        &self,
+        kind: RunKind,
+        resume: bool,
+        mut on_page: impl FnMut(&ReconcileRun),
+    ) -> Result<ReconcileRun, ReconcileError> {
+        let Some(metrics) = &self.metrics else {
+            return self.walk(kind, resume, on_page).await;
+        };
+        let label = KindLabel {
+            kind: kind.as_str().to_owned(),
+        };
+        let running = metrics.reconcile_running.get_or_create(&label).clone();
+        running.set(1);
+        let result = self
+            .walk(kind, resume, |run| {
+                metrics
+                    .reconcile_entities_seen
+                    .get_or_create(&label)
+                    .set(run.counts.seen);
+                if let Some(total) = run.total_items {
+                    metrics
+                        .reconcile_entities_listed
+                        .get_or_create(&label)
+                        .set(total);
+                }
+                on_page(run);
+            })
+            .await;
+        running.set(0);
+        if result.is_ok() {
+            metrics
+                .reconcile_last_success
+                .get_or_create(&label)
+                .set(crate::telemetry::unix_seconds(chrono::Utc::now()));
+        }
+        result
     }
 
     /// Walks the whole list once. A backfill with `resume` continues an interrupted run from its
     /// saved cursor; otherwise a new run starts at the beginning. `on_page` sees the progress
     /// after every stored page.
-    pub async fn run(
+    async fn walk(
         &self,
         kind: RunKind,
         resume: bool,
@@ -139,7 +189,8 @@ impl Reconciler {
                         FetchError::RateLimited { retry_after } => *retry_after,
                         _ => delays.next().unwrap_or(Duration::from_secs(30)),
                     };
-                    tracing::warn!(%error, attempt, retry_in = ?wait, "entity list page failed; retrying");
+                    let retry_in_ms = crate::telemetry::millis(wait);
+                    tracing::warn!(%error, attempt, retry_in_ms, "entity list page failed; retrying");
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }

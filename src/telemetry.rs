@@ -2,9 +2,13 @@
 //! from `log.level` unless `RUST_LOG` is set) and the Prometheus metrics every component records
 //! into ([`Metrics`], one registry per app instance so in-process tests can assert on it).
 //!
-//! Logs go to stderr so that command output on stdout stays clean. Nothing here may format a
-//! secret or a request body, and no label may carry request-controlled text from an unsigned
-//! request.
+//! Logs go to stderr so that command output on stdout stays clean, coloured only when stderr is
+//! a terminal; JSON lines keep arrays as arrays. `/metrics` speaks the Prometheus text format
+//! (0.0.4) unless the scraper asks for OpenMetrics. Nothing here may format a secret or a
+//! request body, and no label may carry request-controlled text from an unsigned request.
+
+use std::io::IsTerminal;
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,7 +16,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use tracing::field::{Field, Visit};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
 
 use crate::config::{LogFormat, LogSettings};
 
@@ -38,17 +46,87 @@ pub fn init(settings: &LogSettings) -> Result<(), TelemetryError> {
     })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     // A second init (tests, embedding) keeps the first subscriber; that is fine.
     let _ = match settings.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
+        LogFormat::Json => builder.event_format(JsonLines).try_init(),
         LogFormat::Human => builder.try_init(),
     };
     Ok(())
+}
+
+/// A duration as milliseconds rounded to the microsecond, for log fields (`latency_ms = 15.314`).
+pub fn millis(duration: Duration) -> f64 {
+    (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+/// One JSON object per event: `timestamp`, `level`, `target`, `message` and the event's fields.
+/// Unlike tracing-subscriber's JSON format, a field whose `Debug` text is a JSON array (a
+/// `Vec<String>` logged with `?`) stays an array instead of a string holding JSON.
+struct JsonLines;
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let metadata = event.metadata();
+        let mut fields = JsonFields::default();
+        event.record(&mut fields);
+        let mut line = serde_json::Map::new();
+        line.insert(
+            "timestamp".into(),
+            chrono::Utc::now()
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                .into(),
+        );
+        line.insert("level".into(), metadata.level().as_str().into());
+        line.insert("target".into(), metadata.target().into());
+        line.extend(fields.0);
+        writeln!(writer, "{}", serde_json::Value::Object(line))
+    }
+}
+
+#[derive(Default)]
+struct JsonFields(serde_json::Map<String, serde_json::Value>);
+
+impl JsonFields {
+    fn put(&mut self, field: &Field, value: serde_json::Value) {
+        self.0.insert(field.name().to_owned(), value);
+    }
+}
+
+impl Visit for JsonFields {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.put(field, value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.put(field, value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.put(field, value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.put(field, value.into());
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field, value.into());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let text = format!("{value:?}");
+        let array = text
+            .starts_with('[')
+            .then(|| serde_json::from_str::<Vec<serde_json::Value>>(&text).ok())
+            .flatten();
+        self.put(field, array.map_or(text.into(), serde_json::Value::Array));
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -77,6 +155,47 @@ pub struct StatusLabel {
     pub status: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    pub version: String,
+}
+
+/// `backfill` or `reconcile` ([`crate::store::RunKind::as_str`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+/// Which exposition format a scrape gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposition {
+    /// `text/plain; version=0.0.4`, what promtool and most scrapers expect.
+    Prometheus,
+    /// `application/openmetrics-text; version=1.0.0`, when the scraper's `Accept` asks for it.
+    OpenMetrics,
+}
+
+impl Exposition {
+    /// OpenMetrics only when `Accept` names it (Prometheus itself asks for both and prefers it).
+    pub fn negotiate(accept: Option<&str>) -> Exposition {
+        match accept {
+            Some(accept) if accept.contains("application/openmetrics-text") => {
+                Exposition::OpenMetrics
+            }
+            _ => Exposition::Prometheus,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Exposition::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Exposition::OpenMetrics => {
+                "application/openmetrics-text; version=1.0.0; charset=utf-8"
+            }
+        }
+    }
+}
+
 /// Every metric fenx-sync exports on `/metrics` (admin listener).
 pub struct Metrics {
     registry: Registry,
@@ -92,7 +211,7 @@ pub struct Metrics {
     pub notifications_processed: Family<EventLabels, Counter>,
     /// Fenergo API responses by HTTP status (`error` for no response).
     pub api_responses: Family<StatusLabel, Counter>,
-    /// Seconds per Fenergo entity fetch.
+    /// Seconds per Fenergo API call of any kind (entity reads, list pages, polls, completions).
     pub fetch_seconds: Histogram,
     /// 429 answers from Fenergo.
     pub rate_limited: Counter,
@@ -106,6 +225,22 @@ pub struct Metrics {
     pub outbox_rows: Family<StatusLabel, Gauge>,
     /// Age in seconds of the oldest pending notification (0 when none), read at scrape time.
     pub oldest_pending_seconds: Gauge,
+    /// Seconds from a webhook request's headers being read to its answer, any outcome.
+    pub webhook_request_duration_seconds: Histogram,
+    /// Seconds from a notification's arrival (outbox `received_at`) to its entity row stored.
+    pub freshness_seconds: Histogram,
+    /// 1, labelled with the running version.
+    pub build_info: Family<VersionLabel, Gauge>,
+    /// Unix time this process started, so "not in the last N hours" can allow for restarts.
+    pub process_start_time_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// 1 while a backfill or reconciliation runs in this process.
+    pub reconcile_running: Family<KindLabel, Gauge>,
+    /// Entities read from the list by the current (or last) run of each kind.
+    pub reconcile_entities_seen: Family<KindLabel, Gauge>,
+    /// What Fenergo says the list holds, as of the current (or last) run of each kind.
+    pub reconcile_entities_listed: Family<KindLabel, Gauge>,
+    /// Unix time the last run of each kind finished the whole list, in this process.
+    pub reconcile_last_success: Family<KindLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -135,7 +270,28 @@ impl Metrics {
             ]),
             outbox_rows: Family::default(),
             oldest_pending_seconds: Gauge::default(),
+            webhook_request_duration_seconds: Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            freshness_seconds: Histogram::new([
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+            ]),
+            build_info: Family::default(),
+            process_start_time_seconds: Gauge::default(),
+            reconcile_running: Family::default(),
+            reconcile_entities_seen: Family::default(),
+            reconcile_entities_listed: Family::default(),
+            reconcile_last_success: Family::default(),
         };
+        metrics
+            .build_info
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
+        metrics
+            .process_start_time_seconds
+            .set(unix_seconds(chrono::Utc::now()));
         let r = &mut metrics.registry;
         r.register(
             "webhook_requests",
@@ -169,7 +325,7 @@ impl Metrics {
         );
         r.register(
             "fetch_seconds",
-            "Seconds per Fenergo entity fetch",
+            "Seconds per Fenergo API call of any kind: entity reads, list pages, polls, completions",
             metrics.fetch_seconds.clone(),
         );
         r.register(
@@ -184,7 +340,7 @@ impl Metrics {
         );
         r.register(
             "dead_letters",
-            "Notifications dead-lettered",
+            "Notifications dead-lettered by the sync worker",
             metrics.dead_letters.clone(),
         );
         r.register(
@@ -199,18 +355,61 @@ impl Metrics {
         );
         r.register(
             "oldest_pending_seconds",
-            "Age of the oldest pending notification",
+            "Age in seconds of the oldest pending notification, 0 when none",
             metrics.oldest_pending_seconds.clone(),
+        );
+        r.register(
+            "webhook_request_duration_seconds",
+            "Seconds from a webhook request's headers to its answer, any outcome",
+            metrics.webhook_request_duration_seconds.clone(),
+        );
+        r.register(
+            "freshness_seconds",
+            "Seconds from a notification's arrival to its entity row being stored",
+            metrics.freshness_seconds.clone(),
+        );
+        r.register(
+            "build_info",
+            "Always 1, labelled with the fenx-sync version",
+            metrics.build_info.clone(),
+        );
+        r.register(
+            "process_start_time_seconds",
+            "Unix time this fenx-sync process started",
+            metrics.process_start_time_seconds.clone(),
+        );
+        r.register(
+            "reconcile_running",
+            "1 while a backfill or reconciliation runs in this process, by kind",
+            metrics.reconcile_running.clone(),
+        );
+        r.register(
+            "reconcile_entities_seen",
+            "Entities read from Fenergo's list by the current or last run, by kind",
+            metrics.reconcile_entities_seen.clone(),
+        );
+        r.register(
+            "reconcile_entities_listed",
+            "Entities Fenergo's list holds, as of the current or last run, by kind",
+            metrics.reconcile_entities_listed.clone(),
+        );
+        r.register(
+            "reconcile_last_success_timestamp_seconds",
+            "Unix time the last run that walked the whole entity list finished, by kind",
+            metrics.reconcile_last_success.clone(),
         );
         metrics
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn encode(&self) -> String {
+    /// Every metric in the format `exposition` names.
+    pub fn encode(&self, exposition: Exposition) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
-        text
+        match exposition {
+            Exposition::OpenMetrics => text,
+            Exposition::Prometheus => openmetrics_to_prometheus(&text),
+        }
     }
 
     pub fn count_webhook(&self, outcome: &str) {
@@ -233,4 +432,42 @@ impl Metrics {
             })
             .inc();
     }
+}
+
+/// Seconds since the Unix epoch, with the fraction, for `*_timestamp_seconds` gauges.
+pub fn unix_seconds(at: chrono::DateTime<chrono::Utc>) -> f64 {
+    at.timestamp_micros() as f64 / 1e6
+}
+
+/// Rewrites prometheus-client's OpenMetrics text as the Prometheus text format (0.0.4): a
+/// counter's family is named after its `_total` samples (so HELP and TYPE describe them), and
+/// the OpenMetrics-only `# UNIT` and `# EOF` lines go.
+fn openmetrics_to_prometheus(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<(&str, &str)> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest.split_once(' ').unwrap_or((rest, "")));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let family = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            if let Some((_, text)) = help.take() {
+                out.push_str(&format!("# HELP {family} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {family} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }

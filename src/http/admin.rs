@@ -1,5 +1,6 @@
-//! The admin listener (default loopback only): `GET /metrics` in Prometheus/OpenMetrics text,
-//! with the outbox gauges read at scrape time, and `GET /healthz`.
+//! The admin listener (default loopback only): `GET /metrics` (Prometheus text format, or
+//! OpenMetrics when `Accept` asks for it) with the outbox gauges read at scrape time, and
+//! `GET /healthz`.
 //!
 //! It must never be the webhook listener: metrics stay off the address Fenergo can reach.
 
@@ -15,9 +16,7 @@ use hyper::body::Incoming;
 
 use super::{Routes, json_response};
 use crate::outbox::admin::OutboxAdmin;
-use crate::telemetry::{Metrics, StatusLabel};
-
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+use crate::telemetry::{Exposition, Metrics, StatusLabel};
 
 pub struct Admin {
     metrics: Arc<Metrics>,
@@ -76,11 +75,19 @@ impl Routes for Admin {
         }
         match request.uri().path() {
             "/metrics" => {
+                let exposition = Exposition::negotiate(
+                    request
+                        .headers()
+                        .get(header::ACCEPT)
+                        .and_then(|a| a.to_str().ok()),
+                );
                 self.refresh_outbox_gauges().await;
-                let mut response = Response::new(Full::new(Bytes::from(self.metrics.encode())));
-                response
-                    .headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
+                let body = self.metrics.encode(exposition);
+                let mut response = Response::new(Full::new(Bytes::from(body)));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(exposition.content_type()),
+                );
                 response
             }
             "/healthz" => json_response(StatusCode::OK, serde_json::json!({ "status": "ok" })),

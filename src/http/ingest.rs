@@ -214,7 +214,11 @@ impl Routes for Ingress {
                 } else {
                     Err(IngestError::MethodNotAllowed { allow: "POST" })
                 };
-                log.finish(&result, started.elapsed());
+                let elapsed = started.elapsed();
+                log.finish(&result, elapsed);
+                self.metrics
+                    .webhook_request_duration_seconds
+                    .observe(elapsed.as_secs_f64());
                 self.metrics.count_webhook(match &result {
                     Ok(accepted) if accepted.stored == 0 => "duplicate",
                     Ok(_) => "stored",
@@ -243,6 +247,8 @@ struct Accepted {
 struct RequestLog {
     client: Option<IpAddr>,
     notification_id: Option<String>,
+    /// A batch's last id; with `notification_id` (its first) and the count it brackets the batch.
+    last_notification_id: Option<String>,
     event_type: Option<String>,
     notifications: usize,
 }
@@ -252,19 +258,25 @@ impl RequestLog {
         self.notifications = notifications.len();
         if let Some(first) = notifications.first() {
             self.notification_id = Some(first.id.clone());
+            self.last_notification_id = notifications
+                .last()
+                .filter(|_| notifications.len() > 1)
+                .map(|last| last.id.clone());
             self.event_type = first.event_type.clone();
         }
     }
 
     fn finish(&self, result: &Result<Accepted, IngestError>, elapsed: Duration) {
-        let latency_ms = elapsed.as_secs_f64() * 1000.0;
+        let latency_ms = crate::telemetry::millis(elapsed);
         let client = self.client.map(|c| c.to_string());
         let (id, event_type) = (self.notification_id.as_deref(), self.event_type.as_deref());
+        let last_id = self.last_notification_id.as_deref();
         match result {
             Ok(a) => tracing::info!(
                 status = 200,
                 outcome = if a.stored == 0 { "duplicate" } else { "stored" },
                 notification_id = id,
+                last_notification_id = last_id,
                 event_type,
                 notifications = self.notifications,
                 duplicates = a.duplicates,
@@ -276,6 +288,7 @@ impl RequestLog {
                 status = error.status().as_u16(),
                 outcome = error.outcome(),
                 notification_id = id,
+                last_notification_id = last_id,
                 event_type,
                 notifications = self.notifications,
                 latency_ms,
@@ -287,6 +300,7 @@ impl RequestLog {
                 status = error.status().as_u16(),
                 outcome = error.outcome(),
                 notification_id = id,
+                last_notification_id = last_id,
                 event_type,
                 latency_ms,
                 client,

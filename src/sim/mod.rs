@@ -25,6 +25,7 @@ mod webhook;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +34,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::http::ConnectionLimits;
+use crate::signature::Recipe;
 pub use state::{CORRELATION_IDS_KEPT, SimStats};
 pub use webhook::{
     Attempt, DeliveryItemStatus, DeliveryReport, REDELIVERY_MINUTES, Redelivery, WebhookError,
@@ -339,7 +341,27 @@ pub struct StandaloneOptions {
     /// How many sample entities to create before serving.
     pub entities: usize,
     pub config: SimConfig,
+    /// The webhook secret the sender signs with, and the one the printed configuration lists.
+    pub webhook_secret: String,
+    /// Where to write the configuration for `fenx-sync serve` (printed on stdout when unset).
+    pub write_config: Option<PathBuf>,
+    /// Signed webhooks go to this URL (fenx-sync's webhook path), one entity update each.
+    pub send_to: Option<String>,
+    /// Webhooks per second for `send_to`.
+    pub rate: f64,
+    /// Stop sending after this many webhooks (unset: until shut down).
+    pub count: Option<u64>,
 }
+
+/// The secret `fenx-sync simulator` signs with unless told otherwise.
+pub const STANDALONE_WEBHOOK_SECRET: &str = "sim-webhook-secret";
+
+/// The recipe the standalone sender signs with (one `auto` detection accepts).
+const STANDALONE_RECIPE: &str = "sha256-hex/hex";
+
+/// Deliveries in flight at once; past it the sender waits, so the rate drops instead of memory
+/// growing while the target is down (failed deliveries wait out Fenergo's re-delivery schedule).
+const STANDALONE_IN_FLIGHT: usize = 64;
 
 impl Default for StandaloneOptions {
     fn default() -> StandaloneOptions {
@@ -347,18 +369,42 @@ impl Default for StandaloneOptions {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8089)),
             entities: 100,
             config: SimConfig::default(),
+            webhook_secret: STANDALONE_WEBHOOK_SECRET.to_owned(),
+            write_config: None,
+            send_to: None,
+            rate: 1.0,
+            count: None,
         }
     }
 }
 
-/// Serves a simulator with `options.entities` sample entities until `shutdown` completes.
-/// The credentials it logs are the simulator's own invented ones, meant to be copied into a
-/// local fenx-sync configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum StandaloneError {
+    #[error(transparent)]
+    Sim(#[from] SimError),
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
+    #[error("cannot write the configuration to {path}: {source}")]
+    WriteConfig {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--rate must be a positive number of webhooks per second, not {0}")]
+    Rate(f64),
+}
+
+/// Serves a simulator with `options.entities` sample entities until `shutdown` completes,
+/// writes (or prints) a configuration that points `fenx-sync serve` at it, and, with
+/// `send_to`, updates sample entities and sends a signed webhook for each at `rate`. The
+/// credentials are the simulator's own invented ones.
 pub async fn run_standalone(
     options: StandaloneOptions,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), SimError> {
-    let sim = Simulator::bind(options.config, options.listen).await?;
+) -> Result<(), StandaloneError> {
+    if !(options.rate.is_finite() && options.rate > 0.0) {
+        return Err(StandaloneError::Rate(options.rate));
+    }
+    let sim = Simulator::bind(options.config.clone(), options.listen).await?;
     let example = match sim.sample_entities(0..options.entities).pop() {
         Some((id, _)) => format!("entitydataquery/api/entity/{id}"),
         None => String::new(),
@@ -368,16 +414,112 @@ pub async fn run_standalone(
         api_base = %sim.api_base(),
         token_url = %sim.token_url(),
         client_id = %config.client_id,
-        client_secret = %config.client_secret,
         tenant_id = %config.tenant_id,
         entities = options.entities,
         example_relative_url = %example,
         "Fenergo simulator listening"
     );
+    let serve_config = serve_config(&sim, &options.webhook_secret);
+    match &options.write_config {
+        Some(path) => {
+            std::fs::write(path, &serve_config).map_err(|source| {
+                StandaloneError::WriteConfig {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            tracing::info!(path = %path.display(), "configuration for `fenx-sync serve --config` written");
+        }
+        None => print!("{serve_config}"),
+    }
+    let sender = match &options.send_to {
+        Some(url) => {
+            let recipe: Recipe = STANDALONE_RECIPE.parse().expect("a known recipe");
+            let sender =
+                WebhookSender::new(url, &options.webhook_secret, recipe, Redelivery::default())?;
+            tracing::info!(url = %url, rate = options.rate, count = options.count, "sending signed webhooks");
+            Some(tokio::spawn(send_traffic(sim.clone(), sender, options)))
+        }
+        None => None,
+    };
     shutdown.await;
+    if let Some(sender) = sender {
+        sender.abort();
+    }
     sim.shutdown().await;
     tracing::info!("Fenergo simulator stopped");
     Ok(())
+}
+
+/// A TOML configuration for `fenx-sync serve` that trusts `secret` and reads from `sim`.
+fn serve_config(sim: &Simulator, secret: &str) -> String {
+    let quoted = |s: &str| toml::Value::from(s).to_string();
+    let config = sim.config();
+    format!(
+        "# fenx-sync configuration for the Fenergo simulator at {api_base}\n\
+         # (written by `fenx-sync simulator`). Run: fenx-sync serve --config THIS_FILE\n\
+         \n\
+         [server]\n\
+         listen = \"127.0.0.1:8080\"\n\
+         \n\
+         [store]\n\
+         dir = \"./data-simulator\"\n\
+         \n\
+         [webhook]\n\
+         secrets = [{secret}]\n\
+         \n\
+         [fenergo]\n\
+         api_base = {api_base_value}\n\
+         token_url = {token_url}\n\
+         tenant_id = {tenant_id}\n\
+         client_id = {client_id}\n\
+         client_secret = {client_secret}\n",
+        api_base = sim.api_base(),
+        secret = quoted(secret),
+        api_base_value = quoted(&sim.api_base()),
+        token_url = quoted(&sim.token_url()),
+        tenant_id = quoted(&config.tenant_id),
+        client_id = quoted(&config.client_id),
+        client_secret = quoted(&config.client_secret),
+    )
+}
+
+/// Updates sample entities in turn and delivers one signed notification per update, at
+/// `options.rate` per second, logging a summary every few seconds.
+async fn send_traffic(sim: Simulator, sender: WebhookSender, options: StandaloneOptions) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(STANDALONE_IN_FLIGHT));
+    let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / options.rate));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut report = tokio::time::interval(Duration::from_secs(5));
+    let entities = options.entities.max(1);
+    let mut sent: u64 = 0;
+    while options.count.is_none_or(|count| sent < count) {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = report.tick() => {
+                let delivered = delivered.load(std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(sent, delivered, "webhooks sent so far");
+                continue;
+            }
+        }
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let index = usize::try_from(sent).unwrap_or(0) % entities;
+        let (entity_id, _) = sim.sample_entity(index);
+        let body = sim.notification("entitydata:draftverified", &entity_id);
+        let (sender, delivered) = (sender.clone(), delivered.clone());
+        tokio::spawn(async move {
+            let report = sender.deliver(body).await;
+            if report.delivered() {
+                delivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            drop(permit);
+        });
+        sent += 1;
+    }
+    tracing::info!(sent, "all requested webhooks sent");
 }
 
 #[cfg(test)]

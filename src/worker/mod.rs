@@ -176,7 +176,8 @@ impl SyncWorker {
         let entity = match self.client.get_entity(&path, &correlation_id).await {
             Ok(entity) => entity,
             Err(error) => {
-                tracing::info!(entity = %path, %error, notifications = rows.len(), "fetch failed");
+                let entity = newest.entity_key.as_deref().unwrap_or(relative_url);
+                tracing::info!(entity, %error, notifications = rows.len(), "fetch failed");
                 for row in rows {
                     let outcome = self.policy.on_error(&error, row, now);
                     let entity_key = row.entity_key.clone();
@@ -263,6 +264,11 @@ impl SyncWorker {
                         when.and_then(|w| (now - w.with_timezone(&Utc)).to_std().ok())
                     {
                         self.metrics.sync_lag_seconds.observe(lag.as_secs_f64());
+                    }
+                    if let Ok(received) = DateTime::parse_from_rfc3339(&p.received_at) {
+                        let age = now - received.with_timezone(&Utc);
+                        let seconds = age.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+                        self.metrics.freshness_seconds.observe(seconds);
                     }
                 }
                 _ => {}
