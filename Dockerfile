@@ -35,7 +35,8 @@ FROM ${RUNTIME_IMAGE}
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --user-group --home-dir /var/lib/fenx-sync --shell /usr/sbin/nologin fenx
+    && groupadd --system --gid 10001 fenx \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/fenx-sync --shell /usr/sbin/nologin fenx
 COPY --from=build /fenx-sync /usr/local/bin/fenx-sync
 COPY config/fenx-sync.toml /etc/fenx-sync/fenx-sync.toml
 COPY LICENSE README.md /usr/share/doc/fenx-sync/
