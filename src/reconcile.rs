@@ -64,10 +64,10 @@ impl Reconciler {
             let label = KindLabel {
                 kind: kind.as_str().to_owned(),
             };
-            metrics.reconcile_running.get_or_create(&label);
-            metrics.reconcile_entities_seen.get_or_create(&label);
-            metrics.reconcile_entities_listed.get_or_create(&label);
-            metrics.reconcile_last_success.get_or_create(&label);
+            metrics.reconcile_running.get_or_create(&label).set(0);
+            metrics.reconcile_entities_seen.get_or_create(&label).set(0);
+            metrics.reconcile_entities_listed.get_or_create(&label).set(0);
+            metrics.reconcile_last_success.get_or_create(&label).set(0.0);
         }
         self.metrics = Some(metrics);
         self

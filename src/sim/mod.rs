@@ -829,7 +829,7 @@ mod tests {
         let options = StandaloneOptions {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             entities: 3,
-            config: SimConfig::default(),
+            ..StandaloneOptions::default()
         };
         let run = run_standalone(
             options.clone(),

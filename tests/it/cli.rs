@@ -349,7 +349,7 @@ async fn serve_syncs_against_the_simulator_subcommand_as_a_user_would_run_them()
     for _ in 0..100 {
         let out = fenx(&["status", "--json"], &[("FENX_STORE__DIR", dir.as_str())]);
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if status["by_status"] == serde_json::json!([["done", 1]]) {
+        if status["by_status"] == serde_json::json!({ "done": 1 }) {
             done = true;
             break;
         }

@@ -6,6 +6,7 @@ mod crash;
 mod demo;
 mod helpers;
 mod ingest;
+mod platform;
 mod polling;
 mod sync;
 mod systemd;
