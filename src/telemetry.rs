@@ -471,3 +471,81 @@ fn openmetrics_to_prometheus(openmetrics: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_counter_families_after_their_samples() {
+        let metrics = Metrics::new();
+        metrics.count_webhook("stored");
+        metrics.fetch_seconds.observe(0.2);
+        let text = metrics.encode(Exposition::Prometheus);
+        assert!(text.contains(
+            "# HELP fenx_webhook_requests_total Webhook requests by outcome.\n\
+             # TYPE fenx_webhook_requests_total counter\n\
+             fenx_webhook_requests_total{outcome=\"stored\"} 1\n"
+        ));
+        assert!(text.contains("# TYPE fenx_fetch_seconds histogram\n"));
+        assert!(text.contains("fenx_fetch_seconds_bucket{le=\"0.25\"} 1\n"));
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
+
+        let openmetrics = metrics.encode(Exposition::OpenMetrics);
+        assert!(openmetrics.contains("# TYPE fenx_webhook_requests counter\n"));
+        assert!(openmetrics.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn openmetrics_only_when_accept_names_it() {
+        assert_eq!(Exposition::negotiate(None), Exposition::Prometheus);
+        assert_eq!(
+            Exposition::negotiate(Some("text/plain;version=0.0.4")),
+            Exposition::Prometheus
+        );
+        assert_eq!(
+            Exposition::negotiate(Some(
+                "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;q=0.4"
+            )),
+            Exposition::OpenMetrics
+        );
+    }
+
+    #[test]
+    fn json_fields_keep_arrays_as_arrays() {
+        #[derive(Default)]
+        struct Capture(std::sync::Mutex<Option<serde_json::Value>>);
+        impl tracing::Subscriber for Capture {
+            fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+                true
+            }
+            fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+                tracing::span::Id::from_u64(1)
+            }
+            fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+            fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+            fn event(&self, event: &tracing::Event<'_>) {
+                let mut fields = JsonFields::default();
+                event.record(&mut fields);
+                *self.0.lock().unwrap() = Some(serde_json::Value::Object(fields.0));
+            }
+            fn enter(&self, _: &tracing::span::Id) {}
+            fn exit(&self, _: &tracing::span::Id) {}
+        }
+        let capture = std::sync::Arc::new(Capture::default());
+        let feeds = vec!["all".to_owned(), "kyc".to_owned()];
+        tracing::subscriber::with_default(capture.clone(), || {
+            tracing::info!(
+                feeds = ?feeds,
+                latency_ms = millis(Duration::from_nanos(15_314_157_999)),
+                note = "[not json",
+                "polling"
+            );
+        });
+        let line = capture.0.lock().unwrap().take().unwrap();
+        assert_eq!(line["feeds"], serde_json::json!(["all", "kyc"]));
+        assert_eq!(line["latency_ms"], serde_json::json!(15314.158));
+        assert_eq!(line["note"], "[not json");
+        assert_eq!(line["message"], "polling");
+    }
+}
