@@ -188,7 +188,8 @@ impl Poller {
                         .nth(failures)
                         .unwrap_or(self.retry_max);
                     failures += 1;
-                    tracing::warn!(%error, retry_in = ?wait, "polling failed");
+                    let retry_in_ms = crate::telemetry::millis(wait);
+                    tracing::warn!(%error, retry_in_ms, "polling failed");
                     wait
                 }
             };

@@ -66,8 +66,14 @@ impl Reconciler {
             };
             metrics.reconcile_running.get_or_create(&label).set(0);
             metrics.reconcile_entities_seen.get_or_create(&label).set(0);
-            metrics.reconcile_entities_listed.get_or_create(&label).set(0);
-            metrics.reconcile_last_success.get_or_create(&label).set(0.0);
+            metrics
+                .reconcile_entities_listed
+                .get_or_create(&label)
+                .set(0);
+            metrics
+                .reconcile_last_success
+                .get_or_create(&label)
+                .set(0.0);
         }
         self.metrics = Some(metrics);
         self

@@ -422,11 +422,9 @@ pub async fn run_standalone(
     let serve_config = serve_config(&sim, &options.webhook_secret);
     match &options.write_config {
         Some(path) => {
-            std::fs::write(path, &serve_config).map_err(|source| {
-                StandaloneError::WriteConfig {
-                    path: path.clone(),
-                    source,
-                }
+            std::fs::write(path, &serve_config).map_err(|source| StandaloneError::WriteConfig {
+                path: path.clone(),
+                source,
             })?;
             tracing::info!(path = %path.display(), "configuration for `fenx-sync serve --config` written");
         }

@@ -320,7 +320,7 @@ impl Work {
     }
 
     fn dead(&mut self, row: &Claimed, reason: String, status: Option<u16>) {
-        tracing::warn!(notification_id = %row.id, %reason, "notification dead-lettered");
+        tracing::warn!(notification_id = %row.id, entity = row.entity_key.as_deref(), %reason, "notification dead-lettered");
         self.log.push(processed(
             row,
             "dead",

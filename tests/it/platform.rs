@@ -53,7 +53,10 @@ fn assert_prometheus_text(text: &str) {
             assert!(name.ends_with("_total"), "counter family {name}");
         }
     }
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let name = line.split(['{', ' ']).next().unwrap();
         let family = [name]
             .into_iter()
@@ -77,8 +80,11 @@ async fn metrics_are_prometheus_text_unless_openmetrics_is_asked_for() {
     let app = TestApp::spawn().await;
     app.post_signed(&notification("p-1", "entitydata:created"))
         .await;
-    app.post_with_signature(&notification("p-2", "entitydata:created"), Some("sha256=00"))
-        .await;
+    app.post_with_signature(
+        &notification("p-2", "entitydata:created"),
+        Some("sha256=00"),
+    )
+    .await;
 
     let (content_type, text) = scrape(&app, None).await;
     assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
@@ -88,12 +94,16 @@ async fn metrics_are_prometheus_text_unless_openmetrics_is_asked_for() {
         Some(2.0),
         "{text}"
     );
-    let version = format!("fenx_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"));
+    let version = format!(
+        "fenx_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
     assert_eq!(sample(&text, &version), Some(1.0), "{text}");
     assert!(text.contains("# TYPE fenx_freshness_seconds histogram"));
 
     // What Prometheus itself sends: OpenMetrics preferred.
-    let prometheus_accept = "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1";
+    let prometheus_accept =
+        "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1";
     let (content_type, text) = scrape(&app, Some(prometheus_accept)).await;
     assert!(
         content_type.starts_with("application/openmetrics-text; version=1.0.0"),
@@ -226,7 +236,10 @@ impl Logging {
                 }
                 Err(_) => {
                     let _ = self.child.kill();
-                    panic!("no line with {needle:?} within 20 s; saw:\n{}", self.seen.join("\n"));
+                    panic!(
+                        "no line with {needle:?} within 20 s; saw:\n{}",
+                        self.seen.join("\n")
+                    );
                 }
             }
         }
