@@ -145,8 +145,12 @@ async fn status_dead_letters_replay_and_resync_work_against_a_running_service() 
     assert_eq!(status["dead_letters"], 1);
     assert_eq!(status["duplicates_received"], 1);
     assert_eq!(
-        status["signature_recipes"][0],
-        serde_json::json!(["sha256-hex/hex", 3])
+        status["signature_recipes"],
+        serde_json::json!({ "sha256-hex/hex": 3 })
+    );
+    assert_eq!(
+        status["by_status"],
+        serde_json::json!({ "dead": 1, "ignored": 2 })
     );
     let table = text(&fenx_on(&app, &["status"]).stdout);
     assert!(
@@ -359,13 +363,5 @@ async fn serve_syncs_against_the_simulator_subcommand_as_a_user_would_run_them()
     simulator.kill().unwrap();
     let _ = (service.wait(), simulator.wait());
     assert!(done, "the notification was not synced within 5 s");
-    let reporting = rusqlite::Connection::open(store.path().join("reporting.db")).unwrap();
-    let stored: i64 = reporting
-        .query_row(
-            "SELECT count(*) FROM entity WHERE entity_id = ?1",
-            [&entity],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(stored, 1);
+    assert_eq!(crate::helpers::entity_rows(store.path(), &entity), 1);
 }

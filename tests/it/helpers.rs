@@ -204,3 +204,15 @@ pub async fn wait_for(path: &std::path::Path, sql: &str, want: i64) {
     }
     panic!("{sql} never reached {want} within 10 s");
 }
+
+/// How many `entity` rows `reporting.db` under `store_dir` holds for `entity_id`.
+pub fn entity_rows(store_dir: &Path, entity_id: &str) -> i64 {
+    Connection::open(store_dir.join("reporting.db"))
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM entity WHERE entity_id = ?1",
+            [entity_id],
+            |r| r.get(0),
+        )
+        .unwrap()
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use fenx_sync::sim::Simulator;
 
-use crate::helpers::{TestApp, notification, wait_for};
+use crate::helpers::{TestApp, entity_rows, notification, wait_for};
 use crate::sync::{sim_config, sync_settings};
 
 async fn scrape(app: &TestApp, accept: Option<&str>) -> (String, String) {
@@ -270,6 +270,24 @@ fn json_field(line: &str, field: &str) -> String {
     value[field].as_str().unwrap().to_owned()
 }
 
+/// `fenx-sync simulator` on an ephemeral port, once it has written its `serve` configuration.
+fn simulator(entities: usize, config: &str, more: &[&str]) -> Logging {
+    let entities = entities.to_string();
+    let mut args = vec![
+        "simulator",
+        "--listen",
+        "127.0.0.1:0",
+        "--entities",
+        &entities,
+        "--write-config",
+        config,
+    ];
+    args.extend_from_slice(more);
+    let mut simulator = Logging::spawn(&args, &[]);
+    simulator.wait_for_line("configuration for `fenx-sync serve --config` written");
+    simulator
+}
+
 /// A loopback port that was free a moment ago: the simulator must know where to send before
 /// `serve` binds it.
 fn free_port() -> u16 {
@@ -288,23 +306,7 @@ fn simulator_and_serve_are_the_whole_trial_in_two_commands() {
     let target = format!("http://127.0.0.1:{port}/webhooks/fenergo");
     let config_arg = config.to_str().unwrap();
     // Human-format logs into a pipe: no colour codes.
-    let mut simulator = Logging::spawn(
-        &[
-            "simulator",
-            "--listen",
-            "127.0.0.1:0",
-            "--entities",
-            "5",
-            "--write-config",
-            config_arg,
-            "--send-to",
-            &target,
-            "--rate",
-            "20",
-        ],
-        &[],
-    );
-    simulator.wait_for_line("configuration for `fenx-sync serve --config` written");
+    let mut simulator = simulator(5, config_arg, &["--send-to", &target, "--rate", "20"]);
     let written = std::fs::read_to_string(&config).unwrap();
     assert!(written.contains("[fenergo]") && written.contains("client_secret"));
 
@@ -321,15 +323,7 @@ fn simulator_and_serve_are_the_whole_trial_in_two_commands() {
     );
     let synced = service.wait_for_line("\"entity synced\"");
     let entity = json_field(&synced, "entity");
-    let reporting = rusqlite::Connection::open(store.join("reporting.db")).unwrap();
-    let stored: i64 = reporting
-        .query_row(
-            "SELECT count(*) FROM entity WHERE entity_id = ?1",
-            [&entity],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(stored, 1, "{entity} not in the reporting store");
+    assert_eq!(entity_rows(&store, &entity), 1, "{entity} not in the store");
     simulator.wait_for_line("webhooks sent so far");
     assert!(
         simulator.seen.iter().all(|l| !l.contains('\u{1b}')),
@@ -345,19 +339,7 @@ fn backfill_interrupted_says_how_to_resume_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("serve.toml");
     let config_arg = config.to_str().unwrap();
-    let mut simulator = Logging::spawn(
-        &[
-            "simulator",
-            "--listen",
-            "127.0.0.1:0",
-            "--entities",
-            "3000",
-            "--write-config",
-            config_arg,
-        ],
-        &[],
-    );
-    simulator.wait_for_line("configuration for `fenx-sync serve --config` written");
+    let simulator = simulator(3000, config_arg, &[]);
     let store = dir.path().join("data");
     let env = [
         ("FENX_STORE__DIR", store.to_str().unwrap()),
