@@ -377,7 +377,7 @@ fn backfill(
     let run = runtime()?.block_on(async {
         tokio::select! {
             run = walk => Some(run),
-            _ = shutdown_signal() => None,
+            _ = stop_requested() => None,
         }
     });
     bar.finish_and_clear();
@@ -418,8 +418,14 @@ async fn bind(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<tokio::ne
         .with_context(|| format!("cannot listen on {key} = {addr}"))
 }
 
-/// Completes on SIGTERM (Docker, systemd, Kubernetes) or SIGINT (Ctrl-C).
+/// Completes on SIGTERM (Docker, systemd, Kubernetes) or SIGINT (Ctrl-C), saying so.
 async fn shutdown_signal() {
+    stop_requested().await;
+    tracing::info!("shutdown requested; draining in-flight requests");
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn stop_requested() {
     let mut terminate = match tokio::signal::unix::signal(
         tokio::signal::unix::SignalKind::terminate(),
     ) {
@@ -434,7 +440,6 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
-    tracing::info!("shutdown requested; draining in-flight requests");
 }
 
 fn open_admin(settings: &Settings) -> anyhow::Result<OutboxAdmin> {
