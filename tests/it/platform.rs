@@ -379,3 +379,44 @@ fn backfill_interrupted_says_how_to_resume_and_resumes() {
     assert_eq!(stored, 3000);
     simulator.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_request_line_brackets_the_batch_with_rounded_latency() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut service = Logging::spawn(
+        &["serve", "--ingest-only"],
+        &[
+            ("FENX_SERVER__LISTEN", "127.0.0.1:0"),
+            ("FENX_ADMIN__ENABLED", "false"),
+            ("FENX_WEBHOOK__SECRETS", crate::helpers::SECRET),
+            ("FENX_STORE__DIR", dir.path().to_str().unwrap()),
+            ("FENX_LOG__FORMAT", "json"),
+        ],
+    );
+    let listen = json_field(&service.wait_for_line("\"listen\""), "listen");
+    let ids = ["batch-first", "batch-middle", "batch-last"];
+    let body = format!(
+        "[{}]",
+        ids.map(|id| notification(id, "entitydata:created"))
+            .join(",")
+    );
+    let signature = crate::helpers::sign(crate::helpers::SECRET, "sha256-hex/hex", &body);
+    let response = fenx_sync::fenergo::client_builder()
+        .build()
+        .unwrap()
+        .post(format!("http://{listen}/webhooks/fenergo"))
+        .header("x-fenx-signature", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let line: serde_json::Value =
+        serde_json::from_str(&service.wait_for_line("webhook accepted")).unwrap();
+    service.stop();
+    assert_eq!(line["notification_id"], "batch-first");
+    assert_eq!(line["last_notification_id"], "batch-last");
+    assert_eq!(line["notifications"], 3);
+    let latency = line["latency_ms"].as_f64().unwrap();
+    assert_eq!((latency * 1000.0).round() / 1000.0, latency, "{line}");
+}
