@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod demo;
 mod helpers;
+mod hostile;
 mod ingest;
 mod polling;
 mod sync;
