@@ -52,8 +52,8 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     /// Most simultaneous connections; further ones wait in the kernel's accept queue.
     pub max_connections: usize,
-    /// Most simultaneous connections from one peer address; further ones from it are closed at
-    /// accept. Peers in `trusted_proxies` are exempt (the cap cannot see `X-Forwarded-For`).
+    /// Most simultaneous connections from one peer address (IPv6: one /64); further ones from it
+    /// are closed at accept. Peers in `trusted_proxies` are exempt (the cap cannot see `X-Forwarded-For`).
     pub max_connections_per_client: usize,
     /// Time a client has to send the request headers (also the idle keep-alive limit).
     #[serde(with = "humantime_serde")]
@@ -509,7 +509,10 @@ impl Settings {
             return rule("server.max_connections", "must be greater than 0");
         }
         if self.server.max_connections_per_client == 0 {
-            return rule("server.max_connections_per_client", "must be greater than 0");
+            return rule(
+                "server.max_connections_per_client",
+                "must be greater than 0",
+            );
         }
         if self.server.max_inflight_body_bytes < self.server.max_body_bytes {
             return rule(

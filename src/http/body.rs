@@ -190,7 +190,11 @@ mod tests {
         second.grow_to(4_000).unwrap();
         assert_eq!(budget.in_use.load(Ordering::Relaxed), 10_000);
         first.grow_to(3_000).unwrap();
-        assert_eq!(budget.in_use.load(Ordering::Relaxed), 10_000, "a reservation never shrinks");
+        assert_eq!(
+            budget.in_use.load(Ordering::Relaxed),
+            10_000,
+            "a reservation never shrinks"
+        );
         drop(first);
         assert_eq!(budget.in_use.load(Ordering::Relaxed), 4_000);
         drop(second);

@@ -57,7 +57,8 @@ pub struct PeerPolicy {
     /// Reverse proxies: always admitted (the real client, named in `X-Forwarded-For`, is checked
     /// per request) and exempt from the per-client cap, which would otherwise cap everyone.
     pub trusted_proxies: Vec<IpNet>,
-    /// Most simultaneous connections from one peer address (`None`: no cap).
+    /// Most simultaneous connections from one peer address, an IPv6 peer counting by its /64
+    /// (one host's usual allocation). `None`: no cap.
     pub max_connections_per_client: Option<usize>,
 }
 
@@ -85,9 +86,18 @@ impl PeerPolicy {
     }
 }
 
-/// Open connections per peer address, for the per-client cap.
+/// Open connections per peer address (IPv6: per /64), for the per-client cap.
 #[derive(Debug, Default)]
 struct ClientConnections(Mutex<HashMap<IpAddr, usize>>);
+
+/// What the per-client cap counts a peer as: IPv4 addresses one by one, IPv6 by /64, since a
+/// single IPv6 host can pick any address in its /64.
+fn client_key(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V4(_) => peer,
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+    }
+}
 
 /// One counted connection; uncounted when dropped.
 struct ClientSlot {
@@ -97,6 +107,7 @@ struct ClientSlot {
 
 impl ClientConnections {
     fn try_take(self: &Arc<Self>, peer: IpAddr, max: usize) -> Result<ClientSlot, Refusal> {
+        let peer = client_key(peer);
         let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let open = counts.entry(peer).or_insert(0);
         if *open >= max {
@@ -222,14 +233,15 @@ pub async fn serve<R: Routes>(
             () = &mut shutdown => break,
         };
         let client = peer.ip().to_canonical();
-        let admitted = policy.check_network(client).and_then(|()| {
-            match policy.max_connections_per_client {
-                Some(max) if !policy.is_trusted_proxy(client) => {
-                    clients.try_take(client, max).map(Some)
-                }
-                _ => Ok(None),
-            }
-        });
+        let admitted =
+            policy
+                .check_network(client)
+                .and_then(|()| match policy.max_connections_per_client {
+                    Some(max) if !policy.is_trusted_proxy(client) => {
+                        clients.try_take(client, max).map(Some)
+                    }
+                    _ => Ok(None),
+                });
         let client_slot = match admitted {
             Ok(slot) => slot,
             Err(refusal) => {
@@ -272,4 +284,50 @@ pub fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Fu
         header::HeaderValue::from_static("application/json"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_per_client_cap_counts_ipv6_peers_by_their_64() {
+        let clients = Arc::new(ClientConnections::default());
+        let first = clients.try_take(ip("2001:db8:1:2::1"), 2).unwrap();
+        let _second = clients.try_take(ip("2001:db8:1:2:ffff::9"), 2).unwrap();
+        assert_eq!(
+            clients
+                .try_take(ip("2001:db8:1:2::77").to_canonical(), 2)
+                .err(),
+            Some(Refusal::OverClientCap)
+        );
+        assert!(clients.try_take(ip("2001:db8:1:3::1"), 2).is_ok());
+        let _v4 = clients.try_take(ip("192.0.2.1"), 1).unwrap();
+        assert!(clients.try_take(ip("192.0.2.2"), 1).is_ok());
+        drop(first);
+        assert!(clients.try_take(ip("2001:db8:1:2::77"), 2).is_ok());
+    }
+
+    #[test]
+    fn trusted_proxies_pass_the_allow_list_at_accept() {
+        let policy = PeerPolicy {
+            allow_networks: vec!["192.0.2.0/24".parse().unwrap()],
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+            max_connections_per_client: Some(1),
+        };
+        assert_eq!(policy.check_network(ip("192.0.2.9")), Ok(()));
+        assert_eq!(policy.check_network(ip("10.1.2.3")), Ok(()));
+        assert_eq!(
+            policy.check_network(ip("198.51.100.1")),
+            Err(Refusal::OutsideAllowList)
+        );
+        assert_eq!(
+            PeerPolicy::default().check_network(ip("198.51.100.1")),
+            Ok(())
+        );
+    }
 }

@@ -14,9 +14,7 @@ use crate::ingest::{error_of, read_answer, start_signed_post};
 /// A TCP connection to `addr` from the loopback address `source` (e.g. 127.0.0.2).
 async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
-    socket
-        .bind(format!("{source}:0").parse().unwrap())
-        .unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
     socket.connect(addr).await.unwrap()
 }
 
@@ -73,7 +71,10 @@ async fn a_body_slower_than_the_minimum_rate_gets_408_and_a_normal_one_is_unaffe
         .unwrap();
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(answer.contains("slower than 1000 bytes per second"), "{answer}");
+    assert!(
+        answer.contains("slower than 1000 bytes per second"),
+        "{answer}"
+    );
     trickle.abort();
     assert!(app.stored().is_empty());
 
@@ -201,8 +202,7 @@ async fn a_client_over_its_connection_cap_is_refused_while_another_address_is_se
         let mut retry = connect_from("127.0.0.2", app.addr).await;
         let _ = retry.write_all(signed_request(&body).as_bytes()).await;
         let mut buf = [0u8; 64];
-        if let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_secs(5), retry.read(&mut buf)).await
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), retry.read(&mut buf)).await
             && buf[..n].starts_with(b"HTTP/1.1 200")
         {
             served = true;

@@ -270,9 +270,15 @@ async fn clients_named_by_a_trusted_proxy_outside_the_allow_list_get_403() {
             .body(body)
             .send()
     };
-    assert_eq!(post_as("198.51.100.7", "blocked").await.unwrap().status(), 403);
+    assert_eq!(
+        post_as("198.51.100.7", "blocked").await.unwrap().status(),
+        403
+    );
     assert!(app.stored().is_empty());
-    assert_eq!(post_as("192.0.2.10", "allowed").await.unwrap().status(), 200);
+    assert_eq!(
+        post_as("192.0.2.10", "allowed").await.unwrap().status(),
+        200
+    );
     assert_eq!(app.stored().len(), 1);
     app.stop().await;
 }
@@ -324,7 +330,12 @@ async fn routing_health_and_methods() {
         (reqwest::Method::DELETE, "/healthz"),
         (reqwest::Method::PUT, "/readyz"),
     ] {
-        let response = app.client.request(method, app.url(path)).send().await.unwrap();
+        let response = app
+            .client
+            .request(method, app.url(path))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 405, "{path}");
         assert_eq!(response.headers()["allow"], "GET, HEAD", "{path}");
     }

@@ -1,4 +1,4 @@
-//! Fault benchmark: `cargo bench --bench faults`.
+//! Hostile-client benchmark: `cargo bench --bench hostile`.
 //!
 //! Runs the real `fenx-sync serve` binary (release build, default settings apart from loopback
 //! port 0 and a temp store) and attacks it from this process while valid signed deliveries are
@@ -128,17 +128,34 @@ fn run_phase(name: &str, length: Duration, attack: Option<Attack>) {
     );
 }
 
-async fn run_attack(attack: Attack, addr: SocketAddr, tally: Tally, stopping: watch::Receiver<bool>) {
+async fn run_attack(
+    attack: Attack,
+    addr: SocketAddr,
+    tally: Tally,
+    stopping: watch::Receiver<bool>,
+) {
     let tasks: Vec<_> = match attack {
         Attack::SlowBodies(n) => (0..n)
             .map(|i| {
                 let source = format!("127.0.1.{}", 1 + i % 16);
-                tokio::spawn(attacker(addr, source, SLOW_BODY, tally.clone(), stopping.clone()))
+                tokio::spawn(attacker(
+                    addr,
+                    source,
+                    SLOW_BODY,
+                    tally.clone(),
+                    stopping.clone(),
+                ))
             })
             .collect(),
         Attack::Slowloris(n) => (0..n)
             .map(|_| {
-                tokio::spawn(attacker(addr, "127.0.0.2".into(), SLOWLORIS, tally.clone(), stopping.clone()))
+                tokio::spawn(attacker(
+                    addr,
+                    "127.0.0.2".into(),
+                    SLOWLORIS,
+                    tally.clone(),
+                    stopping.clone(),
+                ))
             })
             .collect(),
     };
@@ -375,8 +392,12 @@ impl Server {
 
 fn count_rows(path: &std::path::Path) -> usize {
     rusqlite::Connection::open(path)
-        .and_then(|c| c.query_row("SELECT count(*) FROM notification", [], |r| r.get(0)))
-        .unwrap_or(0)
+        .and_then(|c| {
+            c.query_row("SELECT count(*) FROM notification", [], |r| {
+                r.get::<_, i64>(0)
+            })
+        })
+        .map_or(0, |n| n as usize)
 }
 
 fn ms(d: Duration) -> f64 {
