@@ -3,8 +3,9 @@
 //!
 //! Order for `POST {webhook.path}`: allow-list (403) → one signature header (401) → body size
 //! (413), budget (503) and rate (408) → signature over the exact raw bytes (401) → JSON (400) →
-//! durable group commit → 200. Who may connect at all is its [`PeerPolicy`], applied at accept. It must never answer 2xx before the
-//! outbox commit has returned, never open SQLite itself, and never log a secret or a whole body.
+//! durable group commit → 200. Who may connect at all is its [`PeerPolicy`], applied at accept.
+//! It must never answer 2xx before the outbox commit has returned, never open SQLite itself,
+//! and never log a secret or a whole body.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
