@@ -794,6 +794,20 @@ mod tests {
     }
 
     #[test]
+    fn limits_that_could_never_admit_a_request_are_refused() {
+        Jail::expect_with(|jail| {
+            jail.set_env("FENX_SERVER__MAX_INFLIGHT_BODY_BYTES", "1000");
+            let err = load_in(jail, None).unwrap_err().to_string();
+            assert!(err.contains("server.max_inflight_body_bytes"), "{err}");
+            jail.set_env("FENX_SERVER__MAX_INFLIGHT_BODY_BYTES", "2000000");
+            jail.set_env("FENX_SERVER__MAX_CONNECTIONS_PER_CLIENT", "0");
+            let err = load_in(jail, None).unwrap_err().to_string();
+            assert!(err.contains("server.max_connections_per_client"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn secrets_come_from_files_and_systemd_credentials() {
         Jail::expect_with(|jail| {
             jail.create_file("secrets.txt", "# rotated 2026-11\nfirst\n\n second \n")?;

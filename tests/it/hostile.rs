@@ -216,6 +216,27 @@ async fn a_client_over_its_connection_cap_is_refused_while_another_address_is_se
 }
 
 #[tokio::test]
+async fn a_trusted_proxy_is_exempt_from_the_per_client_cap() {
+    // Behind a proxy every connection comes from the proxy's address: capping it would cap all.
+    let app = TestApp::spawn_with(|s| {
+        s.server.max_connections_per_client = 1;
+        s.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let _held = connect_from("127.0.0.1", app.addr).await;
+    let body = notification("via-proxy", "entitydata:created");
+    let mut second = connect_from("127.0.0.1", app.addr).await;
+    second
+        .write_all(signed_request(&body).as_bytes())
+        .await
+        .unwrap();
+    let answer = read_answer(&mut second).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(app.stored().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_peer_outside_the_allow_list_is_closed_before_a_byte_is_read() {
     let app =
         TestApp::spawn_with(|s| s.server.allow_networks = vec!["127.0.0.1/32".parse().unwrap()])
