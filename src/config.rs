@@ -52,6 +52,9 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     /// Most simultaneous connections; further ones wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// Most simultaneous connections from one peer address (IPv6: one /64); further ones from it
+    /// are closed at accept. Peers in `trusted_proxies` are exempt (the cap cannot see `X-Forwarded-For`).
+    pub max_connections_per_client: usize,
     /// Time a client has to send the request headers (also the idle keep-alive limit).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
@@ -60,6 +63,14 @@ pub struct ServerSettings {
     pub body_read_timeout: Duration,
     /// Largest accepted body; larger ones get 413.
     pub max_body_bytes: usize,
+    /// Most body bytes held in memory across all requests at once; beyond it 503 + Retry-After.
+    pub max_inflight_body_bytes: usize,
+    /// Slowest acceptable body, in bytes per second after `min_body_rate_grace`; slower gets 408.
+    /// 0 turns the rate check off (`body_read_timeout` still applies).
+    pub min_body_rate: u64,
+    /// Time a body may take before the rate check starts counting.
+    #[serde(with = "humantime_serde")]
+    pub min_body_rate_grace: Duration,
     /// Client networks allowed to post webhooks (empty: any). Others get 403.
     pub allow_networks: Vec<IpNet>,
     /// Reverse proxies whose `X-Forwarded-For` is trusted to name the real client.
@@ -73,10 +84,14 @@ impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
             listen: "0.0.0.0:8080".parse().expect("valid literal"),
-            max_connections: 1024,
+            max_connections: 4096,
+            max_connections_per_client: 256,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             max_body_bytes: 1024 * 1024,
+            max_inflight_body_bytes: 64 * 1024 * 1024,
+            min_body_rate: 1024,
+            min_body_rate_grace: Duration::from_secs(2),
             allow_networks: Vec::new(),
             trusted_proxies: Vec::new(),
             shutdown_grace: Duration::from_secs(20),
@@ -493,6 +508,18 @@ impl Settings {
         if self.server.max_connections == 0 {
             return rule("server.max_connections", "must be greater than 0");
         }
+        if self.server.max_connections_per_client == 0 {
+            return rule(
+                "server.max_connections_per_client",
+                "must be greater than 0",
+            );
+        }
+        if self.server.max_inflight_body_bytes < self.server.max_body_bytes {
+            return rule(
+                "server.max_inflight_body_bytes",
+                "must be at least server.max_body_bytes, or no body of the largest size fits",
+            );
+        }
         if self.store.max_batch == 0 || self.store.queue_capacity == 0 {
             return rule(
                 "store.max_batch",
@@ -762,6 +789,20 @@ mod tests {
                 err.contains("missing.toml") && err.contains("does not exist"),
                 "{err}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn limits_that_could_never_admit_a_request_are_refused() {
+        Jail::expect_with(|jail| {
+            jail.set_env("FENX_SERVER__MAX_INFLIGHT_BODY_BYTES", "1000");
+            let err = load_in(jail, None).unwrap_err().to_string();
+            assert!(err.contains("server.max_inflight_body_bytes"), "{err}");
+            jail.set_env("FENX_SERVER__MAX_INFLIGHT_BODY_BYTES", "2000000");
+            jail.set_env("FENX_SERVER__MAX_CONNECTIONS_PER_CLIENT", "0");
+            let err = load_in(jail, None).unwrap_err().to_string();
+            assert!(err.contains("server.max_connections_per_client"), "{err}");
             Ok(())
         });
     }

@@ -180,6 +180,8 @@ pub enum SignatureError {
     Malformed,
     #[error("x-fenx-signature does not match the body")]
     Mismatch,
+    #[error("more than one x-fenx-signature header")]
+    Repeated,
 }
 
 impl SignatureError {
@@ -190,7 +192,21 @@ impl SignatureError {
             SignatureError::Empty => "empty",
             SignatureError::Malformed => "malformed",
             SignatureError::Mismatch => "mismatch",
+            SignatureError::Repeated => "repeated",
         }
+    }
+}
+
+/// The one `x-fenx-signature` value among all the request's `values` of that header, if any.
+/// Two or more are refused whatever they say: checking only one of them would let a forged
+/// header decide the outcome by its position.
+pub fn single_header<'a>(
+    mut values: impl Iterator<Item = &'a [u8]>,
+) -> Result<Option<&'a [u8]>, SignatureError> {
+    let first = values.next();
+    match values.next() {
+        Some(_) => Err(SignatureError::Repeated),
+        None => Ok(first),
     }
 }
 
@@ -461,6 +477,19 @@ mod tests {
                 .map(|_| alphabet[rng.usize(..alphabet.len())])
                 .collect();
             assert!(v.verify(Some(&header), BODY).is_err(), "{header:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_single_header_value_is_taken() {
+        let (good, bad): (&[u8], &[u8]) = (b"good", b"bad");
+        assert_eq!(single_header(std::iter::empty()), Ok(None));
+        assert_eq!(single_header([good].into_iter()), Ok(Some(good)));
+        for pair in [[good, bad], [bad, good], [good, good]] {
+            assert_eq!(
+                single_header(pair.into_iter()),
+                Err(SignatureError::Repeated)
+            );
         }
     }
 

@@ -5,12 +5,12 @@
 //! internal error text (SQLite messages and paths stay in the log).
 
 use std::net::IpAddr;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 
+use super::body::BodyError;
 use crate::notification::ParseError;
 use crate::outbox::OutboxError;
 use crate::signature::SignatureError;
@@ -26,12 +26,8 @@ pub enum IngestError {
     MethodNotAllowed { allow: &'static str },
     #[error("client address {0} is not in server.allow_networks")]
     Forbidden(IpAddr),
-    #[error("body larger than {limit} bytes")]
-    TooLarge { limit: usize },
-    #[error("body not received within {0:?}")]
-    BodyTimeout(Duration),
-    #[error("body could not be read: {0}")]
-    BodyRead(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    Body(#[from] BodyError),
     #[error(transparent)]
     Signature(#[from] SignatureError),
     #[error(transparent)]
@@ -46,9 +42,13 @@ impl IngestError {
             IngestError::NotFound => StatusCode::NOT_FOUND,
             IngestError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             IngestError::Forbidden(_) => StatusCode::FORBIDDEN,
-            IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            IngestError::BodyRead(_) | IngestError::Parse(_) => StatusCode::BAD_REQUEST,
+            IngestError::Body(e) => match e {
+                BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                BodyError::Timeout(_) | BodyError::TooSlow { .. } => StatusCode::REQUEST_TIMEOUT,
+                BodyError::BudgetExhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                BodyError::Read(_) => StatusCode::BAD_REQUEST,
+            },
+            IngestError::Parse(_) => StatusCode::BAD_REQUEST,
             IngestError::Signature(_) => StatusCode::UNAUTHORIZED,
             IngestError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -60,14 +60,19 @@ impl IngestError {
             IngestError::NotFound => "not_found",
             IngestError::MethodNotAllowed { .. } => "method_not_allowed",
             IngestError::Forbidden(_) => "forbidden",
-            IngestError::TooLarge { .. } => "too_large",
-            IngestError::BodyTimeout(_) => "body_timeout",
-            IngestError::BodyRead(_) => "body_unreadable",
+            IngestError::Body(e) => match e {
+                BodyError::TooLarge { .. } => "too_large",
+                BodyError::Timeout(_) => "body_timeout",
+                BodyError::TooSlow { .. } => "body_too_slow",
+                BodyError::BudgetExhausted { .. } => "body_budget_exhausted",
+                BodyError::Read(_) => "body_unreadable",
+            },
             IngestError::Signature(e) => match e {
                 SignatureError::Missing => "signature_missing",
                 SignatureError::Empty => "signature_empty",
                 SignatureError::Malformed => "signature_malformed",
                 SignatureError::Mismatch => "signature_mismatch",
+                SignatureError::Repeated => "signature_repeated",
             },
             IngestError::Parse(_) => "malformed",
             IngestError::Store(_) => "store_unavailable",
@@ -79,7 +84,10 @@ impl IngestError {
             IngestError::Store(_) => {
                 "the notification could not be stored durably; retry later".into()
             }
-            IngestError::BodyRead(_) => "the request body could not be read".into(),
+            IngestError::Body(BodyError::BudgetExhausted { .. }) => {
+                "too many request bodies are being received at once; retry later".into()
+            }
+            IngestError::Body(BodyError::Read(_)) => "the request body could not be read".into(),
             other => other.to_string(),
         }
     }
@@ -91,11 +99,11 @@ impl IngestError {
         );
         let headers = response.headers_mut();
         match self {
-            IngestError::Store(_) => {
+            IngestError::Store(_) | IngestError::Body(BodyError::BudgetExhausted { .. }) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
             }
-            IngestError::MethodNotAllowed { .. } => {
-                headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
+            IngestError::MethodNotAllowed { allow } => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
             IngestError::Signature(_) => {
                 headers.insert(

@@ -1,9 +1,11 @@
 //! The webhook endpoint and health probes: the thin layer that wires the pure checks
 //! (allow-list, size, signature, parsing) to the outbox in the order the contract demands.
 //!
-//! Order for `POST {webhook.path}`: allow-list (403) → body size (413) → signature over the exact
-//! raw bytes (401) → JSON (400) → durable group commit → 200. It must never answer 2xx before the
-//! outbox commit has returned, never open SQLite itself, and never log a secret or a whole body.
+//! Order for `POST {webhook.path}`: allow-list (403) → one signature header (401) → body size
+//! (413), budget (503) and rate (408) → signature over the exact raw bytes (401) → JSON (400) →
+//! durable group commit → 200. Who may connect at all is its [`PeerPolicy`], applied at accept.
+//! It must never answer 2xx before the outbox commit has returned, never open SQLite itself,
+//! and never log a secret or a whole body.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -11,17 +13,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use ipnet::IpNet;
 
+use super::body::{self, BodyBudget, BodyLimits};
 use super::error::IngestError;
-use super::{Routes, json_response};
+use super::{PeerPolicy, Routes, json_response};
 use crate::config::Settings;
 use crate::notification::{self, Notification};
 use crate::outbox::{Appended, NewNotification, Outbox, Source};
-use crate::signature::{self, Recipe, RecipeChoice, Verifier};
+use crate::signature::{self, Recipe, RecipeChoice, SignatureError, Verifier};
 use crate::telemetry::{Metrics, ReasonLabel, RecipeLabel};
 
 /// How long `/readyz` waits for the outbox write lock before saying "not ready".
@@ -33,8 +36,10 @@ pub struct Ingress {
     verifier: Verifier,
     recipe_choice: RecipeChoice,
     outbox: Outbox,
-    max_body_bytes: usize,
-    body_read_timeout: Duration,
+    body_limits: BodyLimits,
+    /// Shared by every webhook connection: the bytes of all bodies held at once.
+    body_budget: Arc<BodyBudget>,
+    max_connections_per_client: usize,
     allow_networks: Vec<IpNet>,
     trusted_proxies: Vec<IpNet>,
     /// Recipes already announced in the log (auto mode announces each once).
@@ -49,8 +54,14 @@ impl Ingress {
             verifier: Verifier::new(&settings.webhook.secrets, settings.webhook.signature.recipe),
             recipe_choice: settings.webhook.signature.recipe,
             outbox,
-            max_body_bytes: settings.server.max_body_bytes,
-            body_read_timeout: settings.server.body_read_timeout,
+            body_limits: BodyLimits {
+                max_bytes: settings.server.max_body_bytes,
+                read_timeout: settings.server.body_read_timeout,
+                min_rate: settings.server.min_body_rate,
+                rate_grace: settings.server.min_body_rate_grace,
+            },
+            body_budget: BodyBudget::new(settings.server.max_inflight_body_bytes),
+            max_connections_per_client: settings.server.max_connections_per_client,
             allow_networks: settings.server.allow_networks.clone(),
             trusted_proxies: settings.server.trusted_proxies.clone(),
             recipes_seen: Mutex::new(HashSet::new()),
@@ -71,22 +82,32 @@ impl Ingress {
         {
             return Err(IngestError::Forbidden(client));
         }
-        let signature_header = request
+        let signature_header = signature::single_header(
+            request
+                .headers()
+                .get_all(signature::HEADER)
+                .iter()
+                .map(HeaderValue::as_bytes),
+        )
+        .map(|value| value.map(<[u8]>::to_vec))
+        .inspect_err(|e| self.count_signature_failure(e))?;
+        let declared = request
             .headers()
-            .get(signature::HEADER)
-            .map(|v| v.as_bytes().to_vec());
-        let body = self.read_body(request).await?;
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        // Held until the response: the notifications share the body's buffer until committed.
+        let body = body::read(
+            request.into_body(),
+            declared,
+            &self.body_limits,
+            &self.body_budget,
+        )
+        .await?;
         let verified = self
             .verifier
-            .verify(signature_header.as_deref(), &body)
-            .inspect_err(|e| {
-                self.metrics
-                    .signature_failures
-                    .get_or_create(&ReasonLabel {
-                        reason: e.reason().to_owned(),
-                    })
-                    .inc();
-            })?;
+            .verify(signature_header.as_deref(), &body.bytes)
+            .inspect_err(|e| self.count_signature_failure(e))?;
         let recipe = verified.recipe.to_string();
         self.metrics
             .signature_recipes
@@ -95,7 +116,7 @@ impl Ingress {
             })
             .inc();
         self.announce_recipe(verified.recipe, verified.secret_index);
-        let notifications = notification::parse_body(&body)?;
+        let notifications = notification::parse_body(&body.bytes)?;
         log.describe(&notifications);
         let event_types: Vec<Option<String>> =
             notifications.iter().map(|n| n.event_type.clone()).collect();
@@ -130,25 +151,13 @@ impl Ingress {
         })
     }
 
-    async fn read_body(&self, request: Request<Incoming>) -> Result<Bytes, IngestError> {
-        let too_large = IngestError::TooLarge {
-            limit: self.max_body_bytes,
-        };
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > self.max_body_bytes as u64) {
-            return Err(too_large);
-        }
-        let limited = Limited::new(request.into_body(), self.max_body_bytes);
-        match tokio::time::timeout(self.body_read_timeout, limited.collect()).await {
-            Err(_) => Err(IngestError::BodyTimeout(self.body_read_timeout)),
-            Ok(Err(error)) if error.is::<LengthLimitError>() => Err(too_large),
-            Ok(Err(error)) => Err(IngestError::BodyRead(error)),
-            Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        }
+    fn count_signature_failure(&self, error: &SignatureError) {
+        self.metrics
+            .signature_failures
+            .get_or_create(&ReasonLabel {
+                reason: error.reason().to_owned(),
+            })
+            .inc();
     }
 
     /// In auto mode, says once per recipe which one Fenergo's deliveries match, so the operator
@@ -191,6 +200,14 @@ fn not_ready(reason: &str) -> Response<Full<Bytes>> {
 }
 
 impl Routes for Ingress {
+    fn peer_policy(&self) -> PeerPolicy {
+        PeerPolicy {
+            allow_networks: self.allow_networks.clone(),
+            trusted_proxies: self.trusted_proxies.clone(),
+            max_connections_per_client: Some(self.max_connections_per_client),
+        }
+    }
+
     async fn route(
         self: Arc<Self>,
         request: Request<Incoming>,

@@ -14,12 +14,13 @@ use crate::helpers::{SECRET, notification, read_outbox, sign};
 const CYCLES: usize = 3;
 const CLIENTS: usize = 16;
 
-/// Starts `fenx-sync serve` on 127.0.0.1:0 and returns it with the address it bound (read from
-/// its JSON start-up log line).
+/// Starts `fenx-sync serve` on 127.0.0.1:0 (admin listener too: the default 127.0.0.1:9090 may
+/// be taken) and returns it with the address it bound (read from its JSON start-up log line).
 pub fn start_binary(store: &Path) -> (Child, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_fenx-sync"))
         .arg("serve")
         .env("FENX_SERVER__LISTEN", "127.0.0.1:0")
+        .env("FENX_ADMIN__LISTEN", "127.0.0.1:0")
         .env("FENX_WEBHOOK__SECRETS", SECRET)
         .env("FENX_STORE__DIR", store)
         .env("FENX_LOG__FORMAT", "json")

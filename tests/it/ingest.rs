@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use crate::helpers::{SECRET, TestApp, notification, sign};
 
 /// Sends the headers of a signed webhook and only the first `sent` bytes of its body.
-async fn start_signed_post(app: &TestApp, body: &str, sent: usize) -> TcpStream {
+pub(crate) async fn start_signed_post(app: &TestApp, body: &str, sent: usize) -> TcpStream {
     let signature = sign(SECRET, "sha256-hex/hex", body);
     let mut stream = TcpStream::connect(app.addr).await.unwrap();
     let head = format!(
@@ -23,7 +23,7 @@ async fn start_signed_post(app: &TestApp, body: &str, sent: usize) -> TcpStream 
 }
 
 /// The start of whatever the server answers on a raw connection (bounded wait).
-async fn read_answer(stream: &mut TcpStream) -> String {
+pub(crate) async fn read_answer(stream: &mut TcpStream) -> String {
     let mut buf = vec![0u8; 1024];
     let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
         .await
@@ -32,7 +32,7 @@ async fn read_answer(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
-async fn error_of(response: reqwest::Response) -> String {
+pub(crate) async fn error_of(response: reqwest::Response) -> String {
     let body: serde_json::Value = response.json().await.unwrap();
     body["error"].as_str().unwrap_or_default().to_owned()
 }
@@ -253,26 +253,33 @@ async fn odd_casing_unknown_fields_and_missing_ids_are_stored_never_refused() {
 }
 
 #[tokio::test]
-async fn clients_outside_the_allow_list_get_403_and_nothing_is_stored() {
-    let app =
-        TestApp::spawn_with(|s| s.server.allow_networks = vec!["192.0.2.0/24".parse().unwrap()])
-            .await;
-    let response = app
-        .post_signed(&notification("blocked", "entitydata:created"))
-        .await;
-    assert_eq!(response.status(), 403);
-    assert!(app.stored().is_empty());
-    app.stop().await;
-
-    let app =
-        TestApp::spawn_with(|s| s.server.allow_networks = vec!["127.0.0.0/8".parse().unwrap()])
-            .await;
+async fn clients_named_by_a_trusted_proxy_outside_the_allow_list_get_403() {
+    // The proxy (this test, on 127.0.0.1) is admitted at accept; the client it names is checked
+    // per request.
+    let app = TestApp::spawn_with(|s| {
+        s.server.allow_networks = vec!["192.0.2.0/24".parse().unwrap()];
+        s.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let post_as = |client: &'static str, id: &'static str| {
+        let body = notification(id, "entitydata:created");
+        app.client
+            .post(app.url("/webhooks/fenergo"))
+            .header("x-fenx-signature", sign(SECRET, "sha256-hex/hex", &body))
+            .header("x-forwarded-for", client)
+            .body(body)
+            .send()
+    };
     assert_eq!(
-        app.post_signed(&notification("allowed", "entitydata:created"))
-            .await
-            .status(),
+        post_as("198.51.100.7", "blocked").await.unwrap().status(),
+        403
+    );
+    assert!(app.stored().is_empty());
+    assert_eq!(
+        post_as("192.0.2.10", "allowed").await.unwrap().status(),
         200
     );
+    assert_eq!(app.stored().len(), 1);
     app.stop().await;
 }
 
@@ -318,8 +325,28 @@ async fn routing_health_and_methods() {
     assert_eq!(wrong_method.status(), 405);
     assert_eq!(wrong_method.headers()["allow"], "POST");
     assert_eq!(get("/nope").await.unwrap().status(), 404);
-    let post_health = app.client.post(app.url("/healthz")).send().await.unwrap();
-    assert_eq!(post_health.status(), 405);
+    for (method, path) in [
+        (reqwest::Method::POST, "/healthz"),
+        (reqwest::Method::DELETE, "/healthz"),
+        (reqwest::Method::PUT, "/readyz"),
+    ] {
+        let response = app
+            .client
+            .request(method, app.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 405, "{path}");
+        assert_eq!(response.headers()["allow"], "GET, HEAD", "{path}");
+    }
+    let delete_webhook = app
+        .client
+        .delete(app.url("/webhooks/fenergo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete_webhook.status(), 405);
+    assert_eq!(delete_webhook.headers()["allow"], "POST");
     app.stop().await;
 }
 

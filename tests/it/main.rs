@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod demo;
 mod helpers;
+mod hostile;
 mod ingest;
 mod platform;
 mod polling;
