@@ -151,6 +151,18 @@ pub struct StoreSettings {
     pub queue_capacity: usize,
     /// The reporting database; default `<dir>/reporting.db`.
     pub reporting_path: Option<PathBuf>,
+    /// Below this many free bytes under `dir`, `/readyz` fails and webhooks get 503.
+    pub min_free_bytes: u64,
+    /// How often free space is measured and, when no group commit did lately, a probe row is
+    /// committed; also how often `reporting.db` is checked for having been deleted or replaced.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// An outbox write in progress for longer than this fails `/healthz` (a wedged process).
+    #[serde(with = "humantime_serde")]
+    pub wedged_after: Duration,
+    /// `done` and `ignored` outbox rows processed longer ago than this are pruned.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
 }
 
 impl StoreSettings {
@@ -169,6 +181,10 @@ impl Default for StoreSettings {
             max_batch: 512,
             queue_capacity: 4096,
             reporting_path: None,
+            min_free_bytes: 64 * 1024 * 1024,
+            probe_interval: Duration::from_secs(2),
+            wedged_after: Duration::from_secs(30),
+            retention: Duration::from_secs(90 * 24 * 3600),
         }
     }
 }
@@ -497,6 +513,28 @@ impl Settings {
             return rule(
                 "store.max_batch",
                 "store.max_batch and store.queue_capacity must be greater than 0",
+            );
+        }
+        if self.sync.workers == 0 {
+            return rule("sync.workers", "must be at least 1");
+        }
+        if self.polling.enabled && self.polling.feeds.is_empty() {
+            return rule("polling.feeds", "name at least one feed (or \"all\")");
+        }
+        if self.store.probe_interval.is_zero() {
+            return rule("store.probe_interval", "must be greater than 0");
+        }
+        if self.store.wedged_after <= self.store.busy_timeout {
+            return rule(
+                "store.wedged_after",
+                "must be longer than store.busy_timeout (waiting for the lock is not wedged)",
+            );
+        }
+        if self.store.retention < Duration::from_secs(31 * 24 * 3600) {
+            return rule(
+                "store.retention",
+                "must be at least 31 days: Fenergo re-delivers for 30 days, and a pruned id \
+                 would be stored and processed again",
             );
         }
         if self

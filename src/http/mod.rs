@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod error;
 pub mod ingest;
+pub mod probes;
 
 use std::convert::Infallible;
 use std::future::Future;
