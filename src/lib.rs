@@ -27,7 +27,7 @@
 //! - `/readyz` (and the watchdog ping, and `fenx_ready`) is 200 only while free space under
 //!   `store.dir` is at least `store.min_free_bytes` and the latest durable outbox write (a
 //!   group commit or a probe commit) succeeded within the last two probe intervals plus the busy
-//!   timeout; appends are refused on low space before SQLite sees them.
+//!   timeout and a second; appends are refused on low space before SQLite sees them.
 //! - No long-running task or thread ends unnoticed: the first to end stops the process with an
 //!   error.
 //! - The stored raw bytes are the bytes that were signed; JSON is never re-serialised.
@@ -328,7 +328,10 @@ async fn watch_reporting_store(watch: ReportingStoreWatch, mut stopping: watch::
             continue;
         };
         if reopened > seen {
-            watch.metrics.reporting_store_reopened.inc_by(reopened - seen);
+            watch
+                .metrics
+                .reporting_store_reopened
+                .inc_by(reopened - seen);
             seen = reopened;
             resync_owed = true;
             watch.reconcile_now.notify_one();
@@ -362,8 +365,9 @@ fn health_rules(settings: &Settings) -> HealthRules {
         min_free_bytes: store.min_free_bytes,
         wedged_after: store.wedged_after,
         // Without traffic a probe commits every probe_interval and may wait busy_timeout for
-        // the lock; a proof older than two intervals plus that wait means probing has stalled.
-        write_proof_expires: store.probe_interval * 2 + store.busy_timeout,
+        // the lock; a proof older than two intervals plus that wait (and a second for a slow
+        // fsync) means probing has stalled.
+        write_proof_expires: store.probe_interval * 2 + store.busy_timeout + Duration::from_secs(1),
     }
 }
 

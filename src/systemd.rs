@@ -33,7 +33,11 @@ pub fn watchdog_interval() -> Option<Duration> {
 
 /// Pings the watchdog at half its interval while the store is ready and the writer alive,
 /// until `stop`.
-pub async fn watchdog(health: Arc<StoreHealth>, interval: Duration, mut stop: watch::Receiver<bool>) {
+pub async fn watchdog(
+    health: Arc<StoreHealth>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let period = interval / 2;
     loop {
         tokio::select! {

@@ -70,11 +70,13 @@ impl MaintenanceThread {
             metrics,
             last_readiness: Ok(()),
         };
-        let (handle, ended) = supervisor::spawn_thread(THREAD_NAME, move || loop {
-            maintenance.tick();
-            match stopped.recv_timeout(maintenance.options.probe_interval) {
-                Err(RecvTimeoutError::Timeout) => continue,
-                _ => return,
+        let (handle, ended) = supervisor::spawn_thread(THREAD_NAME, move || {
+            loop {
+                maintenance.tick();
+                match stopped.recv_timeout(maintenance.options.probe_interval) {
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    _ => return,
+                }
             }
         });
         Ok(MaintenanceThread {
@@ -120,7 +122,9 @@ impl Maintenance {
                     .store_free_bytes
                     .set(i64::try_from(free).unwrap_or(i64::MAX));
             }
-            Err(error) => tracing::error!(%error, dir = %self.dir.display(), "cannot measure free space under store.dir"),
+            Err(error) => {
+                tracing::error!(%error, dir = %self.dir.display(), "cannot measure free space under store.dir")
+            }
         }
         let proven = self
             .health
@@ -161,7 +165,9 @@ impl Maintenance {
             return;
         }
         match &now {
-            Err(reason) => tracing::error!(%reason, "not ready: webhooks get 503 until this clears"),
+            Err(reason) => {
+                tracing::error!(%reason, "not ready: webhooks get 503 until this clears")
+            }
             Ok(()) => tracing::info!("ready again: the outbox takes durable writes"),
         }
         self.last_readiness = now;
@@ -343,13 +349,21 @@ mod tests {
             .map(Result::unwrap)
             .collect();
         let expected = [("dead", 10), ("done", 10), ("pending", 10)];
-        let expected: Vec<(String, i64)> =
-            expected.iter().map(|(s, n)| ((*s).to_owned(), *n)).collect();
+        let expected: Vec<(String, i64)> = expected
+            .iter()
+            .map(|(s, n)| ((*s).to_owned(), *n))
+            .collect();
         assert_eq!(left, expected);
         let text = metrics.encode();
         assert!(text.contains("fenx_outbox_pruned_total 420"), "{text}");
-        assert!(text.contains(r#"fenx_outbox_rows{status="pending"} 10"#), "{text}");
-        assert!(text.contains(r#"fenx_outbox_rows{status="dead"} 10"#), "{text}");
+        assert!(
+            text.contains(r#"fenx_outbox_rows{status="pending"} 10"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"fenx_outbox_rows{status="dead"} 10"#),
+            "{text}"
+        );
         assert!(text.contains("fenx_ready 1"), "{text}");
         health.readiness().unwrap();
         assert!(health.free_bytes().unwrap() > 0);

@@ -31,9 +31,9 @@ pub use queue::{Claim, Claimed, RowOutcome, Settlement, WorkQueue};
 
 use crate::health::{HealthRules, StoreHealth};
 use crate::notification::Notification;
-use crate::supervisor::{self, ThreadEnded};
 pub use crate::sqlite::Durability;
 use crate::sqlite::{self, DbError};
+use crate::supervisor::{self, ThreadEnded};
 
 /// The outbox file inside `store.dir`.
 pub const FILE_NAME: &str = "outbox.db";
@@ -88,9 +88,7 @@ pub enum OutboxError {
     QueueFull(Duration),
     #[error("outbox writer has stopped")]
     WriterStopped,
-    #[error(
-        "not stored: {free} bytes free under store.dir, below store.min_free_bytes ({min})"
-    )]
+    #[error("not stored: {free} bytes free under store.dir, below store.min_free_bytes ({min})")]
     LowDiskSpace { free: u64, min: u64 },
 }
 
