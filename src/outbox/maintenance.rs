@@ -10,6 +10,10 @@
 //! timeout. Here a probe waits on its own connection; and while webhooks keep the writer
 //! committing, their commits are the proof and no probe runs at all.
 //!
+//! It also checks that `outbox.db` is still the file the service opened: if it was deleted or
+//! replaced, appends would be acknowledged into a file no restart will see, so the thread ends
+//! with an ERROR and supervision stops the process.
+//!
 //! It never deletes a `pending` or `dead` row, and never holds the write lock for more than one
 //! small batch.
 
@@ -21,9 +25,9 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
-use super::{Durability, OutboxError, open_connection};
+use super::{Durability, FILE_NAME, OutboxError, open_connection};
 use crate::health::{self, NotReady, StoreHealth, Writer};
-use crate::sqlite;
+use crate::sqlite::{self, FileIdentity};
 use crate::supervisor::{self, ThreadEnded};
 use crate::telemetry::{Metrics, StatusLabel};
 
@@ -64,6 +68,7 @@ impl MaintenanceThread {
         let (stop, stopped) = mpsc::channel();
         let mut maintenance = Maintenance {
             conn,
+            outbox_file: FileIdentity::of(&dir.join(FILE_NAME)).ok(),
             dir: dir.to_owned(),
             options,
             health,
@@ -72,6 +77,9 @@ impl MaintenanceThread {
         };
         let (handle, ended) = supervisor::spawn_thread(THREAD_NAME, move || {
             loop {
+                if !maintenance.outbox_file_in_place() {
+                    return;
+                }
                 maintenance.tick();
                 match stopped.recv_timeout(maintenance.options.probe_interval) {
                     Err(RecvTimeoutError::Timeout) => continue,
@@ -106,6 +114,8 @@ impl MaintenanceThread {
 
 struct Maintenance {
     conn: Connection,
+    /// The outbox file as opened at start.
+    outbox_file: Option<FileIdentity>,
     dir: PathBuf,
     options: MaintenanceOptions,
     health: Arc<StoreHealth>,
@@ -114,6 +124,22 @@ struct Maintenance {
 }
 
 impl Maintenance {
+    /// False (after an ERROR) when the path no longer names the outbox file opened at start.
+    fn outbox_file_in_place(&self) -> bool {
+        let path = self.dir.join(FILE_NAME);
+        let now = FileIdentity::of(&path).ok();
+        if self.outbox_file.is_none() || now == self.outbox_file {
+            return true;
+        }
+        tracing::error!(
+            path = %path.display(),
+            "outbox.db was deleted or replaced while fenx-sync was running: stopping, so that a \
+             restart opens the file at that path (acknowledged notifications would otherwise go \
+             into a file no restart sees)"
+        );
+        false
+    }
+
     fn tick(&mut self) {
         match health::free_bytes(&self.dir) {
             Ok(free) => {
@@ -161,12 +187,14 @@ impl Maintenance {
     fn report_readiness(&mut self) {
         let now = self.health.readiness();
         self.metrics.ready.set(i64::from(now.is_ok()));
-        if now == self.last_readiness {
+        // The same kind of reason with new figures (free bytes, error text) is not news.
+        let kind = |r: &Result<(), NotReady>| r.as_ref().err().map(std::mem::discriminant);
+        if kind(&now) == kind(&self.last_readiness) {
             return;
         }
         match &now {
             Err(reason) => {
-                tracing::error!(%reason, "not ready: webhooks get 503 until this clears")
+                tracing::error!(%reason, "not ready: {reason}; webhooks get 503 until this clears")
             }
             Ok(()) => tracing::info!("ready again: the outbox takes durable writes"),
         }

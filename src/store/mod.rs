@@ -10,7 +10,6 @@
 //! reporting store watch's, in `lib.rs`).
 
 use std::cmp::Ordering;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -21,7 +20,7 @@ use serde_json::Value;
 
 mod flatten;
 
-use crate::sqlite::{self, DbError, Durability};
+use crate::sqlite::{self, DbError, Durability, FileIdentity};
 use flatten::{CollectionRow, PropertyRow, flatten};
 
 /// The default reporting file inside `store.dir`.
@@ -120,23 +119,6 @@ pub struct ReportingStore {
     identity: Mutex<Option<FileIdentity>>,
     path: PathBuf,
     reopened: AtomicU64,
-}
-
-/// Which file a path names: a deleted file's path names nothing, a replaced one's another inode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileIdentity {
-    device: u64,
-    inode: u64,
-}
-
-impl FileIdentity {
-    fn of(path: &Path) -> std::io::Result<FileIdentity> {
-        let meta = std::fs::metadata(path)?;
-        Ok(FileIdentity {
-            device: meta.dev(),
-            inode: meta.ino(),
-        })
-    }
 }
 
 impl ReportingStore {

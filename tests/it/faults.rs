@@ -423,26 +423,16 @@ async fn finished_rows_past_retention_are_pruned_and_dead_and_pending_rows_stay(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_worker_stops_the_process_non_zero_after_draining() {
     let store = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fenx-sync"))
-        .arg("serve")
-        .current_dir(store.path())
-        .env_remove("FENX_CONFIG")
-        .env_remove("RUST_LOG")
-        .env("FENX_SERVER__LISTEN", "127.0.0.1:0")
-        .env("FENX_ADMIN__LISTEN", "127.0.0.1:0")
-        .env("FENX_WEBHOOK__SECRETS", SECRET)
-        .env("FENX_STORE__DIR", store.path())
-        .env("FENX_LOG__FORMAT", "json")
-        .env("FENX_FENERGO__API_BASE", "http://127.0.0.1:9")
-        .env("FENX_FENERGO__TENANT_ID", "t")
-        .env("FENX_FENERGO__CLIENT_ID", "c")
-        .env("FENX_FENERGO__CLIENT_SECRET", "s")
-        .env("FENX_DEBUG_PANIC", "sync worker 1@3s")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (addr, log) = read_address_then_keep_logging(child.stderr.take().unwrap());
+    let (mut child, addr, log) = start_binary(
+        store.path(),
+        &[
+            ("FENX_FENERGO__API_BASE", "http://127.0.0.1:9"),
+            ("FENX_FENERGO__TENANT_ID", "t"),
+            ("FENX_FENERGO__CLIENT_ID", "c"),
+            ("FENX_FENERGO__CLIENT_SECRET", "s"),
+            ("FENX_DEBUG_PANIC", "sync worker 1@3s"),
+        ],
+    );
 
     // A delivery whose body is still arriving when the worker panics.
     let body = notification("in-flight", "journey:taskcompleted");
@@ -474,24 +464,75 @@ async fn a_panicking_worker_stops_the_process_non_zero_after_draining() {
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
-    let mut status = None;
-    for _ in 0..500 {
-        status = child.try_wait().unwrap();
-        if status.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let status = status.expect("the process exits within 10 s");
+    let status = wait_exit(&mut child).await;
     assert!(!status.success(), "exit status {status:?}");
     let stored = crate::helpers::read_outbox(&store.path().join("outbox.db"));
     assert!(stored.iter().any(|r| r.id == "in-flight"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_outbox_stops_the_process_instead_of_acknowledging_into_a_lost_file() {
+    let store = tempfile::tempdir().unwrap();
+    let (mut child, _addr, log) =
+        start_binary(store.path(), &[("FENX_STORE__PROBE_INTERVAL", "100ms")]);
+    for suffix in ["", "-wal", "-shm"] {
+        std::fs::remove_file(store.path().join(format!("outbox.db{suffix}"))).unwrap();
+    }
+    let status = wait_exit(&mut child).await;
+    assert!(!status.success(), "exit status {status:?}");
+    let log = log.lock().unwrap();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("\"ERROR\"") && l.contains("outbox.db was deleted")),
+        "{log:?}"
+    );
+}
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+/// `fenx-sync serve` on 127.0.0.1:0 (both listeners) with JSON logs and `env` added; returns
+/// it with its webhook address and the log lines it writes.
+fn start_binary(
+    store: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (std::process::Child, std::net::SocketAddr, Log) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fenx-sync"));
+    command
+        .arg("serve")
+        .current_dir(store)
+        .env_remove("FENX_CONFIG")
+        .env_remove("RUST_LOG")
+        .env("FENX_SERVER__LISTEN", "127.0.0.1:0")
+        .env("FENX_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("FENX_WEBHOOK__SECRETS", SECRET)
+        .env("FENX_STORE__DIR", store)
+        .env("FENX_LOG__FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().unwrap();
+    let (addr, log) = read_address_then_keep_logging(child.stderr.take().unwrap());
+    (child, addr, log)
+}
+
+/// Waits (bounded: 10 s) for the child to exit.
+async fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    for _ in 0..500 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    panic!("the process did not exit within 10 s");
+}
+
 /// Reads the child's JSON log until it names the webhook address, then keeps collecting lines.
 fn read_address_then_keep_logging(
     stderr: std::process::ChildStderr,
-) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+) -> (std::net::SocketAddr, Log) {
     let mut lines = BufReader::new(stderr).lines();
     let addr = loop {
         let line = lines
