@@ -249,17 +249,6 @@ fn report(
         .filter(|(t, ..)| phase(*t) == "fault")
         .map(|(.., h)| *h)
         .collect();
-    let acknowledged: HashSet<&str> = seen
-        .webhooks
-        .iter()
-        .filter(|(_, status, _)| *status == 200)
-        .map(|(.., id)| id.as_str())
-        .collect();
-    let stored = stored_ids(store);
-    let lost = acknowledged
-        .iter()
-        .filter(|id| !stored.contains(**id))
-        .count();
     println!("== {name}");
     println!(
         "  /readyz 503 {} after the fault; 200 again {} after it was removed; /healthz during the fault: {:?}",
@@ -275,11 +264,31 @@ fn report(
         "  webhooks: {}; first 503 {first_503} after the fault",
         statuses.join(" ")
     );
-    println!(
-        "  acknowledged {}, stored {}, lost {lost}",
+    println!("  {}", losses(seen, store));
+    print_errors(errors);
+}
+
+/// "acknowledged A, stored S, lost L": every 200 must be in the outbox.
+fn losses(seen: &Observed, store: &Path) -> String {
+    let acknowledged: HashSet<&str> = seen
+        .webhooks
+        .iter()
+        .filter(|(_, status, _)| *status == 200)
+        .map(|(.., id)| id.as_str())
+        .collect();
+    let stored = stored_ids(store);
+    let lost = acknowledged
+        .iter()
+        .filter(|id| !stored.contains(**id))
+        .count();
+    format!(
+        "acknowledged {}, stored {}, lost {lost}",
         acknowledged.len(),
         stored.len()
-    );
+    )
+}
+
+fn print_errors(errors: &[String]) {
     println!("  ERROR lines: {}", errors.len());
     for e in errors.iter().take(3) {
         println!("    {e}");
@@ -506,11 +515,7 @@ async fn reporting_deleted(bin: &Path) {
     println!(
         "  synced first in {synced:?}; after the delete, recreated and refilled with all {ENTITIES} in {refilled:?}; /readyz {ready} (the outbox is unaffected)"
     );
-    println!("  ERROR lines: {}", errors.len());
-    for e in errors.iter().take(3) {
-        println!("    {e}");
-    }
-    println!();
+    print_errors(&errors);
 }
 
 async fn panicking_worker(bin: &Path) {
@@ -537,27 +542,11 @@ async fn panicking_worker(bin: &Path) {
     let errors = service.errors();
     let _ = service.child.kill();
     let observed = observed.lock().unwrap();
-    let acknowledged: HashSet<&str> = observed
-        .webhooks
-        .iter()
-        .filter(|(_, s, _)| *s == 200)
-        .map(|(.., id)| id.as_str())
-        .collect();
-    let stored = stored_ids(dir.path());
-    let lost = acknowledged
-        .iter()
-        .filter(|id| !stored.contains(**id))
-        .count();
     println!("== a sync worker panics 2 s after start (FENX_DEBUG_PANIC, debug build)");
     println!(
-        "  process exited after {:.0} ms with {exit:?}; acknowledged {}, stored {}, lost {lost}",
+        "  process exited after {:.0} ms with {exit:?}; {}",
         exited_after.as_secs_f64() * 1000.0,
-        acknowledged.len(),
-        stored.len()
+        losses(&observed, dir.path())
     );
-    println!("  ERROR lines: {}", errors.len());
-    for e in errors.iter().take(3) {
-        println!("    {e}");
-    }
-    println!();
+    print_errors(&errors);
 }

@@ -308,31 +308,15 @@ fn outbox_gauges(conn: &Connection) -> rusqlite::Result<OutboxGauges> {
 mod tests {
     use super::*;
     use crate::health::HealthRules;
-    use crate::outbox::{NewNotification, Outbox, OutboxOptions, Source};
-
-    fn options() -> OutboxOptions {
-        OutboxOptions {
-            busy_timeout: Duration::from_millis(200),
-            max_batch: 100,
-            queue_capacity: 10,
-            enqueue_timeout: Duration::from_secs(1),
-        }
-    }
+    use crate::outbox::Outbox;
+    use crate::outbox::tests::{options, row};
 
     async fn store(dir: &Path, ids: &[&str]) {
         let (outbox, writer) = Outbox::open(dir, &options()).unwrap();
-        let rows = ids
-            .iter()
-            .map(|id| {
-                let body = bytes::Bytes::from(format!(r#"{{"Id":"{id}"}}"#));
-                NewNotification {
-                    notification: crate::notification::parse_body(&body).unwrap().remove(0),
-                    source: Source::Webhook,
-                    signature_recipe: None,
-                }
-            })
-            .collect();
-        outbox.append_batch(rows).await.unwrap();
+        outbox
+            .append_batch(ids.iter().map(|id| row(id)).collect())
+            .await
+            .unwrap();
         drop(outbox);
         writer.wait();
     }

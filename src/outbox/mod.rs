@@ -257,7 +257,7 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    fn options() -> OutboxOptions {
+    pub(super) fn options() -> OutboxOptions {
         OutboxOptions {
             busy_timeout: Duration::from_millis(200),
             max_batch: 256,
@@ -266,7 +266,7 @@ mod tests {
         }
     }
 
-    fn row(id: &str) -> NewNotification {
+    pub(super) fn row(id: &str) -> NewNotification {
         let body = Bytes::from(format!(r#"{{"Id":"{id}"}}"#));
         let mut notification = crate::notification::parse_body(&body).unwrap().remove(0);
         notification.id = id.to_owned();
