@@ -100,10 +100,6 @@ impl StoreHealth {
         }
     }
 
-    pub fn rules(&self) -> &HealthRules {
-        &self.rules
-    }
-
     fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
     }
