@@ -805,6 +805,46 @@ mod tests {
     }
 
     #[test]
+    fn store_health_keys_have_defaults_and_refuse_unsafe_values() {
+        Jail::expect_with(|jail| {
+            let s = load_in(jail, None).unwrap();
+            assert_eq!(s.store.min_free_bytes, 64 * 1024 * 1024);
+            assert_eq!(s.store.retention, Duration::from_secs(90 * 24 * 3600));
+            for (var, bad, key, good) in [
+                (
+                    "FENX_STORE__WEDGED_AFTER",
+                    "5s",
+                    "store.wedged_after",
+                    "30s",
+                ),
+                (
+                    "FENX_STORE__RETENTION",
+                    "7days",
+                    "store.retention",
+                    "90days",
+                ),
+                (
+                    "FENX_STORE__PROBE_INTERVAL",
+                    "0s",
+                    "store.probe_interval",
+                    "2s",
+                ),
+            ] {
+                jail.set_env(var, bad);
+                let err = load_in(jail, None).unwrap_err().to_string();
+                assert!(err.contains(key), "{var}={bad}: {err}");
+                jail.set_env(var, good);
+            }
+            jail.set_env("FENX_STORE__MIN_FREE_BYTES", "1048576");
+            jail.set_env("FENX_STORE__RETENTION", "40days");
+            let s = load_in(jail, None).unwrap();
+            assert_eq!(s.store.min_free_bytes, 1 << 20);
+            assert_eq!(s.store.retention, Duration::from_secs(40 * 24 * 3600));
+            Ok(())
+        });
+    }
+
+    #[test]
     fn secrets_come_from_files_and_systemd_credentials() {
         Jail::expect_with(|jail| {
             jail.create_file("secrets.txt", "# rotated 2026-11\nfirst\n\n second \n")?;
