@@ -255,7 +255,7 @@ impl OutboxAdmin {
     }
 
     /// Queues a fetch of every entity the worker ever stored (an outbox row `done` for it), for
-    /// when the reporting store lost them. Returns how many entities.
+    /// when the reporting store lost them, 500 per transaction. Returns how many entities.
     pub fn resync_synced_entities(&mut self) -> Result<usize, AdminError> {
         let entities: Vec<String> = self
             .conn
@@ -265,7 +265,11 @@ impl OutboxAdmin {
             )
             .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
             .map_err(|e| self.error(e))?;
-        self.resync(&entities).map(|ids| ids.len())
+        // Small transactions: webhook appends wait for the write lock between them, not for all.
+        for chunk in entities.chunks(500) {
+            self.resync(chunk)?;
+        }
+        Ok(entities.len())
     }
 
     /// Queues a fetch of each entity now, whatever happened before. Returns the new ids.
