@@ -17,8 +17,10 @@ CREATE TABLE IF NOT EXISTS schema_version (
     applied_at  TEXT    NOT NULL
 );
 
--- One row per notification id, ever. Rows are never deleted by ingest, so a Fenergo retry of
--- an acknowledged notification (2-4-8-16 minutes later, or a month later) is recognised.
+-- One row per notification id. Rows are never deleted by ingest, so a Fenergo retry of an
+-- acknowledged notification (2-4-8-16 minutes later, or a month later) is recognised; 'done'
+-- and 'ignored' rows are pruned once processed longer ago than store.retention (default 90
+-- days, well past Fenergo's 30-day retry window); 'pending' and 'dead' rows are never pruned.
 CREATE TABLE IF NOT EXISTS notification (
     seq              INTEGER PRIMARY KEY,        -- arrival order
     id               TEXT    NOT NULL UNIQUE,    -- Fenergo's notification id: opaque, case-sensitive
@@ -51,6 +53,19 @@ CREATE TABLE IF NOT EXISTS notification (
 CREATE INDEX IF NOT EXISTS notification_pending ON notification (seq) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS notification_event_type ON notification (event_type, status);
 CREATE INDEX IF NOT EXISTS notification_entity ON notification (entity_key, status);
+-- Retention pruning walks finished rows oldest first; the gauges count dead rows. Both partial
+-- indexes leave appends alone (a new row is 'pending' with no processed_at).
+CREATE INDEX IF NOT EXISTS notification_finished ON notification (processed_at)
+    WHERE status IN ('done', 'ignored');
+CREATE INDEX IF NOT EXISTS notification_dead ON notification (seq) WHERE status = 'dead';
+
+-- One row, rewritten by the readiness probe: a committed write proves the disk takes writes,
+-- where taking the lock and rolling back would not. Written only when no group commit has
+-- succeeded lately.
+CREATE TABLE IF NOT EXISTS write_probe (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    written_at TEXT    NOT NULL
+);
 
 -- Which entities a sync worker is working on. A worker leases an entity (all its pending rows
 -- at once) so no two workers fetch the same entity concurrently; a crashed worker's lease

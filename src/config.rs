@@ -166,6 +166,18 @@ pub struct StoreSettings {
     pub queue_capacity: usize,
     /// The reporting database; default `<dir>/reporting.db`.
     pub reporting_path: Option<PathBuf>,
+    /// Below this many free bytes under `dir`, `/readyz` fails and webhooks get 503.
+    pub min_free_bytes: u64,
+    /// How often free space is measured and, when no group commit did lately, a probe row is
+    /// committed; also how often `reporting.db` is checked for having been deleted or replaced.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// An outbox write in progress for longer than this fails `/healthz` (a wedged process).
+    #[serde(with = "humantime_serde")]
+    pub wedged_after: Duration,
+    /// `done` and `ignored` outbox rows processed longer ago than this are pruned.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
 }
 
 impl StoreSettings {
@@ -184,6 +196,10 @@ impl Default for StoreSettings {
             max_batch: 512,
             queue_capacity: 4096,
             reporting_path: None,
+            min_free_bytes: 64 * 1024 * 1024,
+            probe_interval: Duration::from_secs(2),
+            wedged_after: Duration::from_secs(30),
+            retention: Duration::from_secs(90 * 24 * 3600),
         }
     }
 }
@@ -526,6 +542,28 @@ impl Settings {
                 "store.max_batch and store.queue_capacity must be greater than 0",
             );
         }
+        if self.sync.workers == 0 {
+            return rule("sync.workers", "must be at least 1");
+        }
+        if self.polling.enabled && self.polling.feeds.is_empty() {
+            return rule("polling.feeds", "name at least one feed (or \"all\")");
+        }
+        if self.store.probe_interval.is_zero() {
+            return rule("store.probe_interval", "must be greater than 0");
+        }
+        if self.store.wedged_after <= self.store.busy_timeout {
+            return rule(
+                "store.wedged_after",
+                "must be longer than store.busy_timeout (waiting for the lock is not wedged)",
+            );
+        }
+        if self.store.retention < Duration::from_secs(31 * 24 * 3600) {
+            return rule(
+                "store.retention",
+                "must be at least 31 days: Fenergo re-delivers for 30 days, and a pruned id \
+                 would be stored and processed again",
+            );
+        }
         if self
             .webhook
             .secrets
@@ -803,6 +841,46 @@ mod tests {
             jail.set_env("FENX_SERVER__MAX_CONNECTIONS_PER_CLIENT", "0");
             let err = load_in(jail, None).unwrap_err().to_string();
             assert!(err.contains("server.max_connections_per_client"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn store_health_keys_have_defaults_and_refuse_unsafe_values() {
+        Jail::expect_with(|jail| {
+            let s = load_in(jail, None).unwrap();
+            assert_eq!(s.store.min_free_bytes, 64 * 1024 * 1024);
+            assert_eq!(s.store.retention, Duration::from_secs(90 * 24 * 3600));
+            for (var, bad, key, good) in [
+                (
+                    "FENX_STORE__WEDGED_AFTER",
+                    "5s",
+                    "store.wedged_after",
+                    "30s",
+                ),
+                (
+                    "FENX_STORE__RETENTION",
+                    "7days",
+                    "store.retention",
+                    "90days",
+                ),
+                (
+                    "FENX_STORE__PROBE_INTERVAL",
+                    "0s",
+                    "store.probe_interval",
+                    "2s",
+                ),
+            ] {
+                jail.set_env(var, bad);
+                let err = load_in(jail, None).unwrap_err().to_string();
+                assert!(err.contains(key), "{var}={bad}: {err}");
+                jail.set_env(var, good);
+            }
+            jail.set_env("FENX_STORE__MIN_FREE_BYTES", "1048576");
+            jail.set_env("FENX_STORE__RETENTION", "40days");
+            let s = load_in(jail, None).unwrap();
+            assert_eq!(s.store.min_free_bytes, 1 << 20);
+            assert_eq!(s.store.retention, Duration::from_secs(40 * 24 * 3600));
             Ok(())
         });
     }

@@ -15,6 +15,8 @@
 //! - [`store`]: the reporting database and its monotonic upsert.
 //! - [`reconcile`]: backfill and reconciliation over the paged entity list.
 //! - [`sqlite`]: opening files with proven durability, schema sections, time format.
+//! - [`health`]: readiness and liveness as cached facts (free space, last durable write, a
+//!   write in progress too long); [`supervisor`]: named tasks whose end stops the process.
 //! - [`telemetry`]: logs and Prometheus metrics; [`systemd`]: notify and watchdog.
 //! - [`sim`]: the Fenergo simulator; [`demo`]: `fenx-sync demo`.
 //!
@@ -22,6 +24,12 @@
 //! - No code path answers 2xx before the outbox COMMIT returned at `synchronous=FULL`, and no
 //!   polled batch is acknowledged before that.
 //! - HTTP handlers never open SQLite themselves; only the outbox writer thread writes appends.
+//! - `/readyz` (and the watchdog ping, and `fenx_ready`) is 200 only while free space under
+//!   `store.dir` is at least `store.min_free_bytes` and the latest durable outbox write (a
+//!   group commit or a probe commit) succeeded within the last two probe intervals plus the busy
+//!   timeout and a second; appends are refused on low space before SQLite sees them.
+//! - No long-running task or thread ends unnoticed: the first to end stops the process with an
+//!   error.
 //! - The stored raw bytes are the bytes that were signed; JSON is never re-serialised.
 //! - An older entity version never overwrites a newer one.
 
@@ -29,6 +37,7 @@ pub mod config;
 #[cfg(feature = "simulator")]
 pub mod demo;
 pub mod fenergo;
+pub mod health;
 pub mod http;
 pub mod notification;
 pub mod outbox;
@@ -39,23 +48,31 @@ pub mod signature;
 pub mod sim;
 pub mod sqlite;
 pub mod store;
+pub mod supervisor;
 pub mod systemd;
 pub mod telemetry;
 pub mod worker;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::config::Settings;
 use crate::fenergo::FenergoClient;
+use crate::health::{HealthRules, StoreHealth};
 use crate::http::ConnectionLimits;
 use crate::http::ingest::Ingress;
-use crate::outbox::{Outbox, OutboxError, OutboxOptions};
+use crate::outbox::admin::OutboxAdmin;
+use crate::outbox::{
+    MaintenanceOptions, MaintenanceThread, Outbox, OutboxError, OutboxOptions, WRITER_THREAD,
+};
 use crate::poller::Poller;
+use crate::store::ReportingStore;
+use crate::supervisor::{Ended, Ending, Supervisor};
 use crate::worker::SyncWorker;
 
 /// How long shutdown waits for the last group commit after the listener has drained.
@@ -70,29 +87,49 @@ pub struct Listeners {
 }
 
 /// Runs fenx-sync until `shutdown` completes: the webhook receiver on `listeners.webhook`, the
-/// admin endpoints on `listeners.admin`, and (when the Fenergo credentials are configured) the
-/// sync worker and the poller. Then drains in-flight requests and their commits.
+/// admin endpoints on `listeners.admin`, the outbox writer and maintenance threads, and (when
+/// the Fenergo credentials are configured) the sync worker, the poller, the reconciler and the
+/// reporting store watch. Then drains in-flight requests and their commits.
+///
+/// Every one of those is supervised: if any ends or panics before `shutdown`, that is logged as
+/// an ERROR naming it, everything drains as on shutdown, and the error is returned (so the
+/// process exits non-zero and the service manager restarts it).
 pub async fn run(
     settings: Settings,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let (outbox, writer) = Outbox::open(&settings.store.dir, &outbox_options(&settings))?;
     let metrics = Arc::new(telemetry::Metrics::new());
+    let health = Arc::new(StoreHealth::new(health_rules(&settings)));
+    let (outbox, mut writer) = Outbox::open_with_health(
+        &settings.store.dir,
+        &outbox_options(&settings),
+        health.clone(),
+    )?;
+    let mut maintenance = MaintenanceThread::start(
+        &settings.store.dir,
+        MaintenanceOptions {
+            busy_timeout: settings.store.busy_timeout,
+            probe_interval: settings.store.probe_interval,
+            retention: settings.store.retention,
+        },
+        health.clone(),
+        metrics.clone(),
+    )?;
     let (stop, stopping) = watch::channel(false);
-    let mut tasks = Vec::new();
+    let mut tasks = Supervisor::new();
     if let Some(listener) = listeners.admin {
         tracing::info!(admin = %local_addr(&listener), "serving /metrics");
-        let admin = Arc::new(http::admin::Admin::new(
-            metrics.clone(),
-            settings.store.dir.clone(),
-        ));
-        tasks.push(tokio::spawn(http::serve(
-            listener,
-            admin,
-            connection_limits(&settings),
-            stopped(stopping.clone()),
-        )));
+        let admin = Arc::new(http::admin::Admin::new(metrics.clone(), health.clone()));
+        tasks.spawn(
+            "admin listener",
+            http::serve(
+                listener,
+                admin,
+                connection_limits(&settings),
+                stopped(stopping.clone()),
+            ),
+        );
     }
     if let Some(listener) = listeners.webhook {
         tracing::info!(
@@ -104,29 +141,37 @@ pub async fn run(
             "fenx-sync receiving webhooks"
         );
         let ingress = Arc::new(Ingress::new(&settings, outbox.clone(), metrics.clone()));
-        tasks.push(tokio::spawn(http::serve(
-            listener,
-            ingress,
-            connection_limits(&settings),
-            stopped(stopping.clone()),
-        )));
+        tasks.spawn(
+            "webhook listener",
+            http::serve(
+                listener,
+                ingress,
+                connection_limits(&settings),
+                stopped(stopping.clone()),
+            ),
+        );
     }
     if settings.sync.enabled || settings.polling.enabled {
         match settings.fenergo.missing().as_slice() {
             [] => {
                 let client = Arc::new(FenergoClient::new(&settings.fenergo, metrics.clone())?);
+                let mut store = None;
                 if settings.sync.enabled {
                     let worker =
                         Arc::new(SyncWorker::new(&settings, client.clone(), metrics.clone())?);
                     tracing::info!(workers = settings.sync.workers, api = %settings.fenergo.api_base, "sync worker started");
-                    tasks.push(tokio::spawn(
+                    store = Some(worker.store());
+                    tasks.spawn(
+                        "sync worker pool",
                         worker.run(outbox.new_work(), stopping.clone()),
-                    ));
+                    );
                 }
+                let reconcile_now = Arc::new(Notify::new());
                 if let Some(every) = settings.reconcile.every {
-                    let store = Arc::new(store::ReportingStore::open(
-                        &settings.store.reporting_path(),
-                    )?);
+                    let store = match &store {
+                        Some(store) => store.clone(),
+                        None => Arc::new(ReportingStore::open(&settings.store.reporting_path())?),
+                    };
                     let reconciler = reconcile::Reconciler::new(
                         client.clone(),
                         store,
@@ -134,16 +179,31 @@ pub async fn run(
                     )
                     .with_metrics(metrics.clone());
                     tracing::info!(every = ?every, "scheduled reconciliation enabled");
-                    tasks.push(tokio::spawn(reconcile_every(
-                        reconciler,
-                        every,
-                        stopping.clone(),
-                    )));
+                    tasks.spawn(
+                        "reconciler",
+                        reconcile_every(reconciler, every, reconcile_now.clone(), stopping.clone()),
+                    );
+                }
+                if let Some(store) = store {
+                    tasks.spawn(
+                        "reporting store watch",
+                        watch_reporting_store(
+                            ReportingStoreWatch {
+                                store,
+                                outbox_dir: settings.store.dir.clone(),
+                                busy_timeout: settings.store.busy_timeout,
+                                every: settings.store.probe_interval,
+                                reconcile_now,
+                                metrics: metrics.clone(),
+                            },
+                            stopping.clone(),
+                        ),
+                    );
                 }
                 if settings.polling.enabled {
                     let poller = Arc::new(Poller::new(client, outbox.clone(), &settings.polling));
                     tracing::info!(feeds = ?settings.polling.feeds, "polling Fenergo's notification feeds");
-                    tasks.push(tokio::spawn(poller.run(stopping.clone())));
+                    tasks.spawn("poller", poller.run(stopping.clone()));
                 }
             }
             missing => tracing::warn!(
@@ -152,14 +212,33 @@ pub async fn run(
             ),
         }
     }
-    tasks.push(tokio::spawn(systemd::watchdog(outbox, stopping.clone())));
+    if let Some(interval) = systemd::watchdog_interval() {
+        tasks.spawn(
+            "watchdog",
+            systemd::watchdog(health.clone(), interval, stopping.clone()),
+        );
+    }
     systemd::ready();
-    shutdown.await;
+    let thread_ended = |name: &str| Ended {
+        task: name.to_owned(),
+        ending: Ending::Returned,
+    };
+    let failure = tokio::select! {
+        () = shutdown => None,
+        ended = tasks.next_ended() => Some(ended),
+        () = writer.ended() => Some(thread_ended(WRITER_THREAD)),
+        () = maintenance.ended() => Some(thread_ended(outbox::MAINTENANCE_THREAD)),
+    };
+    if let Some(ended) = &failure {
+        tracing::error!(
+            task = %ended.task,
+            "{ended}; draining in-flight requests, then exiting non-zero so that the service manager restarts fenx-sync"
+        );
+    }
     systemd::stopping();
     let _ = stop.send(true);
-    for task in tasks {
-        let _ = task.await;
-    }
+    tasks.join_all().await;
+    drop(outbox);
     let drained = tokio::task::spawn_blocking(move || writer.wait());
     if tokio::time::timeout(WRITER_DRAIN_TIMEOUT, drained)
         .await
@@ -169,11 +248,17 @@ pub async fn run(
             "outbox writer still busy at exit; unanswered requests were not acknowledged"
         );
     }
-    tracing::info!("fenx-sync stopped");
-    Ok(())
+    let _ = tokio::task::spawn_blocking(move || maintenance.stop()).await;
+    match failure {
+        Some(ended) => Err(RunError::TaskEnded(ended)),
+        None => {
+            tracing::info!("fenx-sync stopped");
+            Ok(())
+        }
+    }
 }
 
-/// What stops fenx-sync from starting.
+/// What stops fenx-sync from starting, or made it stop.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
@@ -184,17 +269,22 @@ pub enum RunError {
     Worker(#[from] worker::WorkerError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error("stopped because a long-running task failed: {0}")]
+    TaskEnded(Ended),
 }
 
-/// Runs a reconciliation every `every` until stopped, logging what each repaired.
+/// Runs a reconciliation every `every` (or at once when `now` is signalled, e.g. after the
+/// reporting store was recreated) until stopped, logging what each repaired.
 async fn reconcile_every(
     reconciler: reconcile::Reconciler,
     every: Duration,
+    now: Arc<Notify>,
     mut stopping: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
+            _ = now.notified() => {}
             _ = stopping.wait_for(|stop| *stop) => return,
         }
         match reconciler
@@ -212,6 +302,75 @@ async fn reconcile_every(
                 tracing::error!(%error, "reconciliation failed; next attempt at the next interval")
             }
         }
+    }
+}
+
+/// What the reporting store watch needs.
+struct ReportingStoreWatch {
+    store: Arc<ReportingStore>,
+    outbox_dir: PathBuf,
+    busy_timeout: Duration,
+    every: Duration,
+    reconcile_now: Arc<Notify>,
+    metrics: Arc<telemetry::Metrics>,
+}
+
+/// Every `every`, makes the store check that `reporting.db` is still the file it opened
+/// (the worker's writes check too). After it was reopened, queues a re-fetch of every entity
+/// synced before and starts a reconciliation if one is scheduled, so the store is whole again.
+async fn watch_reporting_store(watch: ReportingStoreWatch, mut stopping: watch::Receiver<bool>) {
+    let mut seen = watch.store.reopened();
+    let mut resync_owed = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(watch.every) => {}
+            _ = stopping.wait_for(|stop| *stop) => return,
+        }
+        let store = watch.store.clone();
+        let Ok(reopened) = tokio::task::spawn_blocking(move || store.ensure_present()).await else {
+            continue;
+        };
+        if reopened > seen {
+            watch
+                .metrics
+                .reporting_store_reopened
+                .inc_by(reopened - seen);
+            seen = reopened;
+            resync_owed = true;
+            watch.reconcile_now.notify_one();
+        }
+        if resync_owed {
+            let (dir, busy_timeout) = (watch.outbox_dir.clone(), watch.busy_timeout);
+            let queued = tokio::task::spawn_blocking(move || {
+                OutboxAdmin::open(&dir, busy_timeout)?.resync_synced_entities()
+            })
+            .await;
+            match queued {
+                Ok(Ok(entities)) => {
+                    resync_owed = false;
+                    tracing::warn!(
+                        entities,
+                        "queued a re-sync of every entity synced before, to refill the reopened reporting store"
+                    );
+                }
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "cannot queue the re-sync of the reopened reporting store; retrying")
+                }
+                Err(error) => tracing::error!(%error, "reporting store re-sync task failed"),
+            }
+        }
+    }
+}
+
+fn health_rules(settings: &Settings) -> HealthRules {
+    let store = &settings.store;
+    HealthRules {
+        min_free_bytes: store.min_free_bytes,
+        wedged_after: store.wedged_after,
+        // Without traffic a probe commits every probe_interval and may wait busy_timeout for
+        // the lock; a proof older than two intervals plus that wait (and a second for a slow
+        // fsync) means probing has stalled.
+        write_proof_expires: store.probe_interval * 2 + store.busy_timeout + Duration::from_secs(1),
     }
 }
 

@@ -183,11 +183,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(Settings::load(&sources)?, args),
         Command::Status { json } => {
-            let status = open_admin(&Settings::load(&sources)?)?.status()?;
+            let settings = Settings::load(&sources)?;
+            let status = open_admin(&settings)?.status()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status_json(&status)?)?);
             } else {
                 print_status(&status);
+                print_store_space(&settings);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -581,6 +583,28 @@ fn print_status(s: &Status) {
             recipes.join(", ")
         }
     );
+}
+
+/// Free space against `store.min_free_bytes`, and whether `reporting.db` is there.
+fn print_store_space(settings: &Settings) {
+    let store = &settings.store;
+    let min = store.min_free_bytes;
+    match fenx_sync::health::free_bytes(&store.dir) {
+        Ok(free) if free < min => println!(
+            "free space:          {free} bytes, BELOW store.min_free_bytes ({min}): webhooks get 503"
+        ),
+        Ok(free) => println!("free space:          {free} bytes (store.min_free_bytes {min})"),
+        Err(error) => println!("free space:          unknown ({error})"),
+    }
+    let reporting = store.reporting_path();
+    if reporting.exists() {
+        println!("reporting store:     {}", reporting.display());
+    } else {
+        println!(
+            "reporting store:     {} MISSING (a running service recreates it and re-syncs)",
+            reporting.display()
+        );
+    }
 }
 
 fn print_dead_letters(rows: &[NotificationRow]) {

@@ -19,6 +19,7 @@ use crate::config::PollingSettings;
 use crate::fenergo::{FenergoClient, FetchError};
 use crate::notification::{self, ParseError};
 use crate::outbox::{Appended, NewNotification, Outbox, OutboxError, Source};
+use crate::supervisor::Supervisor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PollError {
@@ -149,18 +150,17 @@ impl Poller {
 
     /// Polls every configured feed until `stop`: again at once while `moreAvailable`, after
     /// `polling.interval` when a feed is drained, with back-off after errors.
+    /// Returns early, with an ERROR naming the feed, as soon as any feed's loop ends or panics
+    /// before `stop`.
     pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) {
-        let loops: Vec<_> = self
-            .feeds
-            .iter()
-            .map(|feed| {
-                let (poller, feed, stop) = (self.clone(), feed.clone(), stop.clone());
-                tokio::spawn(async move { poller.run_feed(&feed, stop).await })
-            })
-            .collect();
-        for l in loops {
-            let _ = l.await;
+        let mut pool = Supervisor::new();
+        for feed in &self.feeds {
+            let (poller, feed, feed_stop) = (self.clone(), feed.clone(), stop.clone());
+            pool.spawn(format!("poller for feed {feed}"), async move {
+                poller.run_feed(&feed, feed_stop).await
+            });
         }
+        pool.run_pool(&stop).await;
     }
 
     async fn run_feed(&self, feed: &str, mut stop: watch::Receiver<bool>) {

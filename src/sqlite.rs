@@ -149,6 +149,25 @@ fn schema_section(name: &str) -> Option<(i64, &'static str)> {
     None
 }
 
+/// Which file a path names (device and inode): a deleted file's path names nothing, a replaced
+/// one's another inode. SQLite keeps writing to the file it opened either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    device: u64,
+    inode: u64,
+}
+
+impl FileIdentity {
+    pub fn of(path: &Path) -> std::io::Result<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path)?;
+        Ok(FileIdentity {
+            device: meta.dev(),
+            inode: meta.ino(),
+        })
+    }
+}
+
 /// The timestamp format of every stored time: RFC 3339 UTC with milliseconds, sortable as text.
 pub fn format_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)

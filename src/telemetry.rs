@@ -219,9 +219,9 @@ pub struct Metrics {
     pub dead_letters: Counter,
     /// Seconds from a notification's `When` to its entity row being written.
     pub sync_lag_seconds: Histogram,
-    /// Outbox rows by status, read at scrape time.
+    /// Outbox rows by status (`pending`, `dead`), refreshed by the maintenance thread.
     pub outbox_rows: Family<StatusLabel, Gauge>,
-    /// Age in seconds of the oldest pending notification (0 when none), read at scrape time.
+    /// Age in seconds of the oldest pending notification (0 when none), refreshed likewise.
     pub oldest_pending_seconds: Gauge,
     /// Seconds from a webhook request's headers being read to its answer, any outcome.
     pub webhook_request_duration_seconds: Histogram,
@@ -239,6 +239,14 @@ pub struct Metrics {
     pub reconcile_entities_listed: Family<KindLabel, Gauge>,
     /// Unix time the last run of each kind finished the whole list, in this process.
     pub reconcile_last_success: Family<KindLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// 1 while `/readyz` answers 200, else 0.
+    pub ready: Gauge,
+    /// Free bytes on the filesystem under `store.dir`.
+    pub store_free_bytes: Gauge,
+    /// `done`/`ignored` outbox rows deleted after `store.retention`.
+    pub outbox_pruned: Counter,
+    /// Times `reporting.db` was found deleted or replaced and was reopened.
+    pub reporting_store_reopened: Counter,
 }
 
 impl Default for Metrics {
@@ -280,6 +288,10 @@ impl Metrics {
             reconcile_entities_seen: Family::default(),
             reconcile_entities_listed: Family::default(),
             reconcile_last_success: Family::default(),
+            ready: Gauge::default(),
+            store_free_bytes: Gauge::default(),
+            outbox_pruned: Counter::default(),
+            reporting_store_reopened: Counter::default(),
         };
         metrics
             .build_info
@@ -395,6 +407,26 @@ impl Metrics {
             "reconcile_last_success_timestamp_seconds",
             "Unix time the last run that walked the whole entity list finished, by kind",
             metrics.reconcile_last_success.clone(),
+        );
+        r.register(
+            "ready",
+            "1 while /readyz answers 200 (free space above store.min_free_bytes and a recent durable outbox write succeeded), else 0",
+            metrics.ready.clone(),
+        );
+        r.register(
+            "store_free_bytes",
+            "Free bytes on the filesystem holding store.dir",
+            metrics.store_free_bytes.clone(),
+        );
+        r.register(
+            "outbox_pruned",
+            "Done and ignored outbox rows deleted after store.retention",
+            metrics.outbox_pruned.clone(),
+        );
+        r.register(
+            "reporting_store_reopened",
+            "Times reporting.db was found deleted or replaced, reopened and re-synced",
+            metrics.reporting_store_reopened.clone(),
         );
         metrics
     }

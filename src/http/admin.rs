@@ -1,63 +1,30 @@
 //! The admin listener (default loopback only): `GET /metrics` (Prometheus text format, or
-//! OpenMetrics when `Accept` asks for it) with the outbox gauges read at scrape time, and
-//! `GET /healthz`.
+//! OpenMetrics when `Accept` asks for it), `GET /healthz` and `GET /readyz`.
 //!
-//! It must never be the webhook listener: metrics stay off the address Fenergo can reach.
+//! It must never be the webhook listener: metrics stay off the address Fenergo can reach. A
+//! scrape never opens SQLite or runs a query: the outbox gauges are refreshed by the outbox
+//! maintenance thread, the counters as events happen.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use super::{Routes, json_response};
-use crate::outbox::admin::OutboxAdmin;
-use crate::telemetry::{Exposition, Metrics, StatusLabel};
+use super::{Routes, json_response, probes};
+use crate::health::StoreHealth;
+use crate::telemetry::{Exposition, Metrics};
 
 pub struct Admin {
     metrics: Arc<Metrics>,
-    store_dir: PathBuf,
+    health: Arc<StoreHealth>,
 }
 
 impl Admin {
-    pub fn new(metrics: Arc<Metrics>, store_dir: PathBuf) -> Admin {
-        Admin { metrics, store_dir }
-    }
-
-    /// Reads outbox depth and the oldest pending age into their gauges. A failure (file busy or
-    /// not yet created) leaves the previous values and is logged, never fails the scrape.
-    async fn refresh_outbox_gauges(&self) {
-        let dir = self.store_dir.clone();
-        let status = tokio::task::spawn_blocking(move || {
-            OutboxAdmin::open(&dir, Duration::from_millis(500)).and_then(|admin| admin.status())
-        })
-        .await;
-        match status {
-            Ok(Ok(status)) => {
-                for status_name in ["pending", "done", "ignored", "dead"] {
-                    let count = status
-                        .by_status
-                        .iter()
-                        .find(|(s, _)| s == status_name)
-                        .map_or(0, |(_, n)| *n);
-                    self.metrics
-                        .outbox_rows
-                        .get_or_create(&StatusLabel {
-                            status: status_name.to_owned(),
-                        })
-                        .set(count);
-                }
-                self.metrics
-                    .oldest_pending_seconds
-                    .set(status.oldest_pending_age_secs.unwrap_or(0));
-            }
-            Ok(Err(error)) => tracing::debug!(%error, "outbox gauges not refreshed"),
-            Err(error) => tracing::warn!(%error, "outbox gauge task failed"),
-        }
+    pub fn new(metrics: Arc<Metrics>, health: Arc<StoreHealth>) -> Admin {
+        Admin { metrics, health }
     }
 }
 
@@ -81,7 +48,11 @@ impl Routes for Admin {
                         .get(header::ACCEPT)
                         .and_then(|a| a.to_str().ok()),
                 );
-                self.refresh_outbox_gauges().await;
+                // `fenx_ready` says what /readyz would say now; every other value was recorded
+                // as it happened, so a scrape costs the same however large the outbox grows.
+                self.metrics
+                    .ready
+                    .set(i64::from(self.health.readiness().is_ok()));
                 let body = self.metrics.encode(exposition);
                 let mut response = Response::new(Full::new(Bytes::from(body)));
                 response.headers_mut().insert(
@@ -90,7 +61,8 @@ impl Routes for Admin {
                 );
                 response
             }
-            "/healthz" => json_response(StatusCode::OK, serde_json::json!({ "status": "ok" })),
+            "/healthz" => probes::liveness(&self.health),
+            "/readyz" => probes::readiness(&self.health),
             _ => json_response(
                 StatusCode::NOT_FOUND,
                 serde_json::json!({ "error": "no such path" }),

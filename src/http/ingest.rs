@@ -5,7 +5,8 @@
 //! (413), budget (503) and rate (408) → signature over the exact raw bytes (401) → JSON (400) →
 //! durable group commit → 200. Who may connect at all is its [`PeerPolicy`], applied at accept.
 //! It must never answer 2xx before the outbox commit has returned, never open SQLite itself,
-//! and never log a secret or a whole body.
+//! and never log a secret or a whole body. `/readyz` and `/healthz` read cached store health
+//! ([`probes`]); they never wait for the writer.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -20,15 +21,12 @@ use ipnet::IpNet;
 
 use super::body::{self, BodyBudget, BodyLimits};
 use super::error::IngestError;
-use super::{PeerPolicy, Routes, json_response};
+use super::{PeerPolicy, Routes, json_response, probes};
 use crate::config::Settings;
 use crate::notification::{self, Notification};
 use crate::outbox::{Appended, NewNotification, Outbox, Source};
 use crate::signature::{self, Recipe, RecipeChoice, SignatureError, Verifier};
 use crate::telemetry::{Metrics, ReasonLabel, RecipeLabel};
-
-/// How long `/readyz` waits for the outbox write lock before saying "not ready".
-const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The webhook receiver's request handling.
 pub struct Ingress {
@@ -179,24 +177,6 @@ impl Ingress {
             );
         }
     }
-
-    async fn readiness(&self) -> Response<Full<Bytes>> {
-        match tokio::time::timeout(READY_TIMEOUT, self.outbox.check_writable()).await {
-            Ok(Ok(())) => json_response(StatusCode::OK, serde_json::json!({ "status": "ready" })),
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "not ready: outbox not writable");
-                not_ready("outbox not writable")
-            }
-            Err(_) => not_ready("outbox writer busy"),
-        }
-    }
-}
-
-fn not_ready(reason: &str) -> Response<Full<Bytes>> {
-    json_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        serde_json::json!({ "status": "not ready", "error": reason }),
-    )
 }
 
 impl Routes for Ingress {
@@ -215,10 +195,8 @@ impl Routes for Ingress {
     ) -> Response<Full<Bytes>> {
         let is_read = matches!(*request.method(), Method::GET | Method::HEAD);
         match request.uri().path() {
-            "/healthz" if is_read => {
-                json_response(StatusCode::OK, serde_json::json!({ "status": "ok" }))
-            }
-            "/readyz" if is_read => self.readiness().await,
+            "/healthz" if is_read => probes::liveness(&self.outbox.health()),
+            "/readyz" if is_read => probes::readiness(&self.outbox.health()),
             "/healthz" | "/readyz" => {
                 IngestError::MethodNotAllowed { allow: "GET, HEAD" }.into_response()
             }

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod body;
 pub mod error;
 pub mod ingest;
+pub mod probes;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

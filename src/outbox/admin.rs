@@ -254,6 +254,24 @@ impl OutboxAdmin {
         Ok(changed)
     }
 
+    /// Queues a fetch of every entity the worker ever stored (an outbox row `done` for it), for
+    /// when the reporting store lost them, 500 per transaction. Returns how many entities.
+    pub fn resync_synced_entities(&mut self) -> Result<usize, AdminError> {
+        let entities: Vec<String> = self
+            .conn
+            .prepare(
+                "SELECT DISTINCT entity_key FROM notification
+                  WHERE status = 'done' AND entity_key IS NOT NULL AND instr(entity_key, '/') = 0",
+            )
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .map_err(|e| self.error(e))?;
+        // Small transactions: webhook appends wait for the write lock between them, not for all.
+        for chunk in entities.chunks(500) {
+            self.resync(chunk)?;
+        }
+        Ok(entities.len())
+    }
+
     /// Queues a fetch of each entity now, whatever happened before. Returns the new ids.
     pub fn resync(&mut self, entity_ids: &[String]) -> Result<Vec<String>, AdminError> {
         let now = sqlite::now();

@@ -5,10 +5,13 @@
 //! it drains whatever is queued, writes it in one `BEGIN IMMEDIATE` transaction at
 //! `synchronous=FULL`, and only then answers each waiting caller. De-duplication on the
 //! notification id happens here. The sync worker's claims, leases and retry schedule are in
-//! `queue.rs` ([`WorkQueue`]).
+//! `queue.rs` ([`WorkQueue`]). The maintenance thread (`maintenance.rs`) proves the file
+//! writable with a probe commit when no group commit has lately, watches free space, prunes old
+//! finished rows and refreshes the outbox gauges, all on its own connection.
 //!
-//! It must never answer an append before its COMMIT has returned, and never let a failed commit
-//! look like a success: the caller's 2xx depends on it.
+//! It must never answer an append before its COMMIT has returned, never let a failed commit
+//! look like a success (the caller's 2xx depends on it), and never start an append while free
+//! space under the store is below `store.min_free_bytes`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,14 +22,18 @@ use rusqlite::Connection;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 pub mod admin;
+mod maintenance;
 mod queue;
 mod writer;
 
+pub use maintenance::{MaintenanceOptions, MaintenanceThread, THREAD_NAME as MAINTENANCE_THREAD};
 pub use queue::{Claim, Claimed, RowOutcome, Settlement, WorkQueue};
 
+use crate::health::{HealthRules, StoreHealth};
 use crate::notification::Notification;
 pub use crate::sqlite::Durability;
 use crate::sqlite::{self, DbError};
+use crate::supervisor::{self, ThreadEnded};
 
 /// The outbox file inside `store.dir`.
 pub const FILE_NAME: &str = "outbox.db";
@@ -81,6 +88,8 @@ pub enum OutboxError {
     QueueFull(Duration),
     #[error("outbox writer has stopped")]
     WriterStopped,
+    #[error("not stored: {free} bytes free under store.dir, below store.min_free_bytes ({min})")]
+    LowDiskSpace { free: u64, min: u64 },
 }
 
 /// Tuning for the writer.
@@ -101,10 +110,6 @@ pub(crate) enum Command {
         rows: Vec<NewNotification>,
         reply: oneshot::Sender<Result<Vec<Appended>, OutboxError>>,
     },
-    /// Takes and releases the write lock: proves the file is writable right now.
-    Probe {
-        reply: oneshot::Sender<Result<(), OutboxError>>,
-    },
 }
 
 /// A cloneable handle to the outbox writer. The writer thread stops once every handle is dropped
@@ -114,15 +119,34 @@ pub struct Outbox {
     queue: mpsc::Sender<Command>,
     enqueue_timeout: Duration,
     new_work: Arc<Notify>,
+    health: Arc<StoreHealth>,
 }
+
+/// The thread's name in logs and supervision.
+pub const WRITER_THREAD: &str = "outbox writer thread";
 
 /// Joins the writer thread; `wait` returns once the last `Outbox` handle is gone and the final
 /// commit is on disk.
-pub struct WriterThread(JoinHandle<()>);
+pub struct WriterThread {
+    handle: JoinHandle<()>,
+    ended: Option<ThreadEnded>,
+}
 
 impl WriterThread {
     pub fn wait(self) {
-        let _ = self.0.join();
+        let _ = self.handle.join();
+    }
+
+    /// Completes when the thread ends (the first call only; later calls never complete). Before
+    /// shutdown that means it failed.
+    pub fn ended(&mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let ended = self.ended.take();
+        async move {
+            match ended {
+                Some(ended) => ended.wait(WRITER_THREAD).await,
+                None => std::future::pending().await,
+            }
+        }
     }
 }
 
@@ -133,19 +157,38 @@ impl Outbox {
         dir: &Path,
         options: &OutboxOptions,
     ) -> Result<(Outbox, WriterThread), OutboxError> {
+        Self::open_with_health(
+            dir,
+            options,
+            Arc::new(StoreHealth::new(HealthRules::default())),
+        )
+    }
+
+    /// [`open`](Self::open), recording every group commit's outcome (and refusing appends on
+    /// low disk space) in `health`.
+    pub fn open_with_health(
+        dir: &Path,
+        options: &OutboxOptions,
+        health: Arc<StoreHealth>,
+    ) -> Result<(Outbox, WriterThread), OutboxError> {
         let conn = open_connection(dir, Durability::Full, options.busy_timeout)?;
         let (queue, rx) = mpsc::channel(options.queue_capacity.max(1));
         let max_batch = options.max_batch.max(1);
-        let thread = std::thread::Builder::new()
-            .name("outbox-writer".into())
-            .spawn(move || writer::run(conn, rx, max_batch))
-            .expect("spawning a thread only fails when the OS is out of resources");
+        let writer_health = health.clone();
+        let (handle, ended) = supervisor::spawn_thread(WRITER_THREAD, move || {
+            writer::run(conn, rx, max_batch, &writer_health)
+        });
         let outbox = Outbox {
             queue,
             enqueue_timeout: options.enqueue_timeout,
             new_work: Arc::new(Notify::new()),
+            health,
         };
-        Ok((outbox, WriterThread(thread)))
+        let thread = WriterThread {
+            handle,
+            ended: Some(ended),
+        };
+        Ok((outbox, thread))
     }
 
     /// Appends notifications durably, in one transaction with whatever else is waiting. Returns
@@ -156,6 +199,11 @@ impl Outbox {
     ) -> Result<Vec<Appended>, OutboxError> {
         if rows.is_empty() {
             return Ok(Vec::new());
+        }
+        if let Some(crate::health::NotReady::LowDiskSpace { free, min }) =
+            self.health.low_disk_space()
+        {
+            return Err(OutboxError::LowDiskSpace { free, min });
         }
         let (reply, answer) = oneshot::channel();
         self.send(Command::Append { rows, reply }).await?;
@@ -172,11 +220,9 @@ impl Outbox {
         self.new_work.clone()
     }
 
-    /// Proves the outbox can take a write now (for `/readyz`).
-    pub async fn check_writable(&self) -> Result<(), OutboxError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Probe { reply }).await?;
-        answer.await.map_err(|_| OutboxError::WriterStopped)?
+    /// What readiness and liveness are judged from.
+    pub fn health(&self) -> Arc<StoreHealth> {
+        self.health.clone()
     }
 
     async fn send(&self, command: Command) -> Result<(), OutboxError> {
@@ -211,7 +257,7 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    fn options() -> OutboxOptions {
+    pub(super) fn options() -> OutboxOptions {
         OutboxOptions {
             busy_timeout: Duration::from_millis(200),
             max_batch: 256,
@@ -220,7 +266,7 @@ mod tests {
         }
     }
 
-    fn row(id: &str) -> NewNotification {
+    pub(super) fn row(id: &str) -> NewNotification {
         let body = Bytes::from(format!(r#"{{"Id":"{id}"}}"#));
         let mut notification = crate::notification::parse_body(&body).unwrap().remove(0);
         notification.id = id.to_owned();
@@ -289,12 +335,37 @@ mod tests {
             outbox.append_batch(vec![row("a")]).await,
             Err(OutboxError::Write(_))
         ));
-        assert!(outbox.check_writable().await.is_err());
+        assert!(matches!(
+            outbox.health().readiness(),
+            Err(crate::health::NotReady::WriteFailed(_))
+        ));
         blocker.execute_batch("ROLLBACK").unwrap();
         assert_eq!(
             outbox.append_batch(vec![row("a")]).await.unwrap(),
             [Appended::Stored]
         );
-        outbox.check_writable().await.unwrap();
+        outbox.health().readiness().unwrap();
+    }
+
+    #[tokio::test]
+    async fn appends_are_refused_before_the_disk_fills() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = HealthRules {
+            min_free_bytes: 1 << 20,
+            ..HealthRules::default()
+        };
+        let health = Arc::new(StoreHealth::new(rules));
+        let (outbox, _writer) =
+            Outbox::open_with_health(dir.path(), &options(), health.clone()).unwrap();
+        health.record_free_bytes(1000);
+        assert!(matches!(
+            outbox.append_batch(vec![row("a")]).await,
+            Err(OutboxError::LowDiskSpace { free: 1000, .. })
+        ));
+        health.record_free_bytes(2 << 20);
+        assert_eq!(
+            outbox.append_batch(vec![row("a")]).await.unwrap(),
+            [Appended::Stored]
+        );
     }
 }

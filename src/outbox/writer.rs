@@ -2,7 +2,9 @@
 //! transaction (group commit), answering each caller only after that COMMIT returned.
 //!
 //! It must never answer before the commit, and never report one caller's failure as another's
-//! success: a failed group fails every request in it.
+//! success: a failed group fails every request in it. Each group commit's outcome is recorded in
+//! [`StoreHealth`]: a committed group is the proof of writability that readiness needs, so a
+//! busy outbox needs no separate probe.
 
 use std::sync::Arc;
 
@@ -10,32 +12,30 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Appended, Command, NewNotification, OutboxError};
+use crate::health::{StoreHealth, Writer};
 use crate::sqlite;
 
-pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch: usize) {
+pub(super) fn run(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Command>,
+    max_batch: usize,
+    health: &StoreHealth,
+) {
     while let Some(first) = rx.blocking_recv() {
         let mut appends = Vec::new();
-        let mut probes = Vec::new();
         let mut rows = 0;
         let mut next = Some(first);
-        while let Some(command) = next.take() {
-            match command {
-                Command::Append { rows: r, reply } => {
-                    rows += r.len();
-                    appends.push((r, reply));
-                }
-                Command::Probe { reply } => probes.push(reply),
-            }
+        while let Some(Command::Append { rows: r, reply }) = next.take() {
+            rows += r.len();
+            appends.push((r, reply));
             if rows < max_batch {
                 next = rx.try_recv().ok();
             }
         }
-        if !appends.is_empty() {
-            answer_appends(commit_appends(&mut conn, &appends), appends);
-        }
-        for reply in probes {
-            let _ = reply.send(probe(&mut conn));
-        }
+        let write = health.begin_write(Writer::GroupCommit);
+        let result = commit_appends(&mut conn, &appends);
+        write.finish(result.as_ref().map(drop).map_err(ToString::to_string));
+        answer_appends(result, appends);
     }
 }
 
@@ -116,10 +116,4 @@ fn commit_appends(
     }
     tx.commit()?;
     Ok(outcomes)
-}
-
-fn probe(conn: &mut Connection) -> Result<(), OutboxError> {
-    conn.transaction_with_behavior(TransactionBehavior::Immediate)
-        .and_then(|tx| tx.rollback())
-        .map_err(|e| OutboxError::Write(Arc::new(e)))
 }

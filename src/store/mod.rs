@@ -3,11 +3,15 @@
 //! `schema.sql` (section `reporting`) documents every table, column and view.
 //!
 //! It must never let an older or equal version overwrite what is stored, never leave an entity
-//! half-written (each upsert is one transaction), and never decide what to fetch, retry or
-//! dead-letter: that is the sync worker's job.
+//! half-written (each upsert is one transaction), never write into a file that is no longer
+//! `reporting.db` (every use first compares the path's device and inode with the file it opened,
+//! and reopens with an ERROR when it was deleted or replaced), and never decide what to fetch,
+//! retry or dead-letter: that is the sync worker's job (and re-syncing a reopened store is the
+//! reporting store watch's, in `lib.rs`).
 
 use std::cmp::Ordering;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -16,7 +20,7 @@ use serde_json::Value;
 
 mod flatten;
 
-use crate::sqlite::{self, DbError, Durability};
+use crate::sqlite::{self, DbError, Durability, FileIdentity};
 use flatten::{CollectionRow, PropertyRow, flatten};
 
 /// The default reporting file inside `store.dir`.
@@ -111,25 +115,35 @@ pub enum StoreError {
 /// anyway, and callers run on blocking threads.
 pub struct ReportingStore {
     conn: Mutex<Connection>,
+    /// The device and inode of the file `conn` has open; guarded by `conn`'s lock.
+    identity: Mutex<Option<FileIdentity>>,
     path: PathBuf,
+    reopened: AtomicU64,
 }
 
 impl ReportingStore {
     /// Opens (creating it and its directory if needed) the reporting file in WAL mode with
     /// `synchronous=NORMAL` (everything in it can be re-fetched), and applies its schema.
     pub fn open(path: &Path) -> Result<ReportingStore, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
-                path: dir.to_owned(),
-                source,
-            })?;
-        }
-        let mut conn = sqlite::open(path, Durability::Normal, BUSY_TIMEOUT)?;
-        sqlite::apply_schema(&mut conn, path, SECTION)?;
+        let (conn, identity) = open_file(path)?;
         Ok(ReportingStore {
             conn: Mutex::new(conn),
+            identity: Mutex::new(identity),
             path: path.to_owned(),
+            reopened: AtomicU64::new(0),
         })
+    }
+
+    /// How many times the file was found deleted or replaced and reopened.
+    pub fn reopened(&self) -> u64 {
+        self.reopened.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Checks that the path still names the file in use (reopening it if not, as every other
+    /// call does first); returns [`reopened`](Self::reopened).
+    pub fn ensure_present(&self) -> u64 {
+        drop(self.lock());
+        self.reopened()
     }
 
     /// Stores `entity` if its version is newer than the stored one: the entity row, its
@@ -300,10 +314,59 @@ impl ReportingStore {
             .map_err(|source| self.error(format!("save run {}", run.run_id), source))
     }
 
-    /// A panic while the lock was held cannot have left a transaction open (dropping one rolls
-    /// it back), so a poisoned lock still guards a usable connection.
+    /// The connection, to the file the path names now. A panic while the lock was held cannot
+    /// have left a transaction open (dropping one rolls it back), so a poisoned lock still
+    /// guards a usable connection.
     fn lock(&self) -> MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        self.follow_path(&mut conn);
+        conn
+    }
+
+    /// One `stat`: if the path no longer names the open file, close it and open the path again
+    /// (a new, empty store if the file was deleted), so writes never vanish into an unlinked
+    /// inode.
+    fn follow_path(&self, conn: &mut Connection) {
+        let mut identity = self.identity.lock().unwrap_or_else(PoisonError::into_inner);
+        let what_happened = match (FileIdentity::of(&self.path), *identity) {
+            (Ok(now), Some(opened)) if now == opened => return,
+            (Ok(now), None) => {
+                *identity = Some(now);
+                return;
+            }
+            (Ok(_), Some(_)) => "replaced by another file",
+            (Err(error), _) if error.kind() == std::io::ErrorKind::NotFound => "deleted",
+            (Err(error), _) => {
+                tracing::warn!(%error, path = %self.path.display(), "cannot check the reporting store file");
+                return;
+            }
+        };
+        // Close first: the old connection checkpoints into, and removes, its own WAL, which must
+        // not be replayed into the new file.
+        match Connection::open_in_memory() {
+            Ok(placeholder) => drop(std::mem::replace(conn, placeholder)),
+            Err(error) => tracing::warn!(%error, "cannot close the old reporting store first"),
+        }
+        match open_file(&self.path) {
+            Ok((reopened, opened)) => {
+                *conn = reopened;
+                *identity = opened;
+                self.reopened.fetch_add(1, AtomicOrdering::Relaxed);
+                tracing::error!(
+                    path = %self.path.display(),
+                    "the reporting store was {what_happened} while fenx-sync was running; opened {} again",
+                    self.path.display()
+                );
+            }
+            Err(error) => {
+                *identity = FileIdentity::of(&self.path).ok();
+                tracing::error!(
+                    %error,
+                    path = %self.path.display(),
+                    "the reporting store was {what_happened} while fenx-sync was running and cannot be opened again"
+                );
+            }
+        }
     }
 
     fn error(&self, action: String, source: rusqlite::Error) -> StoreError {
@@ -313,6 +376,19 @@ impl ReportingStore {
             source,
         }
     }
+}
+
+/// Opens `path` (creating it and its directory) with its schema, and says which file it is.
+fn open_file(path: &Path) -> Result<(Connection, Option<FileIdentity>), StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    let mut conn = sqlite::open(path, Durability::Normal, BUSY_TIMEOUT)?;
+    sqlite::apply_schema(&mut conn, path, SECTION)?;
+    Ok((conn, FileIdentity::of(path).ok()))
 }
 
 /// Which kind of pass over the entity list.

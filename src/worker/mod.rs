@@ -23,6 +23,7 @@ use crate::outbox::{Claim, Claimed, OutboxError, RowOutcome, Settlement, WorkQue
 use crate::store::{
     EntitySnapshot, ProcessedNotification, ReportingStore, StoreError, SyncCause, UpsertOutcome,
 };
+use crate::supervisor::Supervisor;
 use crate::telemetry::Metrics;
 use policy::RetryPolicy;
 use routing::Router;
@@ -82,20 +83,26 @@ impl SyncWorker {
         })
     }
 
+    /// The reporting store the worker writes to (shared with reconciliation and the store watch,
+    /// so that a deleted file is reopened once).
+    pub fn store(&self) -> Arc<ReportingStore> {
+        self.store.clone()
+    }
+
     /// Runs `sync.workers` loops until `shutdown` turns true; a step in progress is finished.
-    /// `new_work` wakes idle loops as soon as ingest stores something.
+    /// `new_work` wakes idle loops as soon as ingest stores something. Returns early, with an
+    /// ERROR naming it, as soon as any one loop ends or panics before `shutdown`.
     pub async fn run(self: Arc<Self>, new_work: Arc<Notify>, shutdown: watch::Receiver<bool>) {
-        let loops: Vec<_> = (0..self.workers)
-            .map(|index| {
-                let worker = self.clone();
-                let (new_work, shutdown) = (new_work.clone(), shutdown.clone());
-                let owner = format!("{}-{}-{index}", std::process::id(), fastrand::u32(..));
-                tokio::spawn(async move { worker.run_loop(owner, new_work, shutdown).await })
-            })
-            .collect();
-        for l in loops {
-            let _ = l.await;
+        let mut pool = Supervisor::new();
+        for index in 0..self.workers {
+            let worker = self.clone();
+            let (new_work, stop) = (new_work.clone(), shutdown.clone());
+            let owner = format!("{}-{}-{index}", std::process::id(), fastrand::u32(..));
+            pool.spawn(format!("sync worker {index}"), async move {
+                worker.run_loop(owner, new_work, stop).await
+            });
         }
+        pool.run_pool(&shutdown).await;
     }
 
     async fn run_loop(

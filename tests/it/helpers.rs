@@ -32,6 +32,7 @@ pub fn test_settings(dir: &Path) -> Settings {
     s.store.busy_timeout = Duration::from_millis(300);
     s.webhook.secrets = vec![SECRET.into()];
     s.server.shutdown_grace = Duration::from_secs(5);
+    s.store.probe_interval = Duration::from_millis(200);
     s
 }
 
@@ -41,7 +42,13 @@ impl TestApp {
     }
 
     pub async fn spawn_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
-        let dir = tempfile::tempdir().unwrap();
+        let app = Self::start_in(tempfile::tempdir().unwrap(), customise).await;
+        app.wait_ready().await;
+        app
+    }
+
+    /// Starts the service with its store in `dir`, without waiting for it to be ready.
+    pub async fn start_in(dir: TempDir, customise: impl FnOnce(&mut Settings)) -> TestApp {
         let mut settings = test_settings(dir.path());
         customise(&mut settings);
         let listener = tokio::net::TcpListener::bind(settings.server.listen)
@@ -62,16 +69,14 @@ impl TestApp {
             .await
             .expect("service runs");
         });
-        let app = TestApp {
+        TestApp {
             addr,
             admin_addr,
             dir,
             client: fenx_sync::fenergo::client_builder().build().unwrap(),
             shutdown: Some(tx),
             handle: Some(handle),
-        };
-        app.wait_ready().await;
-        app
+        }
     }
 
     /// Waits until `/readyz` says the outbox is open and writable.
@@ -121,6 +126,13 @@ impl TestApp {
             .expect("service stops within 15 s")
             .unwrap();
         self.dir
+    }
+
+    /// `GET path` on the webhook listener: status and body.
+    pub async fn probe(&self, path: &str) -> (u16, String) {
+        let response = self.client.get(self.url(path)).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
     }
 
     /// The Prometheus text from the admin listener.
@@ -215,4 +227,18 @@ pub fn entity_rows(store_dir: &Path, entity_id: &str) -> i64 {
             |r| r.get(0),
         )
         .unwrap()
+}
+
+/// Waits (bounded: 10 s) until `check` gives `Some`, and returns it; panics naming `what`.
+pub async fn eventually<T, Fut>(what: &str, mut check: impl FnMut() -> Fut) -> T
+where
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    for _ in 0..500 {
+        if let Some(value) = check().await {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what} did not happen within 10 s");
 }

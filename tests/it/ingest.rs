@@ -7,7 +7,7 @@ use fenx_sync::signature::Recipe;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{SECRET, TestApp, notification, sign};
+use crate::helpers::{SECRET, TestApp, eventually, notification, sign};
 
 /// Sends the headers of a signed webhook and only the first `sent` bytes of its body.
 pub(crate) async fn start_signed_post(app: &TestApp, body: &str, sent: usize) -> TcpStream {
@@ -415,7 +415,14 @@ async fn metrics_count_what_happened_at_the_front_door() {
         .await;
     app.post_with_signature(&notification("m-3", "x:y"), None)
         .await;
-    let text = app.metrics().await;
+    // The outbox gauges are refreshed in the background (a scrape runs no query).
+    let text = eventually("the pending gauge to count 2", || async {
+        let text = app.metrics().await;
+        text.lines()
+            .any(|l| l == r#"fenx_outbox_rows{status="pending"} 2"#)
+            .then_some(text)
+    })
+    .await;
     for line in [
         r#"fenx_webhook_requests_total{outcome="stored"} 2"#,
         r#"fenx_webhook_requests_total{outcome="duplicate"} 1"#,
