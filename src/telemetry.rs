@@ -73,6 +73,11 @@ pub struct RecipeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
     pub status: String,
 }
@@ -106,6 +111,10 @@ pub struct Metrics {
     pub outbox_rows: Family<StatusLabel, Gauge>,
     /// Age in seconds of the oldest pending notification (0 when none), read at scrape time.
     pub oldest_pending_seconds: Gauge,
+    /// 1 while Fenergo's identity service refuses our client credentials, else 0.
+    pub credentials_refused: Gauge,
+    /// Confirmation reads by result (`changed`: a newer version was found, `unchanged`).
+    pub confirmations: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -135,6 +144,8 @@ impl Metrics {
             ]),
             outbox_rows: Family::default(),
             oldest_pending_seconds: Gauge::default(),
+            credentials_refused: Gauge::default(),
+            confirmations: Family::default(),
         };
         let r = &mut metrics.registry;
         r.register(
@@ -201,6 +212,16 @@ impl Metrics {
             "oldest_pending_seconds",
             "Age of the oldest pending notification",
             metrics.oldest_pending_seconds.clone(),
+        );
+        r.register(
+            "fenergo_credentials_refused",
+            "1 while Fenergo's identity service refuses the client credentials (sync is paused)",
+            metrics.credentials_refused.clone(),
+        );
+        r.register(
+            "confirmations",
+            "Confirmation reads of provisionally stored entities, by whether the version changed",
+            metrics.confirmations.clone(),
         );
         metrics
     }

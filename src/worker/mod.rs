@@ -1,12 +1,17 @@
 //! The sync worker: claims due notifications from the outbox, routes them by event type, fetches
 //! the entity they point at (one fetch per entity, however many notifications are waiting for
 //! it), upserts it into the reporting store, and settles every row: done, ignored, retry at a
-//! time, or dead with its reason.
+//! time, or dead with its reason. A read taken inside `sync.confirm_after` of the newest
+//! notification it serves is provisional: it is stored at once and confirmed later
+//! (`confirm.rs`).
 //!
 //! It must never let an older entity version overwrite a newer one (the store's upsert is
-//! monotonic and stale reads are re-fetched), never drop a notification silently, and never keep
-//! retry state only in memory: schedules live in the outbox rows.
+//! monotonic and stale reads are re-fetched), never drop a notification silently, never keep
+//! retry state only in memory (schedules live in the outbox rows, pending confirmations in the
+//! reporting store), and never charge a notification an attempt for something that is not
+//! Fenergo's answer about it (refused credentials, a busy local store).
 
+mod confirm;
 pub mod policy;
 pub mod routing;
 
@@ -21,8 +26,10 @@ use crate::fenergo::{Entity, FenergoClient};
 use crate::notification::entity_id;
 use crate::outbox::{Claim, Claimed, OutboxError, RowOutcome, Settlement, WorkQueue};
 use crate::store::{
-    EntitySnapshot, ProcessedNotification, ReportingStore, StoreError, SyncCause, UpsertOutcome,
+    EntitySnapshot, ProcessedNotification, ReadFollowUp, ReportingStore, StoreError, SyncCause,
+    UpsertOutcome,
 };
+pub use confirm::ConfirmReport;
 use crate::telemetry::Metrics;
 use policy::RetryPolicy;
 use routing::Router;
@@ -55,8 +62,13 @@ pub struct SyncWorker {
     lease: Duration,
     idle_poll: Duration,
     workers: usize,
+    confirm_after: Duration,
+    confirmer: confirm::Confirmer,
     metrics: Arc<Metrics>,
 }
+
+/// How soon rows come back after the local reporting store failed (e.g. SQLITE_BUSY).
+const LOCAL_RETRY: Duration = Duration::from_secs(2);
 
 impl SyncWorker {
     /// Opens the outbox (worker side) and the reporting store; calls Fenergo through `client`
@@ -78,13 +90,20 @@ impl SyncWorker {
             lease: settings.sync.lease,
             idle_poll: settings.sync.idle_poll,
             workers: settings.sync.workers,
+            confirm_after: settings.sync.confirm_after,
+            confirmer: confirm::Confirmer::new(settings.sync.confirm_after),
             metrics,
         })
     }
 
-    /// Runs `sync.workers` loops until `shutdown` turns true; a step in progress is finished.
-    /// `new_work` wakes idle loops as soon as ingest stores something.
+    /// Runs `sync.workers` loops and the confirmation loop until `shutdown` turns true; a step
+    /// in progress is finished. `new_work` wakes idle loops as soon as ingest stores something.
     pub async fn run(self: Arc<Self>, new_work: Arc<Notify>, shutdown: watch::Receiver<bool>) {
+        let confirmations = {
+            let worker = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { worker.confirm_loop(shutdown).await })
+        };
         let loops: Vec<_> = (0..self.workers)
             .map(|index| {
                 let worker = self.clone();
@@ -96,6 +115,7 @@ impl SyncWorker {
         for l in loops {
             let _ = l.await;
         }
+        let _ = confirmations.await;
     }
 
     async fn run_loop(
@@ -129,6 +149,10 @@ impl SyncWorker {
     /// [`run_once`](Self::run_once) with the clock given, so tests can step past retry times
     /// without sleeping.
     pub async fn run_once_at(&self, owner: &str, now: DateTime<Utc>) -> Result<Step, WorkerError> {
+        // While Fenergo refuses our credentials, claiming would only churn rows: they wait.
+        if !self.client.credentials_usable() {
+            return Ok(Step::Idle);
+        }
         let (queue, lease, owner_text) = (self.queue.clone(), self.lease, owner.to_owned());
         let claim =
             tokio::task::spawn_blocking(move || queue.claim(&owner_text, lease, now)).await??;
@@ -188,6 +212,26 @@ impl SyncWorker {
                 return Ok(());
             }
         };
+        match self.store_fetched(rows, entity, now, work).await {
+            Err(WorkerError::Store(error)) => {
+                tracing::error!(%error, notifications = rows.len(), retry_in = ?LOCAL_RETRY, "the reporting store failed; the notifications are retried without counting an attempt");
+                work.retry_locally(rows, &error, now);
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// Stores what one fetch returned: re-fetch later if it is stale, else upsert it, with a
+    /// confirmation read to follow when it was taken inside `confirm_after`.
+    async fn store_fetched(
+        &self,
+        rows: &[Claimed],
+        entity: Entity,
+        now: DateTime<Utc>,
+        work: &mut Work,
+    ) -> Result<(), WorkerError> {
+        let newest = rows.last().expect("called with at least one row");
         let store = self.store.clone();
         let id = entity.id.clone();
         let state = tokio::task::spawn_blocking(move || store.stored_state(&id)).await??;
@@ -196,20 +240,19 @@ impl SyncWorker {
             entity.version <= s.version
                 && rows.iter().any(|r| event_after_last_write(r, &s.synced_at))
         });
-        // The budget is the group's: a notification arriving later must not restart it.
-        let attempts = rows.iter().map(|r| r.attempts).max().unwrap_or(0);
-        if self.policy.retry_stale(attempts, stale) {
+        // The budget is the group's: a notification arriving later must not restart it. It is
+        // the stored stale counter, so 404s and 5xx before this read do not use it up.
+        let stale_reads = rows.iter().map(|r| r.stale_reads).max().unwrap_or(0);
+        if self.policy.retry_stale(stale_reads, stale) {
             let stored = state.as_ref().map_or(0, |s| s.version);
             tracing::info!(entity = %entity.id, fetched = entity.version, stored, "stale read; re-fetching later");
             for row in rows {
-                let outcome = RowOutcome::RetryAt {
+                let outcome = RowOutcome::StaleRetryAt {
                     at: now + policy::to_chrono(self.policy.stale_delay),
                     error: format!(
                         "stale read: fetched version {} is not newer than stored {stored}",
                         entity.version
                     ),
-                    status: Some(200),
-                    count_attempt: true,
                 };
                 work.settle(row, outcome, None, Some(entity.id.clone()));
             }
@@ -221,16 +264,21 @@ impl SyncWorker {
             event_type: newest.event_type.clone(),
             event_when: newest.event_when.clone(),
         };
+        let follow_up = self.follow_up(newest, now);
+        let provisional = matches!(follow_up, Some(ReadFollowUp::Confirm { .. }));
         let store = self.store.clone();
-        let upsert =
-            tokio::task::spawn_blocking(move || store.upsert_entity(&snapshot, &cause)).await??;
+        let upsert = tokio::task::spawn_blocking(move || match follow_up {
+            Some(follow_up) => store.store_read(&snapshot, &cause, &follow_up),
+            None => store.upsert_entity(&snapshot, &cause),
+        })
+        .await??;
         let label = match upsert {
             UpsertOutcome::Inserted | UpsertOutcome::Updated { .. } => "synced",
             UpsertOutcome::Unchanged | UpsertOutcome::Older { .. } if stale => "stale-accepted",
             UpsertOutcome::Unchanged => "unchanged",
             UpsertOutcome::Older { .. } => "older-ignored",
         };
-        tracing::info!(entity = %entity.id, version = entity.version, outcome = label, notifications = rows.len(), "entity synced");
+        tracing::info!(entity = %entity.id, version = entity.version, outcome = label, provisional, notifications = rows.len(), "entity synced");
         for row in rows {
             work.settle(
                 row,
@@ -240,6 +288,29 @@ impl SyncWorker {
             );
         }
         Ok(())
+    }
+
+    /// What a read at `now` that served `newest` (the latest arrival of its group) leaves to do:
+    /// a confirmation once `confirm_after` has passed since that arrival, or nothing more (it is
+    /// itself a confirmation). `None` when confirmation reads are off.
+    fn follow_up(&self, newest: &Claimed, now: DateTime<Utc>) -> Option<ReadFollowUp> {
+        if self.confirm_after.is_zero() {
+            return None;
+        }
+        // An unreadable receive time is treated as just now: confirming costs little.
+        let received = newest
+            .received_at
+            .parse::<DateTime<Utc>>()
+            .unwrap_or(now);
+        let due_at = received + policy::to_chrono(self.confirm_after);
+        Some(if now < due_at {
+            ReadFollowUp::Confirm {
+                due_at,
+                received_at: newest.received_at.clone(),
+            }
+        } else {
+            ReadFollowUp::Confirmed { at: now }
+        })
     }
 
     fn record_metrics(&self, log: &[ProcessedNotification]) {
@@ -273,12 +344,28 @@ impl SyncWorker {
     /// Writes the processing log to the store, then settles the rows and releases the lease. A
     /// crash between the two replays the claim after the lease expires, which the idempotent
     /// upsert and log make harmless.
-    async fn finish(&self, claim: Claim, owner: &str, work: Work) -> Result<(), WorkerError> {
-        self.record_metrics(&work.log);
+    async fn finish(
+        &self,
+        claim: Claim,
+        owner: &str,
+        mut work: Work,
+    ) -> Result<(), WorkerError> {
         let store = self.store.clone();
-        let log = work.log;
-        if !log.is_empty() {
-            tokio::task::spawn_blocking(move || store.record_processed(&log)).await??;
+        let log = std::mem::take(&mut work.log);
+        let logged = if log.is_empty() {
+            Ok(log)
+        } else {
+            tokio::task::spawn_blocking(move || store.record_processed(&log).map(|()| log)).await?
+        };
+        match logged {
+            Ok(log) => self.record_metrics(&log),
+            // Nothing is settled without its log entry: the rows come back shortly, and the
+            // idempotent upsert makes the repeat harmless.
+            Err(error) => {
+                tracing::error!(%error, notifications = claim.rows.len(), retry_in = ?LOCAL_RETRY, "the reporting store failed; the notifications are retried without counting an attempt");
+                work = Work::default();
+                work.retry_locally(&claim.rows, &error, Utc::now());
+            }
         }
         let (queue, owner) = (self.queue.clone(), owner.to_owned());
         let settlements = work.settlements;
@@ -311,6 +398,20 @@ impl Work {
             seq: row.seq,
             outcome,
         });
+    }
+
+    /// The local reporting store failed: every row comes back after [`LOCAL_RETRY`], without
+    /// counting an attempt (Fenergo was not at fault).
+    fn retry_locally(&mut self, rows: &[Claimed], error: &StoreError, now: DateTime<Utc>) {
+        self.settlements.extend(rows.iter().map(|row| Settlement {
+                seq: row.seq,
+                outcome: RowOutcome::RetryAt {
+                    at: now + policy::to_chrono(LOCAL_RETRY),
+                    error: format!("reporting store: {error}"),
+                    status: None,
+                    count_attempt: false,
+                },
+            }));
     }
 
     fn dead(&mut self, row: &Claimed, reason: String, status: Option<u16>) {
@@ -384,6 +485,7 @@ mod tests {
             relative_url: None,
             entity_key: None,
             attempts: 0,
+            stale_reads: 0,
             received_at: received.into(),
             event_when: when.map(str::to_owned),
         }
