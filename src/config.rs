@@ -424,6 +424,21 @@ pub struct Sources {
     pub file: Option<PathBuf>,
 }
 
+impl Sources {
+    /// The file [`Settings::load`] reads: `--config`, else `FENX_CONFIG`, else
+    /// [`DEFAULT_CONFIG_FILE`] if it exists; `None`: defaults and environment only.
+    pub fn file_in_use(&self) -> Option<PathBuf> {
+        self.file
+            .clone()
+            .or_else(|| std::env::var_os("FENX_CONFIG").map(PathBuf::from))
+            .or_else(|| {
+                Path::new(DEFAULT_CONFIG_FILE)
+                    .is_file()
+                    .then(|| PathBuf::from(DEFAULT_CONFIG_FILE))
+            })
+    }
+}
+
 impl Settings {
     /// Loads the configuration from its sources, resolves secret files, and checks the rules that
     /// serde cannot express. Errors name the key and where its value came from.

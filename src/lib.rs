@@ -121,7 +121,7 @@ pub async fn run(
                         worker.run(outbox.new_work(), stopping.clone()),
                     ));
                 }
-                if let Some(every) = settings.reconcile.every {
+                if let Some(every) = settings.reconcile.schedule() {
                     let store = Arc::new(store::ReportingStore::open(
                         &settings.store.reporting_path(),
                     )?);
@@ -131,11 +131,9 @@ pub async fn run(
                         settings.reconcile.page_size,
                     );
                     tracing::info!(every = ?every, "scheduled reconciliation enabled");
-                    tasks.push(tokio::spawn(reconcile_every(
-                        reconciler,
-                        every,
-                        stopping.clone(),
-                    )));
+                    tasks.push(tokio::spawn(
+                        reconciler.run_on_schedule(every, stopping.clone()),
+                    ));
                 }
                 if settings.polling.enabled {
                     let poller = Arc::new(Poller::new(client, outbox.clone(), &settings.polling));
@@ -181,35 +179,6 @@ pub enum RunError {
     Worker(#[from] worker::WorkerError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
-}
-
-/// Runs a reconciliation every `every` until stopped, logging what each repaired.
-async fn reconcile_every(
-    reconciler: reconcile::Reconciler,
-    every: Duration,
-    mut stopping: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stopping.wait_for(|stop| *stop) => return,
-        }
-        match reconciler
-            .run(store::RunKind::Reconcile, false, |_| {})
-            .await
-        {
-            Ok(run) => tracing::info!(
-                run = run.run_id,
-                seen = run.counts.seen,
-                missing_repaired = run.counts.added,
-                behind_repaired = run.counts.updated,
-                "reconciliation finished"
-            ),
-            Err(error) => {
-                tracing::error!(%error, "reconciliation failed; next attempt at the next interval")
-            }
-        }
-    }
 }
 
 /// Completes once the stop flag turns true.

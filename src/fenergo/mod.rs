@@ -170,6 +170,12 @@ impl FenergoClient {
         }
     }
 
+    /// Turns the ERROR line for refused credentials off (`false`, for a one-shot command that
+    /// reports the refusal itself) or on (the default).
+    pub fn log_refusals(&self, on: bool) {
+        self.tokens.log_refusals(on);
+    }
+
     /// Since when and why the identity service refuses our credentials, if it does.
     pub fn credentials_refusal(&self) -> Option<CredentialsRefusal> {
         self.tokens.refusal()

@@ -88,6 +88,8 @@ pub struct TokenCache {
     /// Held while a token request is in flight, so concurrent callers wait for its answer.
     refreshing: Mutex<()>,
     refused: std::sync::Mutex<Option<Refused>>,
+    /// Whether a refusal is logged here (a one-shot command reports it itself).
+    log_refusals: std::sync::atomic::AtomicBool,
     issued: Counter,
     refused_gauge: Gauge,
 }
@@ -107,6 +109,7 @@ impl TokenCache {
             current: RwLock::new(None),
             refreshing: Mutex::new(()),
             refused: std::sync::Mutex::new(None),
+            log_refusals: std::sync::atomic::AtomicBool::new(true),
             issued,
             refused_gauge: refused,
         }
@@ -155,6 +158,12 @@ impl TokenCache {
         if current.as_ref().is_some_and(|c| &*c.bearer == rejected) {
             *current = None;
         }
+    }
+
+    /// Turns the ERROR line for refused credentials off (`false`) or on.
+    pub fn log_refusals(&self, on: bool) {
+        self.log_refusals
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The current refusal of our credentials, if the last token request was refused.
@@ -216,6 +225,7 @@ impl TokenCache {
             }
         };
         self.refused_gauge.set(1);
+        let log = log && self.log_refusals.load(std::sync::atomic::Ordering::Relaxed);
         if let (true, Some(r)) = (log, state.as_ref()) {
             tracing::error!(
                 client_id = %r.refusal.client_id,

@@ -126,6 +126,8 @@ pub struct Faults {
     /// Added to [`SimConfig::latency`].
     pub latency: Duration,
     pub refuse_tokens: Option<TokenRefusal>,
+    /// The bulk read by id (`getentitieslist`) answers 404, as on a Fenergo without it.
+    pub no_bulk_read: bool,
 }
 
 /// How the polling API hands out batches, replaced as a whole by [`Simulator::set_polling`].
@@ -257,6 +259,12 @@ impl Simulator {
     /// [`Simulator::sample_entity`] for every index in `indexes`, in order.
     pub fn sample_entities(&self, indexes: Range<usize>) -> Vec<(String, i64)> {
         indexes.map(|index| self.sample_entity(index)).collect()
+    }
+
+    /// Deletes entity `id`: reads get 404 and the entity list no longer returns it. Returns
+    /// whether it existed.
+    pub fn delete_entity(&self, id: &str) -> bool {
+        self.state().delete_entity(id)
     }
 
     /// The latest version of an entity, whether or not the lag lets reads see it yet.

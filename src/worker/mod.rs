@@ -302,7 +302,9 @@ impl SyncWorker {
             .received_at
             .parse::<DateTime<Utc>>()
             .unwrap_or(now);
-        let due_at = received + policy::to_chrono(self.confirm_after);
+        let due_at = received
+            .checked_add_signed(policy::to_chrono(self.confirm_after))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
         Some(if now < due_at {
             ReadFollowUp::Confirm {
                 due_at,
