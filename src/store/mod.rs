@@ -330,7 +330,7 @@ impl ReportingStore {
                 "UPDATE entity SET absent_since = ?2
                   WHERE absent_since IS NULL
                     AND (last_listed_run IS NULL OR last_listed_run <> ?1)
-                    AND synced_at < (SELECT started_at FROM reconcile_run WHERE run_id = ?1)",
+                    AND synced_at <= (SELECT started_at FROM reconcile_run WHERE run_id = ?1)",
                 params![run_id, sqlite::now()],
             )
             .map_err(|source| self.error(format!("mark entities run {run_id} did not list"), source))
