@@ -167,7 +167,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 let mut value = serde_json::to_value(&status)?;
                 value["fenergo_credentials_refused"] = match &refused {
-                    Some(r) => serde_json::json!({"since": r.since.to_rfc3339(), "reason": r.value}),
+                    Some(r) => {
+                        serde_json::json!({"since": r.since.to_rfc3339(), "reason": r.value})
+                    }
                     None => serde_json::Value::Null,
                 };
                 println!("{}", serde_json::to_string_pretty(&value)?);

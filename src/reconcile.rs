@@ -131,7 +131,11 @@ impl Reconciler {
             })
             .await??;
             if absent > 0 {
-                tracing::warn!(run = run.run_id, absent, "entities stored here are no longer in Fenergo's entity list; marked absent_since (see the absent_entity view), not deleted");
+                tracing::warn!(
+                    run = run.run_id,
+                    absent,
+                    "entities stored here are no longer in Fenergo's entity list; marked absent_since (see the absent_entity view), not deleted"
+                );
             }
             on_page(&run);
             if last {

@@ -159,12 +159,14 @@ impl FenergoClient {
             .request(Method::POST, BULK_READ_PATH, Some(&body), correlation_id)
             .await
         {
-            Ok((status, bytes)) => EntityList::from_body(&bytes).map(Some).map_err(|e| {
-                FetchError::Transient {
-                    status: Some(status),
-                    reason: format!("HTTP {status} with an unusable entity list: {e}"),
-                }
-            }),
+            Ok((status, bytes)) => {
+                EntityList::from_body(&bytes)
+                    .map(Some)
+                    .map_err(|e| FetchError::Transient {
+                        status: Some(status),
+                        reason: format!("HTTP {status} with an unusable entity list: {e}"),
+                    })
+            }
             Err(FetchError::NotFound | FetchError::Rejected { status: 405, .. }) => Ok(None),
             Err(error) => Err(error),
         }

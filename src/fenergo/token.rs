@@ -32,7 +32,9 @@ const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
 pub enum TokenError {
     /// The identity service refused the credentials or the request (400/401/403, e.g.
     /// `invalid_client`): retrying will not help until the configuration changes.
-    #[error("Fenergo refused the credentials of client id {client_id} with HTTP {status}: {reason}")]
+    #[error(
+        "Fenergo refused the credentials of client id {client_id} with HTTP {status}: {reason}"
+    )]
     Refused {
         status: u16,
         client_id: String,
@@ -363,7 +365,10 @@ mod tests {
 
     #[test]
     fn refusal_reasons_name_the_oauth_error() {
-        assert_eq!(oauth_reason(br#"{"error":"invalid_client"}"#), "invalid_client");
+        assert_eq!(
+            oauth_reason(br#"{"error":"invalid_client"}"#),
+            "invalid_client"
+        );
         assert_eq!(
             oauth_reason(br#"{"error":"invalid_scope","error_description":"no fenx.all"}"#),
             "invalid_scope (no fenx.all)"

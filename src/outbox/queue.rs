@@ -56,7 +56,10 @@ pub enum RowOutcome {
         count_attempt: bool,
     },
     /// A stale read: re-fetch at `at`, counting against the stale budget, not `attempts`.
-    StaleRetryAt { at: DateTime<Utc>, error: String },
+    StaleRetryAt {
+        at: DateTime<Utc>,
+        error: String,
+    },
     Dead {
         reason: String,
         status: Option<u16>,

@@ -1,7 +1,7 @@
 //! A faithful Fenergo simulator for tests, benchmarks and local runs: the identity service's
-//! token endpoint, the entity data query API (one entity, and the paged list), the polling API
-//! (event notifications v2), eventual-consistency lag, fault and rate-limit knobs, statistics,
-//! and a webhook sender that re-delivers the way Fenergo does.
+//! token endpoint, the entity data query API (one entity, the bulk read by id, and the paged
+//! list), the polling API (event notifications v2), eventual-consistency lag, fault and
+//! rate-limit knobs, statistics, and a webhook sender that re-delivers the way Fenergo does.
 //!
 //! This file owns the handle ([`Simulator`]), its configuration and knobs, and the standalone
 //! entry point. What Fenergo's JSON looks like lives in `entities`, the decisions in `state`,
@@ -11,7 +11,8 @@
 //!
 //! Fenergo behaviour the contract could not confirm (the 2-4-8-16 minute re-delivery, the
 //! meaning of entity `status`, `Retry-After` on tenant-limit 429s, the redelivery of batches
-//! never completed, the paged list's response shape) is modelled as the project assumes it, and
+//! never completed, the paged list's and the bulk read's response shapes) is modelled as the
+//! project assumes it, and
 //! said so where it is modelled.
 
 mod entities;

@@ -73,8 +73,13 @@ enum Operation {
     /// The bulk read by id.
     EntityList,
     EntityPage,
-    NextBatch { feed: String },
-    CompleteBatch { feed: String, batch: String },
+    NextBatch {
+        feed: String,
+    },
+    CompleteBatch {
+        feed: String,
+        batch: String,
+    },
 }
 
 /// Why a request names nothing the API serves.

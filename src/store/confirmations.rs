@@ -58,8 +58,12 @@ impl ReportingStore {
         follow_up: &ReadFollowUp,
     ) -> Result<UpsertOutcome, StoreError> {
         let json = entity.json.to_string();
-        let (properties, collections) =
-            super::flatten(entity.json.get("properties").unwrap_or(&serde_json::Value::Null));
+        let (properties, collections) = super::flatten(
+            entity
+                .json
+                .get("properties")
+                .unwrap_or(&serde_json::Value::Null),
+        );
         let rows = Flattened {
             json: &json,
             properties: &properties,

@@ -1,6 +1,7 @@
 //! The reporting store (`reporting.db`): the latest version of every synced entity, flattened
-//! for plain SQL, the history of every version stored, and the log of processed notifications.
-//! `schema.sql` (section `reporting`) documents every table, column and view.
+//! for plain SQL, the history of every version stored, and the log of processed notifications;
+//! the pending confirmation reads (`confirmations.rs`) and the service's recorded state
+//! (`state.rs`). `schema.sql` (section `reporting`) documents every table, column and view.
 //!
 //! It must never let an older or equal version overwrite what is stored, never leave an entity
 //! half-written (each upsert is one transaction), and never decide what to fetch, retry or
@@ -318,7 +319,8 @@ impl ReportingStore {
             drop(update);
             tx.commit()
         };
-        mark(&mut conn).map_err(|source| self.error(format!("mark run {run_id}'s entities listed"), source))
+        mark(&mut conn)
+            .map_err(|source| self.error(format!("mark run {run_id}'s entities listed"), source))
     }
 
     /// After run `run_id` walked the whole list: marks `absent_since` on stored entities it did
@@ -333,7 +335,9 @@ impl ReportingStore {
                     AND synced_at <= (SELECT started_at FROM reconcile_run WHERE run_id = ?1)",
                 params![run_id, sqlite::now()],
             )
-            .map_err(|source| self.error(format!("mark entities run {run_id} did not list"), source))
+            .map_err(|source| {
+                self.error(format!("mark entities run {run_id} did not list"), source)
+            })
     }
 
     /// When the last run of `kind` started, if there was one.

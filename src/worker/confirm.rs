@@ -58,7 +58,8 @@ pub(super) struct Confirmer {
 impl Confirmer {
     pub(super) fn new(confirm_after: Duration) -> Confirmer {
         Confirmer {
-            patience: (confirm_after / 10).clamp(Duration::from_millis(100), Duration::from_secs(3)),
+            patience: (confirm_after / 10)
+                .clamp(Duration::from_millis(100), Duration::from_secs(3)),
             bulk_unsupported_until: Mutex::new(None),
             recorded_refusal: Mutex::new(None),
         }
@@ -122,8 +123,8 @@ impl SyncWorker {
         let mut report = ConfirmReport::default();
         while self.client.credentials_usable() {
             let store = self.store.clone();
-            let due = tokio::task::spawn_blocking(move || store.due_confirmations(now, BATCH))
-                .await??;
+            let due =
+                tokio::task::spawn_blocking(move || store.due_confirmations(now, BATCH)).await??;
             let full = due.len() == BATCH;
             let waited = due
                 .first()
@@ -297,7 +298,10 @@ impl SyncWorker {
         let current = self.client.credentials_refusal().map(|r| {
             (
                 r.since,
-                format!("client id {}: {} (HTTP {})", r.client_id, r.reason, r.status),
+                format!(
+                    "client id {}: {} (HTTP {})",
+                    r.client_id, r.reason, r.status
+                ),
             )
         });
         let unchanged = self

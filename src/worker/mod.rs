@@ -29,8 +29,8 @@ use crate::store::{
     EntitySnapshot, ProcessedNotification, ReadFollowUp, ReportingStore, StoreError, SyncCause,
     UpsertOutcome,
 };
-pub use confirm::ConfirmReport;
 use crate::telemetry::Metrics;
+pub use confirm::ConfirmReport;
 use policy::RetryPolicy;
 use routing::Router;
 
@@ -298,10 +298,7 @@ impl SyncWorker {
             return None;
         }
         // An unreadable receive time is treated as just now: confirming costs little.
-        let received = newest
-            .received_at
-            .parse::<DateTime<Utc>>()
-            .unwrap_or(now);
+        let received = newest.received_at.parse::<DateTime<Utc>>().unwrap_or(now);
         let due_at = received
             .checked_add_signed(policy::to_chrono(self.confirm_after))
             .unwrap_or(DateTime::<Utc>::MAX_UTC);
@@ -346,12 +343,7 @@ impl SyncWorker {
     /// Writes the processing log to the store, then settles the rows and releases the lease. A
     /// crash between the two replays the claim after the lease expires, which the idempotent
     /// upsert and log make harmless.
-    async fn finish(
-        &self,
-        claim: Claim,
-        owner: &str,
-        mut work: Work,
-    ) -> Result<(), WorkerError> {
+    async fn finish(&self, claim: Claim, owner: &str, mut work: Work) -> Result<(), WorkerError> {
         let store = self.store.clone();
         let log = std::mem::take(&mut work.log);
         let logged = if log.is_empty() {
@@ -406,14 +398,14 @@ impl Work {
     /// counting an attempt (Fenergo was not at fault).
     fn retry_locally(&mut self, rows: &[Claimed], error: &StoreError, now: DateTime<Utc>) {
         self.settlements.extend(rows.iter().map(|row| Settlement {
-                seq: row.seq,
-                outcome: RowOutcome::RetryAt {
-                    at: now + policy::to_chrono(LOCAL_RETRY),
-                    error: format!("reporting store: {error}"),
-                    status: None,
-                    count_attempt: false,
-                },
-            }));
+            seq: row.seq,
+            outcome: RowOutcome::RetryAt {
+                at: now + policy::to_chrono(LOCAL_RETRY),
+                error: format!("reporting store: {error}"),
+                status: None,
+                count_attempt: false,
+            },
+        }));
     }
 
     fn dead(&mut self, row: &Claimed, reason: String, status: Option<u16>) {

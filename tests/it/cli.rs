@@ -457,7 +457,11 @@ async fn refused_credentials_are_loud_lose_nothing_and_sync_resumes_once_fixed()
         let client = client.clone();
         async move { client.get(url).send().await.unwrap().text().await.unwrap() }
     };
-    assert!(metrics().await.contains("fenx_fenergo_credentials_refused 1"));
+    assert!(
+        metrics()
+            .await
+            .contains("fenx_fenergo_credentials_refused 1")
+    );
     let ready = client
         .get(format!("http://{listen}/readyz"))
         .send()
@@ -480,7 +484,11 @@ async fn refused_credentials_are_loud_lose_nothing_and_sync_resumes_once_fixed()
         !status().contains("credentials refused")
     })
     .await;
-    assert!(metrics().await.contains("fenx_fenergo_credentials_refused 0"));
+    assert!(
+        metrics()
+            .await
+            .contains("fenx_fenergo_credentials_refused 0")
+    );
     assert_eq!(
         rows("SELECT count(*) FROM notification WHERE status = 'dead'"),
         0
@@ -506,7 +514,10 @@ async fn backfill_with_refused_credentials_stops_at_once_with_one_line() {
     let out = fenx(&["backfill"], &env);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
-    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("invalid_client")).collect();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("invalid_client"))
+        .collect();
     assert_eq!(lines.len(), 1, "{stderr}");
     assert!(lines[0].contains("backfill stopped"), "{stderr}");
     assert_eq!(sim.stats().token_requests, 1, "a refusal is not retried");
@@ -517,7 +528,10 @@ fn config_check_fails_when_serve_would_refuse_and_names_its_file_and_missing_syn
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("fenx-sync.toml");
     std::fs::write(&file, "[sync]\nworkers = 2\n").unwrap();
-    let out = fenx(&["--config", file.to_str().unwrap(), "config", "check"], &[]);
+    let out = fenx(
+        &["--config", file.to_str().unwrap(), "config", "check"],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(stderr.contains(&file.display().to_string()), "{stderr}");

@@ -187,7 +187,11 @@ async fn confirmations_are_batched_a_hundred_entities_per_call() {
     assert_eq!((report.confirmed, report.single_reads), (n, 0));
     let stats = h.sim.stats();
     assert_eq!(
-        (stats.bulk_reads, stats.bulk_read_ids, stats.entity_requests()),
+        (
+            stats.bulk_reads,
+            stats.bulk_read_ids,
+            stats.entity_requests()
+        ),
         (2, 150, 150)
     );
     assert_eq!(h.worker.pending_confirmations().await.unwrap(), 0);
@@ -287,7 +291,10 @@ async fn a_busy_reporting_store_releases_the_entity_without_counting_an_attempt(
     let row = &h.outbox_rows()[0];
     assert_eq!((row.status.as_str(), row.attempts), ("pending", 0));
     assert!(
-        row.last_error.as_deref().unwrap().contains("reporting store"),
+        row.last_error
+            .as_deref()
+            .unwrap()
+            .contains("reporting store"),
         "{:?}",
         row.last_error
     );
@@ -335,7 +342,8 @@ async fn an_entity_fenergo_no_longer_lists_is_marked_absent_not_deleted() {
     );
 
     // Listed again (restored in Fenergo): no longer absent.
-    h.sim.put_entity(&entities[1], "Company", name("Restored Ltd"));
+    h.sim
+        .put_entity(&entities[1], "Company", name("Restored Ltd"));
     reconciler
         .run(RunKind::Reconcile, false, |_| {})
         .await
