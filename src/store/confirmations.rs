@@ -9,7 +9,7 @@
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
-use super::{EntitySnapshot, Flattened, ReportingStore, StoreError, SyncCause, UpsertOutcome};
+use super::{EntitySnapshot, Prepared, ReportingStore, StoreError, SyncCause, UpsertOutcome};
 use crate::sqlite::format_time;
 
 /// A confirmation read to make once `due_at` has passed.
@@ -57,18 +57,8 @@ impl ReportingStore {
         cause: &SyncCause,
         follow_up: &ReadFollowUp,
     ) -> Result<UpsertOutcome, StoreError> {
-        let json = entity.json.to_string();
-        let (properties, collections) = super::flatten(
-            entity
-                .json
-                .get("properties")
-                .unwrap_or(&serde_json::Value::Null),
-        );
-        let rows = Flattened {
-            json: &json,
-            properties: &properties,
-            collections: &collections,
-        };
+        let prepared = Prepared::of(entity);
+        let rows = prepared.rows();
         let now = crate::sqlite::now();
         let mut conn = self.lock();
         let mut write = || -> rusqlite::Result<UpsertOutcome> {
@@ -195,36 +185,19 @@ impl ReportingStore {
         reads: &[(PendingConfirmation, EntitySnapshot)],
         at: DateTime<Utc>,
     ) -> Result<Vec<UpsertOutcome>, StoreError> {
-        let prepared: Vec<_> = reads
-            .iter()
-            .map(|(_, entity)| {
-                let (properties, collections) = super::flatten(
-                    entity
-                        .json
-                        .get("properties")
-                        .unwrap_or(&serde_json::Value::Null),
-                );
-                (entity.json.to_string(), properties, collections)
-            })
-            .collect();
+        let prepared: Vec<Prepared> = reads.iter().map(|(_, e)| Prepared::of(e)).collect();
         let now = crate::sqlite::now();
         let at = format_time(at);
         let mut conn = self.lock();
         let mut write = || -> rusqlite::Result<Vec<UpsertOutcome>> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut outcomes = Vec::with_capacity(reads.len());
-            for ((pending, entity), (json, properties, collections)) in reads.iter().zip(&prepared)
-            {
-                let rows = Flattened {
-                    json,
-                    properties,
-                    collections,
-                };
+            for ((pending, entity), prepared) in reads.iter().zip(&prepared) {
                 outcomes.push(super::write_entity(
                     &tx,
                     entity,
                     &pending.cause,
-                    &rows,
+                    &prepared.rows(),
                     &now,
                 )?);
                 close(&tx, pending)?;

@@ -157,22 +157,8 @@ impl ReportingStore {
         cause: &SyncCause,
     ) -> Result<Vec<UpsertOutcome>, StoreError> {
         // Pure work outside the lock, so concurrent workers only queue for the SQL itself.
-        let prepared: Vec<(String, Vec<PropertyRow>, Vec<CollectionRow>)> = entities
-            .iter()
-            .map(|entity| {
-                let (properties, collections) =
-                    flatten(entity.json.get("properties").unwrap_or(&Value::Null));
-                (entity.json.to_string(), properties, collections)
-            })
-            .collect();
-        let rows: Vec<Flattened> = prepared
-            .iter()
-            .map(|(json, properties, collections)| Flattened {
-                json,
-                properties,
-                collections,
-            })
-            .collect();
+        let prepared: Vec<Prepared> = entities.iter().map(Prepared::of).collect();
+        let rows: Vec<Flattened> = prepared.iter().map(Prepared::rows).collect();
         upsert(&mut self.lock(), entities, cause, &rows).map_err(|source| {
             let what = match entities {
                 [one] => format!("store entity {} version {}", one.entity_id, one.version),
@@ -404,6 +390,33 @@ pub struct ReconcileRun {
     pub cursor: Option<String>,
     pub total_items: Option<i64>,
     pub counts: RunCounts,
+}
+
+/// An entity's JSON text and flattened rows, computed before the write lock is taken.
+struct Prepared {
+    json: String,
+    properties: Vec<PropertyRow>,
+    collections: Vec<CollectionRow>,
+}
+
+impl Prepared {
+    fn of(entity: &EntitySnapshot) -> Prepared {
+        let (properties, collections) =
+            flatten(entity.json.get("properties").unwrap_or(&Value::Null));
+        Prepared {
+            json: entity.json.to_string(),
+            properties,
+            collections,
+        }
+    }
+
+    fn rows(&self) -> Flattened<'_> {
+        Flattened {
+            json: &self.json,
+            properties: &self.properties,
+            collections: &self.collections,
+        }
+    }
 }
 
 /// An entity's rows, prepared before the write lock is taken.

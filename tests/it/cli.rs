@@ -410,8 +410,9 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     panic!("{what} did not happen within 30 s");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_credentials_are_loud_lose_nothing_and_sync_resumes_once_fixed() {
+/// A simulator whose token endpoint answers 401 `invalid_client`, and an empty store (with its
+/// path as text).
+async fn refusing_simulator() -> (fenx_sync::sim::Simulator, tempfile::TempDir, String) {
     use fenx_sync::sim::{Faults, SimConfig, Simulator, TokenRefusal};
     let sim = Simulator::start(SimConfig::default()).await;
     sim.set_faults(Faults {
@@ -420,6 +421,12 @@ async fn refused_credentials_are_loud_lose_nothing_and_sync_resumes_once_fixed()
     });
     let store = tempfile::tempdir().unwrap();
     let dir = store.path().to_str().unwrap().to_owned();
+    (sim, store, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_are_loud_lose_nothing_and_sync_resumes_once_fixed() {
+    let (sim, store, dir) = refusing_simulator().await;
     let mut env = serve_env(&dir, &sim.api_base());
     env.push(("FENX_SYNC__IDLE_POLL", "50ms".to_owned()));
     env.push(("FENX_ADMIN__ENABLED", "true".to_owned()));
@@ -441,7 +448,7 @@ async fn refused_credentials_are_loud_lose_nothing_and_sync_resumes_once_fixed()
             .unwrap();
         assert_eq!(response.status(), 200);
     }
-    let client_id = SimConfig::default().client_id;
+    let client_id = fenx_sync::sim::SimConfig::default().client_id;
     let refused = |l: &str| l.contains("\"ERROR\"") && l.contains("invalid_client");
     let error = service.wait_for_line("the refusal at ERROR", refused);
     assert!(error.contains(&client_id), "{error}");
@@ -475,7 +482,7 @@ async fn refused_credentials_are_loud_lose_nothing_and_sync_resumes_once_fixed()
         3
     );
 
-    sim.set_faults(Faults::default());
+    sim.set_faults(fenx_sync::sim::Faults::default());
     eventually("sync resuming", || {
         rows("SELECT count(*) FROM notification WHERE status = 'done'") == 3
     })
@@ -501,14 +508,7 @@ async fn refused_credentials_are_loud_lose_nothing_and_sync_resumes_once_fixed()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_with_refused_credentials_stops_at_once_with_one_line() {
-    use fenx_sync::sim::{Faults, SimConfig, Simulator, TokenRefusal};
-    let sim = Simulator::start(SimConfig::default()).await;
-    sim.set_faults(Faults {
-        refuse_tokens: Some(TokenRefusal::Unauthorized),
-        ..Faults::default()
-    });
-    let store = tempfile::tempdir().unwrap();
-    let dir = store.path().to_str().unwrap().to_owned();
+    let (sim, _store, dir) = refusing_simulator().await;
     let env = serve_env(&dir, &sim.api_base());
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let out = fenx(&["backfill"], &env);
