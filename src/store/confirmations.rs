@@ -35,6 +35,8 @@ pub enum ReadFollowUp {
     Confirm {
         due_at: DateTime<Utc>,
         received_at: String,
+        /// When the provisional read was taken.
+        read_at: DateTime<Utc>,
     },
     /// The read was taken after the window of every notification it served: it confirms the
     /// entity, and any confirmation due by `at` is no longer needed.
@@ -68,6 +70,7 @@ impl ReportingStore {
                 ReadFollowUp::Confirm {
                     due_at,
                     received_at,
+                    read_at,
                 } => {
                     // A later due time wins, with the cause that set it.
                     tx.prepare_cached(
@@ -95,7 +98,7 @@ impl ReportingStore {
                         cause.event_type,
                         cause.event_when,
                         received_at,
-                        now,
+                        format_time(*read_at),
                     ])?;
                 }
                 ReadFollowUp::Confirmed { at } => {
@@ -119,6 +122,49 @@ impl ReportingStore {
                 source,
             )
         })
+    }
+
+    /// Lets the pending confirmation of `entity_id` serve a newer notification instead of a
+    /// fetch, if its provisional read was taken after `read_after` (recently enough that
+    /// waiting for it keeps the entity fresh): its due time moves to at least `due_at`, with
+    /// `cause` (received at `received_at`) as the cause of what it writes. Returns whether it
+    /// did; `false` (nothing pending, or too old) means fetch.
+    pub fn defer_to_confirmation(
+        &self,
+        entity_id: &str,
+        read_after: DateTime<Utc>,
+        due_at: DateTime<Utc>,
+        cause: &SyncCause,
+        received_at: &str,
+    ) -> Result<bool, StoreError> {
+        self.lock()
+            .prepare_cached(
+                "UPDATE entity_confirmation SET
+                     notification_id = CASE WHEN ?3 >= due_at THEN ?4 ELSE notification_id END,
+                     event_type = CASE WHEN ?3 >= due_at THEN ?5 ELSE event_type END,
+                     event_when = CASE WHEN ?3 >= due_at THEN ?6 ELSE event_when END,
+                     received_at = CASE WHEN ?3 >= due_at THEN ?7 ELSE received_at END,
+                     due_at = max(due_at, ?3)
+                  WHERE entity_id = ?1 AND requested_at > ?2",
+            )
+            .and_then(|mut update| {
+                update.execute(params![
+                    entity_id,
+                    format_time(read_after),
+                    format_time(due_at),
+                    cause.notification_id,
+                    cause.event_type,
+                    cause.event_when,
+                    received_at,
+                ])
+            })
+            .map(|changed| changed > 0)
+            .map_err(|source| {
+                self.error(
+                    format!("defer {entity_id} to its pending confirmation"),
+                    source,
+                )
+            })
     }
 
     /// Up to `limit` confirmations due by `now`, the longest overdue first.

@@ -176,12 +176,73 @@ impl SyncWorker {
                 }
             }
         }
-        let fetched = !fetch_rows.is_empty();
+        let fetched = !fetch_rows.is_empty() && !self.deferred(&fetch_rows, now, &mut work).await;
         if fetched {
             self.fetch_and_store(&fetch_rows, now, &mut work).await?;
         }
         self.finish(claim, owner, work).await?;
         Ok(Step::Settled { rows, fetched })
+    }
+
+    /// Whether `rows` (one entity) are served by the entity's pending confirmation instead of a
+    /// fetch: when its provisional read was taken less than `confirm_after` ago, the
+    /// confirmation is moved to this notification's window and the rows are done
+    /// (`confirmation-pending`). A fetch now would be as provisional as the last one; waiting
+    /// costs no call and the entity is never more than about `confirm_after` behind. An
+    /// operator's resync always fetches.
+    async fn deferred(&self, rows: &[Claimed], now: DateTime<Utc>, work: &mut Work) -> bool {
+        let newest = rows.last().expect("called with at least one row");
+        let resync = rows
+            .iter()
+            .any(|r| r.event_type.as_deref() == Some(crate::outbox::admin::RESYNC_EVENT_TYPE));
+        let entity = newest.relative_url.as_deref().and_then(entity_id);
+        let (
+            Some(entity),
+            false,
+            Some(ReadFollowUp::Confirm {
+                due_at,
+                received_at,
+                ..
+            }),
+        ) = (entity, resync, self.follow_up(newest, now))
+        else {
+            return false;
+        };
+        let cause = SyncCause {
+            notification_id: newest.id.clone(),
+            event_type: newest.event_type.clone(),
+            event_when: newest.event_when.clone(),
+        };
+        let read_after = now
+            .checked_sub_signed(policy::to_chrono(self.confirm_after))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let (store, entity_key) = (self.store.clone(), entity.to_owned());
+        let deferred = tokio::task::spawn_blocking(move || {
+            store.defer_to_confirmation(&entity_key, read_after, due_at, &cause, &received_at)
+        })
+        .await
+        .map_err(WorkerError::from)
+        .and_then(|deferred| deferred.map_err(WorkerError::from));
+        match deferred {
+            Ok(true) => {
+                tracing::info!(entity, notifications = rows.len(), due = %due_at.to_rfc3339(), "served by the pending confirmation read");
+                for row in rows {
+                    work.settle(
+                        row,
+                        RowOutcome::Done { status: None },
+                        Some("confirmation-pending"),
+                        Some(entity.to_owned()),
+                    );
+                }
+                true
+            }
+            Ok(false) => false,
+            // Fetching is always a safe answer.
+            Err(error) => {
+                tracing::warn!(%error, entity, "cannot check the pending confirmation; fetching");
+                false
+            }
+        }
     }
 
     /// One fetch for all of `rows` (the same entity), then one outcome per row.
@@ -306,6 +367,7 @@ impl SyncWorker {
             ReadFollowUp::Confirm {
                 due_at,
                 received_at: newest.received_at.clone(),
+                read_at: now,
             }
         } else {
             ReadFollowUp::Confirmed { at: now }

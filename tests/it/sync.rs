@@ -280,6 +280,8 @@ async fn a_stale_read_is_refetched_and_the_newer_version_wins() {
     h.deliver("entitydata:created", &entity).await;
     h.drain().await;
     assert_eq!(h.stored_version(&entity), Some(v1));
+    // Confirmed, so the next notification is fetched rather than left to a pending confirmation.
+    h.worker.confirm_due_at(later(31)).await.unwrap();
 
     h.sim.set_lag(Lag::Reads(1));
     let v2 = h.sim.put_entity(
@@ -307,6 +309,7 @@ async fn a_read_that_stays_stale_is_accepted_after_the_retries() {
     let (entity, v1) = h.sim.sample_entity(5);
     h.deliver("entitydata:created", &entity).await;
     h.drain().await;
+    h.worker.confirm_due_at(later(31)).await.unwrap();
     h.sim.set_lag(Lag::Reads(100));
     h.sim.put_entity(&entity, "Company", serde_json::json!({}));
     tokio::time::sleep(Duration::from_millis(5)).await;
