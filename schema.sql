@@ -159,6 +159,8 @@ CREATE TABLE IF NOT EXISTS sync_log (
                                            -- (we already had that version), 'older-ignored'
                                            -- (Fenergo returned an older version than ours),
                                            -- 'stale-accepted' (still not newer after retries),
+                                           -- 'confirmation-pending' (served by the entity's
+                                           -- pending confirmation read, not a fetch),
                                            -- 'confirmed-changed' (a confirmation read found a
                                            -- newer version; notification_id 'confirm:…'),
                                            -- 'ignored' (event type not synced), 'dead' (gave up)
@@ -288,7 +290,7 @@ CREATE TABLE IF NOT EXISTS entity_confirmation (
     event_when       TEXT,
     received_at      TEXT    NOT NULL,    -- when that notification arrived
     attempts         INTEGER NOT NULL DEFAULT 0, -- failed confirmation reads so far
-    requested_at     TEXT    NOT NULL
+    requested_at     TEXT    NOT NULL     -- when the provisional read was taken
 ) WITHOUT ROWID;
 
 CREATE INDEX IF NOT EXISTS entity_confirmation_by_due ON entity_confirmation (due_at);

@@ -84,7 +84,8 @@ pub struct ProcessedNotification {
     pub notification_id: String,
     pub event_type: Option<String>,
     pub entity_id: Option<String>,
-    /// `synced`, `unchanged`, `older-ignored`, `stale-accepted`, `ignored` or `dead`.
+    /// `synced`, `unchanged`, `older-ignored`, `stale-accepted`, `confirmation-pending`,
+    /// `confirmed-changed`, `ignored` or `dead`.
     pub outcome: String,
     pub attempts: i64,
     pub received_at: String,

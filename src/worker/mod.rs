@@ -3,7 +3,8 @@
 //! it), upserts it into the reporting store, and settles every row: done, ignored, retry at a
 //! time, or dead with its reason. A read taken inside `sync.confirm_after` of the newest
 //! notification it serves is provisional: it is stored at once and confirmed later
-//! (`confirm.rs`).
+//! (`confirm.rs`); notifications arriving soon after a provisional read are left to that
+//! confirmation instead of costing a fetch.
 //!
 //! It must never let an older entity version overwrite a newer one (the store's upsert is
 //! monotonic and stale reads are re-fetched), never drop a notification silently, never keep
