@@ -357,3 +357,55 @@ async fn an_entity_fenergo_no_longer_lists_is_marked_absent_not_deleted() {
         .unwrap();
     assert!(absent().is_empty());
 }
+
+#[tokio::test]
+async fn the_reconciliation_schedule_survives_a_restart_instead_of_starting_a_pass() {
+    let h = Harness::start(|_| {}).await;
+    let path = h.settings.store.reporting_path();
+    let next_due = || -> Option<String> {
+        h.reporting()
+            .query_row(
+                "SELECT value FROM sync_state WHERE key = 'reconcile.next_due_at'",
+                [],
+                |r| r.get(0),
+            )
+            .ok()
+    };
+    let start = || {
+        let metrics = Arc::new(Metrics::new());
+        let client = Arc::new(FenergoClient::new(&h.settings.fenergo, metrics).unwrap());
+        let store = Arc::new(ReportingStore::open(&path).unwrap());
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(
+            Reconciler::new(client, store, 100)
+                .run_on_schedule(Duration::from_secs(24 * 60 * 60), stopping),
+        );
+        (stop, task)
+    };
+    let (stop, task) = start();
+    let mut first = None;
+    for _ in 0..500 {
+        first = next_due();
+        if first.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = first.expect("the schedule is recorded within 10 s");
+    assert!(first > fenx_sync::sqlite::format_time(later(23 * 60 * 60)));
+    stop.send(true).unwrap();
+    task.await.unwrap();
+
+    // Restarted: the same due time, and no pass was started.
+    let (stop, task) = start();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    assert_eq!(next_due(), Some(first));
+    let runs: i64 = h
+        .reporting()
+        .query_row("SELECT count(*) FROM reconcile_run", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(runs, 0);
+    assert_eq!(h.sim.stats().list_pages, 0);
+}
