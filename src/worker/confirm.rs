@@ -45,6 +45,9 @@ pub struct ConfirmReport {
     pub single_reads: usize,
 }
 
+/// A credentials refusal as recorded for `fenx-sync status`: since when, and the text shown.
+type RecordedRefusal = Option<(DateTime<Utc>, String)>;
+
 /// The confirmation loop's own state (the rest is in the store).
 pub(super) struct Confirmer {
     /// How long a partial batch waits for more confirmations to fall due, so a burst is read in
@@ -52,7 +55,7 @@ pub(super) struct Confirmer {
     patience: Duration,
     bulk_unsupported_until: Mutex<Option<Instant>>,
     /// The credentials refusal last written to the store (`None`: nothing written yet).
-    recorded_refusal: Mutex<Option<Option<(DateTime<Utc>, String)>>>,
+    recorded_refusal: Mutex<Option<RecordedRefusal>>,
 }
 
 impl Confirmer {
