@@ -347,6 +347,25 @@ fn serve_env(dir: &str, api_base: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// Posts a signed `draftverified` notification for `entity` to the service at `listen`.
+async fn post_verified(
+    client: &reqwest::Client,
+    listen: &str,
+    sim: &fenx_sync::sim::Simulator,
+    entity: &str,
+) {
+    let body = sim.notification("entitydata:draftverified", entity);
+    let signature = crate::helpers::sign(crate::helpers::SECRET, "sha256-hex/hex", &body);
+    let response = client
+        .post(format!("http://{listen}/webhooks/fenergo"))
+        .header("x-fenx-signature", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_syncs_against_the_simulator_subcommand_as_a_user_would_run_them() {
     let mut simulator = Logged::spawn(
@@ -362,17 +381,8 @@ async fn serve_syncs_against_the_simulator_subcommand_as_a_user_would_run_them()
     // The simulator's first sample entity, by the seed both processes share.
     let sim = fenx_sync::sim::Simulator::start(fenx_sync::sim::SimConfig::default()).await;
     let (entity, _) = sim.sample_entity(0);
-    let body = sim.notification("entitydata:draftverified", &entity);
-    let signature = crate::helpers::sign(crate::helpers::SECRET, "sha256-hex/hex", &body);
     let client = fenx_sync::fenergo::client_builder().build().unwrap();
-    let response = client
-        .post(format!("http://{listen}/webhooks/fenergo"))
-        .header("x-fenx-signature", signature)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    post_verified(&client, &listen, &sim, &entity).await;
 
     let mut done = false;
     for _ in 0..100 {
@@ -437,16 +447,7 @@ async fn refused_credentials_are_loud_lose_nothing_and_sync_resumes_once_fixed()
     let client = fenx_sync::fenergo::client_builder().build().unwrap();
     let entities: Vec<String> = (0..3).map(|i| sim.sample_entity(i).0).collect();
     for entity in &entities {
-        let body = sim.notification("entitydata:draftverified", entity);
-        let signature = crate::helpers::sign(crate::helpers::SECRET, "sha256-hex/hex", &body);
-        let response = client
-            .post(format!("http://{listen}/webhooks/fenergo"))
-            .header("x-fenx-signature", signature)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+        post_verified(&client, &listen, &sim, entity).await;
     }
     let client_id = fenx_sync::sim::SimConfig::default().client_id;
     let refused = |l: &str| l.contains("\"ERROR\"") && l.contains("invalid_client");
