@@ -7,10 +7,12 @@
 -- Each file's section starts with a `-- section: NAME version: N` line. fenx-sync applies a
 -- section idempotently at start-up (and with `fenx-sync migrate`), records the version in
 -- `schema_version`, and refuses to open a file recorded with a newer version than it knows.
+-- A section ends with its upgrade blocks (a line `-- upgrade` + `: N`), each run once on a file
+-- recorded below version N (and on a new file), so existing stores upgrade in place.
 -- Times are UTC text in RFC 3339 with milliseconds ('2026-11-23T15:16:59.123Z'), so they sort
 -- and compare as text.
 
--- section: outbox version: 1
+-- section: outbox version: 2
 
 CREATE TABLE IF NOT EXISTS schema_version (
     version     INTEGER NOT NULL PRIMARY KEY,
@@ -76,7 +78,12 @@ CREATE TABLE IF NOT EXISTS entity_lease (
     leased_until TEXT NOT NULL
 );
 
--- section: reporting version: 1
+-- upgrade: 2
+-- Stale re-fetches (a read not newer than the stored version although the event is newer) have
+-- their own budget (sync.stale_retries), apart from `attempts` (404s, 5xx, timeouts).
+ALTER TABLE notification ADD COLUMN stale_reads INTEGER NOT NULL DEFAULT 0;
+
+-- section: reporting version: 2
 
 -- reporting.db: the latest verified copy of every entity fetched from Fenergo, its history, and
 -- a log of the notifications that caused each fetch. Written only by the sync worker; analysts
@@ -167,6 +174,10 @@ CREATE TABLE IF NOT EXISTS sync_log (
                                            -- (we already had that version), 'older-ignored'
                                            -- (Fenergo returned an older version than ours),
                                            -- 'stale-accepted' (still not newer after retries),
+                                           -- 'confirmation-pending' (served by the entity's
+                                           -- pending confirmation read, not a fetch),
+                                           -- 'confirmed-changed' (a confirmation read found a
+                                           -- newer version; notification_id 'confirm:…'),
                                            -- 'ignored' (event type not synced), 'dead' (gave up)
     attempts        INTEGER NOT NULL,      -- processing attempts, the last one included
     received_at     TEXT    NOT NULL,      -- when the webhook arrived
@@ -269,3 +280,45 @@ CREATE TABLE IF NOT EXISTS reconcile_run (
     updated       INTEGER NOT NULL DEFAULT 0, -- stored at an older version, now current
     unchanged     INTEGER NOT NULL DEFAULT 0  -- already current
 );
+
+-- Small facts the service records for operators and for itself, one row per key: today
+-- 'fenergo.credentials_refused' (value: the reason; since: when the identity service first
+-- refused; `fenx-sync status` prints it) and 'reconcile.next_due_at' (value: when the next
+-- scheduled reconciliation is due, so a restart does not start a full pass).
+CREATE TABLE IF NOT EXISTS sync_state (
+    key         TEXT PRIMARY KEY,
+    value       TEXT NOT NULL,
+    since       TEXT NOT NULL,         -- when this value was first recorded
+    updated_at  TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- Confirmation reads waiting to be made. A read taken less than sync.confirm_after after the
+-- newest notification it served was received is provisional (Fenergo may not have caught up):
+-- it is stored at once and the entity is read again once due_at has passed. One row per entity;
+-- a later provisional read moves due_at forward instead of adding a second read.
+CREATE TABLE IF NOT EXISTS entity_confirmation (
+    entity_id        TEXT PRIMARY KEY,
+    due_at           TEXT    NOT NULL,    -- newest served notification's received_at + confirm_after
+    read_version     INTEGER NOT NULL,    -- the version the provisional read returned
+    notification_id  TEXT    NOT NULL,    -- the newest notification it served (the write's cause)
+    event_type       TEXT,
+    event_when       TEXT,
+    received_at      TEXT    NOT NULL,    -- when that notification arrived
+    attempts         INTEGER NOT NULL DEFAULT 0, -- failed confirmation reads so far
+    requested_at     TEXT    NOT NULL     -- when the provisional read was taken
+) WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS entity_confirmation_by_due ON entity_confirmation (due_at);
+
+-- upgrade: 2
+ALTER TABLE entity ADD COLUMN confirmed_at TEXT;    -- when a read once confirm_after had passed
+                                                    -- last returned this entity (NULL: never yet)
+ALTER TABLE entity ADD COLUMN absent_since TEXT;    -- when a reconciliation first found Fenergo's
+                                                    -- list no longer returns it (NULL: listed)
+ALTER TABLE entity ADD COLUMN last_listed_run INTEGER; -- the last reconcile_run that listed it
+
+-- Entities Fenergo's list no longer returns: kept, never deleted, for an analyst to look into.
+CREATE VIEW IF NOT EXISTS absent_entity AS
+SELECT entity_id, entity_type, version, status, absent_since, synced_at, confirmed_at
+FROM entity
+WHERE absent_since IS NOT NULL;

@@ -3,13 +3,18 @@
 //! Runs fenx-sync in-process (`fenx_sync::run`: webhook ingest and the sync worker in one
 //! service on 127.0.0.1:0 with a temp store) against the Fenergo simulator, posts signed
 //! webhooks for distinct sample entities and waits (bounded) until every outbox row is settled.
-//! Each scenario gets a fresh simulator and store. Per scenario it prints entities synced per
-//! second, API calls per entity, token requests, 429s served, the steady API call rate, and the
-//! webhook-acknowledged → reporting-row latency (`entity.synced_at`) p50/p99/max. The scenarios:
-//! a burst at 1, the default and 8 workers (scaling); a paced stream below capacity (latency
-//! without a backlog); a duplicate-heavy burst, interleaved so each entity's notifications are
-//! as far apart as the burst allows (coalescing); a tenant rate limit on both sides (limiter
-//! adherence). Then it upserts fetched sample entities straight into a
+//! Each scenario gets a fresh simulator and store, and waits for the confirmation reads too
+//! (`sync.confirm_after` shortened to FENX_BENCH_CONFIRM_AFTER). Per scenario it prints entities
+//! synced per second, API calls per entity including confirmation reads (bulk and single),
+//! bulk reads, confirmations that changed the version, token requests, 429s served, the steady
+//! API call rate, and the webhook-acknowledged → first reporting-row latency (the provisional
+//! row: the entity's first `entity_version.stored_at`) p50/p99/max. The scenarios: a burst at
+//! 1, the default and 8 workers (scaling); a burst of 1,000 distinct entities (confirmation
+//! batching); a paced stream below capacity (latency without a backlog); a duplicate-heavy
+//! burst, interleaved so each entity's notifications are as far apart as the burst allows
+//! (coalescing); the same entities each updated again inside a 1 s consistency lag just before
+//! their webhooks (confirmations that change the version); a tenant rate limit on both sides
+//! (limiter adherence). Then it upserts fetched sample entities straight into a
 //! `ReportingStore` for its entities/s and property+collection rows/s.
 //!
 //! Timing is reported, never asserted; the run asserts correctness only (every webhook 200,
@@ -20,7 +25,9 @@
 //! 100), FENX_BENCH_DUP_ENTITIES and FENX_BENCH_DUPLICATES (duplicate run, default 200 × 5),
 //! FENX_BENCH_DUP_PACE (webhooks/s of the duplicate run, default 0: a burst; a pace spreads each
 //! entity's notifications over time, e.g. 100 with 50 × 3 puts them 0.5 s apart), FENX_BENCH_RPS (tenant limit of the rate-limit run, default 50, Fenergo's SDLC limit),
-//! FENX_BENCH_RATE_SECONDS (its intended length at that rate, default 6), FENX_BENCH_UPSERTS
+//! FENX_BENCH_RATE_SECONDS (its intended length at that rate, default 6), FENX_BENCH_BURST
+//! (entities of the large burst, default 1000), FENX_BENCH_CONFIRM_AFTER_MS (the confirmation
+//! window, default 2000), FENX_BENCH_UPSERTS
 //! (store run, default 2000), FENX_BENCH_CONNECTIONS (webhook connections, default 16),
 //! FENX_BENCH_TIMEOUT_SECS (bound on each scenario's wait, default 60).
 
@@ -35,7 +42,7 @@ use chrono::{DateTime, Utc};
 use fenx_sync::config::{FenergoSettings, Settings, SyncSettings};
 use fenx_sync::fenergo::FenergoClient;
 use fenx_sync::signature::{DigestEncoding, KeyDerivation, Recipe, RecipeChoice};
-use fenx_sync::sim::{SimConfig, Simulator};
+use fenx_sync::sim::{Lag, SimConfig, Simulator};
 use fenx_sync::store::{EntitySnapshot, ReportingStore, SyncCause, UpsertOutcome};
 use fenx_sync::telemetry::Metrics;
 use tempfile::TempDir;
@@ -62,6 +69,9 @@ const TENANT_CONCURRENCY: u32 = 10;
 const RATE_RUN_WORKERS: usize = 16;
 /// How often progress (outbox rows settled, API calls served) is sampled.
 const POLL: Duration = Duration::from_millis(10);
+/// How long updates stay invisible in the lagged scenario: shorter than the confirmation
+/// window, so the confirmation reads see what the first reads could not.
+const LAG: Duration = Duration::from_secs(1);
 /// Distinct sample entities behind the store run (half companies, half individuals).
 const STORE_SAMPLES: usize = 16;
 
@@ -79,6 +89,10 @@ fn main() {
         Scenario::burst(knobs.entities, default_workers),
         Scenario::burst(knobs.entities, 8),
         Scenario {
+            name: format!("burst {}", knobs.burst),
+            ..Scenario::burst(knobs.burst, default_workers)
+        },
+        Scenario {
             name: format!("paced {}/s", knobs.pace),
             pace: Some(knobs.pace),
             ..Scenario::burst(knobs.entities, default_workers)
@@ -87,6 +101,12 @@ fn main() {
             name: format!("dupes x{}", knobs.duplicates),
             per_entity: knobs.duplicates,
             pace: knobs.dup_pace,
+            ..Scenario::burst(knobs.dup_entities, default_workers)
+        },
+        Scenario {
+            name: format!("lagged x{}", knobs.duplicates),
+            per_entity: knobs.duplicates,
+            update_inside_lag: true,
             ..Scenario::burst(knobs.dup_entities, default_workers)
         },
         Scenario {
@@ -111,12 +131,15 @@ fn main() {
         knobs.connections,
     );
     println!(
-        "each scenario: fresh simulator and store, waits up to {} s; latency = entity.synced_at \
-         minus the 200 for its first webhook (burst rows include the backlog)\n",
-        knobs.timeout.as_secs()
+        "each scenario: fresh simulator and store, waits up to {} s for every row and every \
+         confirmation read (sync.confirm_after = {} ms); latency = the entity's first \
+         (provisional) row minus the 200 for its first webhook (burst rows include the \
+         backlog); calls/ent counts single reads and bulk confirmation reads\n",
+        knobs.timeout.as_secs(),
+        knobs.confirm_after.as_millis(),
     );
     println!(
-        "{:<13} {:>7} {:>8} {:>8} {:>6} {:>7} {:>9} {:>6} {:>5} {:>7} {:>8} {:>8} {:>8}",
+        "{:<13} {:>7} {:>8} {:>8} {:>6} {:>7} {:>9} {:>5} {:>7} {:>6} {:>5} {:>7} {:>8} {:>8} {:>8}",
         "scenario",
         "workers",
         "entities",
@@ -124,6 +147,8 @@ fn main() {
         "secs",
         "ent/s",
         "calls/ent",
+        "bulk",
+        "changed",
         "tokens",
         "429s",
         "calls/s",
@@ -131,7 +156,7 @@ fn main() {
         "p99 ms",
         "max ms"
     );
-    let [_, _, _, paced, dupes, limited] = scenarios.each_ref().map(|scenario| {
+    let [_, _, _, burst, paced, dupes, lagged, limited] = scenarios.each_ref().map(|scenario| {
         let outcome = runtime.block_on(run_scenario(&knobs, scenario));
         outcome.print(scenario);
         outcome
@@ -146,8 +171,27 @@ fn main() {
         paced.latency(1.0),
     );
     println!(
-        "duplicates ({} entities x {} notifications, {}): {:.3} API calls per entity (target \
-         <= 1.05), {} token request(s) (expect 1), every row done after {:.2} s",
+        "burst of {} distinct entities: {:.3} API calls per entity including {} bulk \
+         confirmation read(s) (target <= 1.05); provisional row p50 {:.1} ms, p99 {:.1} ms",
+        knobs.burst,
+        burst.calls_per_entity(),
+        burst.bulk_reads,
+        burst.latency(0.50),
+        burst.latency(0.99),
+    );
+    println!(
+        "updated inside a {} s lag ({} entities x {} notifications): {} confirmation(s) changed \
+         the version, {:.3} API calls per entity, every entity at Fenergo's latest version",
+        LAG.as_secs(),
+        knobs.dup_entities,
+        knobs.duplicates,
+        lagged.confirmations_changed,
+        lagged.calls_per_entity(),
+    );
+    println!(
+        "duplicates ({} entities x {} notifications, {}): {:.3} API calls per entity including \
+         confirmations (target <= 1.05), {} token request(s) (expect 1), every row done after \
+         {:.2} s",
         knobs.dup_entities,
         knobs.duplicates,
         knobs
@@ -192,6 +236,8 @@ struct Knobs {
     upserts: usize,
     connections: usize,
     timeout: Duration,
+    burst: usize,
+    confirm_after: Duration,
 }
 
 impl Knobs {
@@ -208,6 +254,8 @@ impl Knobs {
             upserts: env_or("FENX_BENCH_UPSERTS", 2000),
             connections: env_or("FENX_BENCH_CONNECTIONS", 16),
             timeout: Duration::from_secs(env_or("FENX_BENCH_TIMEOUT_SECS", 60)),
+            burst: env_or("FENX_BENCH_BURST", 1000),
+            confirm_after: Duration::from_millis(env_or("FENX_BENCH_CONFIRM_AFTER_MS", 2000)),
         }
     }
 }
@@ -230,6 +278,8 @@ struct Scenario {
     /// The tenant limit, applied by the simulator and configured in the client alike; `None`
     /// means an unlimited simulator and [`HIGH_LIMIT`] in the client.
     limit: Option<Limit>,
+    /// Update every entity once more, inside a [`LAG`], just before its webhooks.
+    update_inside_lag: bool,
 }
 
 impl Scenario {
@@ -241,6 +291,7 @@ impl Scenario {
             workers,
             pace: None,
             limit: None,
+            update_inside_lag: false,
         }
     }
 }
@@ -250,6 +301,8 @@ struct Outcome {
     /// From the first webhook sent until every outbox row was settled.
     elapsed: Duration,
     entity_requests: u64,
+    bulk_reads: u64,
+    confirmations_changed: i64,
     token_requests: u64,
     rate_limited: u64,
     max_in_flight: u32,
@@ -260,8 +313,9 @@ struct Outcome {
 }
 
 impl Outcome {
+    /// Single reads and bulk confirmation reads per entity.
     fn calls_per_entity(&self) -> f64 {
-        self.entity_requests as f64 / self.entities as f64
+        (self.entity_requests + self.bulk_reads) as f64 / self.entities as f64
     }
 
     fn latency(&self, p: f64) -> f64 {
@@ -272,7 +326,7 @@ impl Outcome {
     fn print(&self, scenario: &Scenario) {
         let secs = self.elapsed.as_secs_f64();
         println!(
-            "{:<13} {:>7} {:>8} {:>8} {:>6.2} {:>7.1} {:>9.3} {:>6} {:>5} {:>7.1} {:>8.1} {:>8.1} {:>8.1}",
+            "{:<13} {:>7} {:>8} {:>8} {:>6.2} {:>7.1} {:>9.3} {:>5} {:>7} {:>6} {:>5} {:>7.1} {:>8.1} {:>8.1} {:>8.1}",
             scenario.name,
             scenario.workers,
             self.entities,
@@ -280,6 +334,8 @@ impl Outcome {
             secs,
             self.entities as f64 / secs,
             self.calls_per_entity(),
+            self.bulk_reads,
+            self.confirmations_changed,
             self.token_requests,
             self.rate_limited,
             self.call_rate,
@@ -301,6 +357,12 @@ async fn run_scenario(knobs: &Knobs, scenario: &Scenario) -> Outcome {
     let ids: Vec<String> = (0..scenario.entities)
         .map(|i| sim.sample_entity(i).0)
         .collect();
+    if scenario.update_inside_lag {
+        sim.set_lag(Lag::For(LAG));
+        for i in 0..scenario.entities {
+            sim.sample_entity(i);
+        }
+    }
     // Interleaved, round by round: every entity's k-th notification goes before any (k+1)-th,
     // so an entity's duplicates are as far apart as the delivery allows, the hard case for
     // coalescing them into one fetch.
@@ -309,8 +371,13 @@ async fn run_scenario(knobs: &Knobs, scenario: &Scenario) -> Outcome {
         .map(|(i, id)| (i, sim.notification(EVENT, id)))
         .collect();
     let total = bodies.len();
-    let service =
-        Service::start(&sim, scenario.workers, scenario.limit.unwrap_or(HIGH_LIMIT)).await;
+    let service = Service::start(
+        &sim,
+        scenario.workers,
+        scenario.limit.unwrap_or(HIGH_LIMIT),
+        knobs.confirm_after,
+    )
+    .await;
     let started = Instant::now();
     let delivery = tokio::spawn(deliver(
         service.url("/webhooks/fenergo"),
@@ -343,7 +410,14 @@ async fn run_scenario(knobs: &Knobs, scenario: &Scenario) -> Outcome {
         scenario.name,
         knobs.timeout
     );
-    let stored = stored_entities(&dir.path().join(fenx_sync::store::FILE_NAME));
+    let reporting = dir.path().join(fenx_sync::store::FILE_NAME);
+    let stored = stored_entities(&reporting);
+    let (pending_confirmations, confirmations_changed) = confirmations(&reporting);
+    assert_eq!(
+        pending_confirmations, 0,
+        "{}: confirmations still pending after {:?}",
+        scenario.name, knobs.timeout
+    );
     let mut first_ack: Vec<Option<DateTime<Utc>>> = vec![None; ids.len()];
     for (entity, at) in acks {
         let first = &mut first_ack[entity];
@@ -354,7 +428,7 @@ async fn run_scenario(knobs: &Knobs, scenario: &Scenario) -> Outcome {
         .zip(&latest)
         .zip(&first_ack)
         .map(|((id, latest), ack)| {
-            let (version, synced_at) = stored
+            let (version, first_stored_at) = stored
                 .get(id)
                 .unwrap_or_else(|| panic!("{}: entity {id} is not in the store", scenario.name));
             assert_eq!(
@@ -363,9 +437,9 @@ async fn run_scenario(knobs: &Knobs, scenario: &Scenario) -> Outcome {
                 scenario.name
             );
             let ack = ack.expect("every entity had a webhook acknowledged");
-            // synced_at has millisecond resolution; a row written within the same millisecond
+            // stored_at has millisecond resolution; a row written within the same millisecond
             // as the 200 would otherwise come out slightly negative.
-            ((*synced_at - ack).as_seconds_f64() * 1000.0).max(0.0)
+            ((*first_stored_at - ack).as_seconds_f64() * 1000.0).max(0.0)
         })
         .collect();
     latencies.sort_by(f64::total_cmp);
@@ -373,6 +447,8 @@ async fn run_scenario(knobs: &Knobs, scenario: &Scenario) -> Outcome {
         entities: ids.len(),
         elapsed: progress.elapsed,
         entity_requests: stats.entity_requests(),
+        bulk_reads: stats.bulk_reads,
+        confirmations_changed,
         token_requests: stats.token_requests,
         rate_limited: stats.rate_limited,
         max_in_flight: stats.max_in_flight,
@@ -390,7 +466,12 @@ struct Service {
 }
 
 impl Service {
-    async fn start(sim: &Simulator, workers: usize, limit: Limit) -> Service {
+    async fn start(
+        sim: &Simulator,
+        workers: usize,
+        limit: Limit,
+        confirm_after: Duration,
+    ) -> Service {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = Settings::default();
         settings.store.dir = dir.path().to_owned();
@@ -404,6 +485,7 @@ impl Service {
         sync.retry_base = Duration::from_secs(2);
         sync.stale_delay = Duration::from_secs(5);
         sync.idle_poll = Duration::from_millis(20);
+        sync.confirm_after = confirm_after;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -548,10 +630,14 @@ async fn watch(
             last_call = (now, calls);
         }
         let path = outbox.to_owned();
-        let (done, settled) = tokio::task::spawn_blocking(move || settled_rows(&path))
-            .await
-            .unwrap();
-        if settled >= total || now - started > timeout {
+        let (done, settled, confirming) = tokio::task::spawn_blocking(move || {
+            let (done, settled) = settled_rows(&path);
+            let reporting = path.with_file_name(fenx_sync::store::FILE_NAME);
+            (done, settled, confirmations(&reporting).0)
+        })
+        .await
+        .unwrap();
+        if (settled >= total && confirming == 0) || now - started > timeout {
             let call_rate = match first_call {
                 Some((at, count)) if last_call.0 > at => {
                     (last_call.1 - count) as f64 / (last_call.0 - at).as_secs_f64()
@@ -581,11 +667,30 @@ fn settled_rows(outbox: &Path) -> (usize, usize) {
     .unwrap()
 }
 
-/// Every stored entity's version and `synced_at`.
+/// (pending, version-changing) confirmation reads; (0, 0) before the store exists.
+fn confirmations(reporting: &Path) -> (i64, i64) {
+    if !reporting.exists() {
+        return (0, 0);
+    }
+    let conn = rusqlite::Connection::open(reporting).unwrap();
+    conn.query_row(
+        "SELECT (SELECT count(*) FROM entity_confirmation),
+                (SELECT count(*) FROM sync_log WHERE outcome = 'confirmed-changed')",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap_or((0, 0))
+}
+
+/// Every stored entity's version and when its first (provisional) row was written.
 fn stored_entities(reporting: &Path) -> HashMap<String, (i64, DateTime<Utc>)> {
     let conn = rusqlite::Connection::open(reporting).unwrap();
     let mut select = conn
-        .prepare("SELECT entity_id, version, synced_at FROM entity")
+        .prepare(
+            "SELECT e.entity_id, e.version,
+                    (SELECT min(stored_at) FROM entity_version AS v WHERE v.entity_id = e.entity_id)
+               FROM entity AS e",
+        )
         .unwrap();
     select
         .query_map([], |r| {
@@ -593,11 +698,11 @@ fn stored_entities(reporting: &Path) -> HashMap<String, (i64, DateTime<Utc>)> {
         })
         .unwrap()
         .map(|row| {
-            let (id, version, synced_at) = row.unwrap();
-            let synced_at = DateTime::parse_from_rfc3339(&synced_at)
-                .expect("synced_at is RFC 3339")
+            let (id, version, stored_at) = row.unwrap();
+            let stored_at = DateTime::parse_from_rfc3339(&stored_at)
+                .expect("stored_at is RFC 3339")
                 .with_timezone(&Utc);
-            (id, (version, synced_at))
+            (id, (version, stored_at))
         })
         .collect()
 }

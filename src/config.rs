@@ -301,6 +301,11 @@ pub struct SyncSettings {
     pub stale_retries: u32,
     #[serde(with = "humantime_serde")]
     pub stale_delay: Duration,
+    /// A read taken less than this after the newest notification it serves arrived may predate
+    /// that event (Fenergo is eventually consistent): it is stored at once and the entity is read
+    /// again (in batches) once this has passed. `0s` turns confirmation reads off.
+    #[serde(with = "humantime_serde")]
+    pub confirm_after: Duration,
     /// Attempts on 5xx, timeouts and connection errors before dead-lettering.
     pub max_attempts: u32,
     /// First retry delay; doubles per attempt with jitter, up to `retry_max`.
@@ -330,6 +335,7 @@ impl Default for SyncSettings {
             not_found_window: Duration::from_secs(15 * 60),
             stale_retries: 3,
             stale_delay: Duration::from_secs(10),
+            confirm_after: Duration::from_secs(30),
             max_attempts: 12,
             retry_base: Duration::from_secs(2),
             retry_max: Duration::from_secs(10 * 60),
@@ -374,17 +380,25 @@ impl Default for PollingSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct ReconcileSettings {
     /// Inside `serve`, compare the whole store with Fenergo this often and repair what is missing
-    /// or behind (e.g. "24h"); unset: never.
+    /// or behind, counted from the last recorded run (a restart does not start a pass); `0s`:
+    /// never.
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub every: Option<Duration>,
     /// Entities per page of the list.
     pub page_size: usize,
 }
 
+impl ReconcileSettings {
+    /// The interval of the scheduled reconciliation; `None` when it is off (unset or `0s`).
+    pub fn schedule(&self) -> Option<Duration> {
+        self.every.filter(|every| !every.is_zero())
+    }
+}
+
 impl Default for ReconcileSettings {
     fn default() -> Self {
         ReconcileSettings {
-            every: None,
+            every: Some(Duration::from_secs(24 * 60 * 60)),
             page_size: 100,
         }
     }
@@ -439,6 +453,21 @@ pub enum ConfigError {
 pub struct Sources {
     /// `--config PATH`; falls back to `FENX_CONFIG`, then [`DEFAULT_CONFIG_FILE`] if present.
     pub file: Option<PathBuf>,
+}
+
+impl Sources {
+    /// The file [`Settings::load`] reads: `--config`, else `FENX_CONFIG`, else
+    /// [`DEFAULT_CONFIG_FILE`] if it exists; `None`: defaults and environment only.
+    pub fn file_in_use(&self) -> Option<PathBuf> {
+        self.file
+            .clone()
+            .or_else(|| std::env::var_os("FENX_CONFIG").map(PathBuf::from))
+            .or_else(|| {
+                Path::new(DEFAULT_CONFIG_FILE)
+                    .is_file()
+                    .then(|| PathBuf::from(DEFAULT_CONFIG_FILE))
+            })
+    }
 }
 
 impl Settings {

@@ -167,7 +167,7 @@ pub async fn run(
                     );
                 }
                 let reconcile_now = Arc::new(Notify::new());
-                if let Some(every) = settings.reconcile.every {
+                if let Some(every) = settings.reconcile.schedule() {
                     let store = match &store {
                         Some(store) => store.clone(),
                         None => Arc::new(ReportingStore::open(&settings.store.reporting_path())?),
@@ -181,7 +181,7 @@ pub async fn run(
                     tracing::info!(every = ?every, "scheduled reconciliation enabled");
                     tasks.spawn(
                         "reconciler",
-                        reconcile_every(reconciler, every, reconcile_now.clone(), stopping.clone()),
+                        reconciler.run_on_schedule(every, reconcile_now.clone(), stopping.clone()),
                     );
                 }
                 if let Some(store) = store {
@@ -271,38 +271,6 @@ pub enum RunError {
     Store(#[from] store::StoreError),
     #[error("stopped because a long-running task failed: {0}")]
     TaskEnded(Ended),
-}
-
-/// Runs a reconciliation every `every` (or at once when `now` is signalled, e.g. after the
-/// reporting store was recreated) until stopped, logging what each repaired.
-async fn reconcile_every(
-    reconciler: reconcile::Reconciler,
-    every: Duration,
-    now: Arc<Notify>,
-    mut stopping: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = now.notified() => {}
-            _ = stopping.wait_for(|stop| *stop) => return,
-        }
-        match reconciler
-            .run(store::RunKind::Reconcile, false, |_| {})
-            .await
-        {
-            Ok(run) => tracing::info!(
-                run = run.run_id,
-                seen = run.counts.seen,
-                missing_repaired = run.counts.added,
-                behind_repaired = run.counts.updated,
-                "reconciliation finished"
-            ),
-            Err(error) => {
-                tracing::error!(%error, "reconciliation failed; next attempt at the next interval")
-            }
-        }
-    }
 }
 
 /// What the reporting store watch needs.

@@ -185,11 +185,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { json } => {
             let settings = Settings::load(&sources)?;
             let status = open_admin(&settings)?.status()?;
+            let refused = credentials_refused(&settings)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&status_json(&status)?)?);
+                let mut value = status_json(&status)?;
+                value["fenergo_credentials_refused"] = match &refused {
+                    Some(r) => {
+                        serde_json::json!({"since": r.since.to_rfc3339(), "reason": r.value})
+                    }
+                    None => serde_json::Value::Null,
+                };
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 print_status(&status);
                 print_store_space(&settings);
+                if let Some(r) = refused {
+                    println!(
+                        "\nFenergo credentials refused since {}: {}",
+                        r.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        r.value
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -253,14 +268,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Health { addr, timeout } => health(&Settings::load(&sources)?, addr, timeout),
-        Command::Config(ConfigCommand::Check) => {
-            let settings = Settings::load(&sources)?;
-            print!("{}", settings.to_redacted_toml());
-            if let Err(warning) = settings.require_webhook_secrets() {
-                eprintln!("fenx-sync: warning: {warning}");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Config(ConfigCommand::Check) => config_check(&sources),
         Command::Signature(SignatureCommand::Detect {
             secret_file,
             body_file,
@@ -285,6 +293,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Prints the effective configuration (stdout, valid TOML) and, on stderr, the file it came from,
+/// what `serve` would refuse to start without (exit 1), and what sync or polling lacks.
+fn config_check(sources: &Sources) -> anyhow::Result<ExitCode> {
+    match sources.file_in_use() {
+        Some(file) => eprintln!("fenx-sync: configuration loaded from {}", file.display()),
+        None => eprintln!(
+            "fenx-sync: no configuration file (none given, no FENX_CONFIG, no ./fenx-sync.toml): \
+             defaults and FENX_* environment variables only"
+        ),
+    }
+    let settings = Settings::load(sources)?;
+    print!("{}", settings.to_redacted_toml());
+    let missing = settings.fenergo.missing();
+    if (settings.sync.enabled || settings.polling.enabled) && !missing.is_empty() {
+        eprintln!(
+            "fenx-sync: warning: sync is enabled but these settings are missing, so `serve` would \
+             receive webhooks without syncing them: {}",
+            missing.join(", ")
+        );
+    }
+    if let Err(error) = settings.require_webhook_secrets() {
+        eprintln!("fenx-sync: `serve` would refuse to start: {error}");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn serve(settings: Settings, args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -323,6 +358,8 @@ fn backfill(
     telemetry::init(&settings.log)?;
     let metrics = std::sync::Arc::new(telemetry::Metrics::new());
     let client = fenx_sync::fenergo::FenergoClient::new(&settings.fenergo, metrics)?;
+    // A refusal ends the backfill with one line (below), not a log line as well.
+    client.log_refusals(false);
     let store = fenx_sync::store::ReportingStore::open(&settings.store.reporting_path())?;
     // Entities a resumed run already counted: the rate and ETA cover this run's work only.
     let resumed_from = match store.running_reconcile(RunKind::Backfill)? {
@@ -389,7 +426,16 @@ fn backfill(
         );
         return Ok(ExitCode::from(130));
     };
-    let run = run.context("backfill stopped; run again to resume from the last stored page")?;
+    let run = match run {
+        Err(error @ fenx_sync::reconcile::ReconcileError::CredentialsRefused(_)) => {
+            eprintln!(
+                "fenx-sync: backfill stopped: {error}; fix fenergo.client_id / fenergo.client_secret \
+                 (or fenergo.scope) and run it again"
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        run => run.context("backfill stopped; run again to resume from the last stored page")?,
+    };
     let c = run.counts;
     println!(
         "backfill finished: {} entities read, {} added, {} updated, {} already current ({:.0}/s)",
@@ -605,6 +651,19 @@ fn print_store_space(settings: &Settings) {
             reporting.display()
         );
     }
+}
+
+/// The recorded "credentials refused" state, if the reporting store exists (status never
+/// creates it).
+fn credentials_refused(
+    settings: &Settings,
+) -> anyhow::Result<Option<fenx_sync::store::StateEntry>> {
+    let path = settings.store.reporting_path();
+    if !path.exists() {
+        return Ok(None);
+    }
+    Ok(fenx_sync::store::ReportingStore::open(&path)?
+        .state(fenx_sync::store::StateKey::CredentialsRefused)?)
 }
 
 fn print_dead_letters(rows: &[NotificationRow]) {

@@ -2,19 +2,28 @@
 //! its `searchAfter` cursor) and writes every entity through the same monotonic upsert as the
 //! sync worker, so a new install starts complete and gaps (a disabled webhook, notifications
 //! past their 30-day TTL) are repaired. Progress and the cursor are saved after every page, so
-//! an interrupted backfill resumes where it stopped. With [`Reconciler::with_metrics`] each run
-//! reports its progress and its last success as `fenx_reconcile_*` gauges.
+//! an interrupted backfill resumes where it stopped. A reconciliation that walked the whole list
+//! marks stored entities the list no longer returns (`absent_since`). The schedule counts from
+//! the last recorded run (kept in the store), so a restart does not start a full pass. With
+//! [`Reconciler::with_metrics`] each run reports its progress and its last success as
+//! `fenx_reconcile_*` gauges.
 //!
-//! It never lets a listed version overwrite a newer stored one, and never goes around the
-//! client's rate limiter.
+//! It never lets a listed version overwrite a newer stored one, never deletes an entity, never
+//! retries refused credentials (they stop a run at once), and never goes around the client's
+//! rate limiter.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, watch};
 
+use crate::fenergo::token::TokenError;
 use crate::fenergo::{FenergoClient, FetchError, Page};
-use crate::store::{ReconcileRun, ReportingStore, RunKind, StoreError, SyncCause, UpsertOutcome};
+use crate::store::{
+    ReconcileRun, ReportingStore, RunKind, StateKey, StoreError, SyncCause, UpsertOutcome,
+};
 use crate::telemetry::{KindLabel, Metrics};
 use crate::worker::snapshot;
 
@@ -23,6 +32,8 @@ const PAGE_ATTEMPTS: usize = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
+    #[error("{0}")]
+    CredentialsRefused(FetchError),
     #[error("reading the entity list failed after {attempts} attempts: {source}")]
     List {
         attempts: usize,
@@ -157,9 +168,16 @@ impl Reconciler {
             };
             let store = self.store.clone();
             let snapshots: Vec<_> = page.entities.iter().map(snapshot).collect();
-            let outcomes =
-                tokio::task::spawn_blocking(move || store.upsert_entities(&snapshots, &cause))
-                    .await??;
+            let run_id = run.run_id;
+            let outcomes = tokio::task::spawn_blocking(move || {
+                let outcomes = store.upsert_entities(&snapshots, &cause)?;
+                if kind == RunKind::Reconcile {
+                    let ids: Vec<String> = snapshots.into_iter().map(|s| s.entity_id).collect();
+                    store.mark_listed(run_id, &ids)?;
+                }
+                Ok::<_, StoreError>(outcomes)
+            })
+            .await??;
             for outcome in outcomes {
                 let counts = &mut run.counts;
                 counts.seen += 1;
@@ -172,7 +190,21 @@ impl Reconciler {
             run.cursor = page.search_after;
             run.total_items = page.total_items.or(run.total_items);
             let (store, saved) = (self.store.clone(), run.clone());
-            tokio::task::spawn_blocking(move || store.save_reconcile(&saved, last)).await??;
+            let absent = tokio::task::spawn_blocking(move || {
+                store.save_reconcile(&saved, last)?;
+                match (last, kind) {
+                    (true, RunKind::Reconcile) => store.mark_absent(saved.run_id),
+                    _ => Ok(0),
+                }
+            })
+            .await??;
+            if absent > 0 {
+                tracing::warn!(
+                    run = run.run_id,
+                    absent,
+                    "entities stored here are no longer in Fenergo's entity list; marked absent_since (see the absent_entity view), not deleted"
+                );
+            }
             on_page(&run);
             if last {
                 return Ok(run);
@@ -197,10 +229,13 @@ impl Reconciler {
                 .await
             {
                 Ok(page) => return Ok(page),
+                Err(error @ FetchError::Token(TokenError::Refused { .. })) => {
+                    return Err(ReconcileError::CredentialsRefused(error));
+                }
                 Err(
                     error @ (FetchError::Transient { .. }
                     | FetchError::RateLimited { .. }
-                    | FetchError::Token(_)),
+                    | FetchError::Token(TokenError::Unavailable(_))),
                 ) if attempt < PAGE_ATTEMPTS => {
                     let wait = match &error {
                         FetchError::RateLimited { retry_after } => *retry_after,
@@ -220,4 +255,97 @@ impl Reconciler {
             }
         }
     }
+}
+
+impl Reconciler {
+    /// Runs a reconciliation every `every` until stopped, counting from the last recorded run:
+    /// the next due time is kept in the store, so a restart waits for it (and an interrupted
+    /// pass resumes from its cursor) instead of starting a full pass. `now` starts one at once
+    /// (after the reporting store was recreated).
+    pub async fn run_on_schedule(
+        self,
+        every: Duration,
+        now: Arc<Notify>,
+        mut stopping: watch::Receiver<bool>,
+    ) {
+        loop {
+            let due = match self.next_due(every).await {
+                Ok(due) => due,
+                Err(error) => {
+                    tracing::error!(%error, "cannot read the reconciliation schedule; reconciliation is not running");
+                    return;
+                }
+            };
+            tracing::info!(next = %due.to_rfc3339(), "next scheduled reconciliation");
+            let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = now.notified() => {}
+                _ = stopping.wait_for(|stop| *stop) => return,
+            }
+            let started = Utc::now();
+            match self.run(RunKind::Reconcile, true, |_| {}).await {
+                Ok(run) => tracing::info!(
+                    run = run.run_id,
+                    seen = run.counts.seen,
+                    missing_repaired = run.counts.added,
+                    behind_repaired = run.counts.updated,
+                    "reconciliation finished"
+                ),
+                Err(error) => {
+                    tracing::error!(%error, "reconciliation failed; next attempt at the next interval")
+                }
+            }
+            let next = after(started, every);
+            if let Err(error) = self.save_next_due(next).await {
+                tracing::error!(%error, "cannot record the next reconciliation time");
+            }
+        }
+    }
+
+    /// The recorded next due time; else the last run's start + `every`; else now + `every`
+    /// (recorded, so restarts keep counting from the first start).
+    async fn next_due(&self, every: Duration) -> Result<DateTime<Utc>, ReconcileError> {
+        let store = self.store.clone();
+        let due = tokio::task::spawn_blocking(move || -> Result<DateTime<Utc>, StoreError> {
+            if let Some(recorded) = store.state(StateKey::ReconcileNextDue)?
+                && let Ok(due) = recorded.value.parse::<DateTime<Utc>>()
+            {
+                return Ok(due);
+            }
+            let due = after(
+                store
+                    .last_run_started(RunKind::Reconcile)?
+                    .unwrap_or_else(Utc::now),
+                every,
+            );
+            store.put_state(
+                StateKey::ReconcileNextDue,
+                &crate::sqlite::format_time(due),
+                Utc::now(),
+            )?;
+            Ok(due)
+        })
+        .await??;
+        Ok(due)
+    }
+
+    async fn save_next_due(&self, due: DateTime<Utc>) -> Result<(), ReconcileError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            store.put_state(
+                StateKey::ReconcileNextDue,
+                &crate::sqlite::format_time(due),
+                Utc::now(),
+            )
+        })
+        .await??;
+        Ok(())
+    }
+}
+
+/// `at + every`, saturating (a huge interval means "practically never", not a panic).
+fn after(at: DateTime<Utc>, every: Duration) -> DateTime<Utc> {
+    at.checked_add_signed(crate::worker::policy::to_chrono(every))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }

@@ -119,13 +119,37 @@ pub fn apply_schema(
             known: version,
         });
     }
-    tx.execute_batch(sql)?;
+    let (base, upgrades) = split_upgrades(sql);
+    tx.execute_batch(base)?;
+    // A file without a recorded version is new: its tables were just created in their first
+    // shape, so every upgrade applies to it as well.
+    for (to, upgrade) in upgrades {
+        if found.unwrap_or(0) < to {
+            tx.execute_batch(upgrade)?;
+        }
+    }
     tx.execute(
         "INSERT OR IGNORE INTO schema_version (version, applied_at) VALUES (?1, ?2)",
         (version, now()),
     )?;
     tx.commit()?;
     Ok(version)
+}
+
+/// A section's idempotent part (`CREATE … IF NOT EXISTS`), and its `-- upgrade: N` blocks in
+/// order: statements such as `ALTER TABLE … ADD COLUMN` that must run exactly once, on a file
+/// recorded below version N.
+fn split_upgrades(sql: &str) -> (&str, Vec<(i64, &str)>) {
+    const MARK: &str = "-- upgrade: ";
+    let mut parts = sql.split(MARK);
+    let base = parts.next().unwrap_or_default();
+    let upgrades = parts
+        .filter_map(|part| {
+            let (header, body) = part.split_once('\n').unwrap_or((part, ""));
+            Some((header.trim().parse().ok()?, body))
+        })
+        .collect();
+    (base, upgrades)
 }
 
 /// The `(version, sql)` of a `-- section: NAME version: N` block of schema.sql.
@@ -190,12 +214,36 @@ mod tests {
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .unwrap();
         assert_eq!(sync, 2);
-        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 1);
-        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 1);
+        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 2);
+        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 2);
         let rows: i64 = conn
             .query_row("SELECT count(*) FROM schema_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 1);
+    }
+
+    #[test]
+    fn a_file_at_version_1_is_upgraded_in_place_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut conn = open(&path, Durability::Full, Duration::from_secs(1)).unwrap();
+        let (_, sql) = schema_section("outbox").unwrap();
+        conn.execute_batch(split_upgrades(sql).0).unwrap();
+        conn.execute(
+            "INSERT INTO schema_version VALUES (1, '2026-01-01T00:00:00.000Z')",
+            [],
+        )
+        .unwrap();
+        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 2);
+        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 2);
+        let stale_reads: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('notification') WHERE name = 'stale_reads'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stale_reads, 1);
     }
 
     #[test]

@@ -151,6 +151,11 @@ pub struct RecipeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
     pub status: String,
 }
@@ -247,6 +252,10 @@ pub struct Metrics {
     pub outbox_pruned: Counter,
     /// Times `reporting.db` was found deleted or replaced and was reopened.
     pub reporting_store_reopened: Counter,
+    /// 1 while Fenergo's identity service refuses our client credentials, else 0.
+    pub credentials_refused: Gauge,
+    /// Confirmation reads by result (`changed`: a newer version was found, `unchanged`).
+    pub confirmations: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -292,6 +301,8 @@ impl Metrics {
             store_free_bytes: Gauge::default(),
             outbox_pruned: Counter::default(),
             reporting_store_reopened: Counter::default(),
+            credentials_refused: Gauge::default(),
+            confirmations: Family::default(),
         };
         metrics
             .build_info
@@ -302,6 +313,12 @@ impl Metrics {
         metrics
             .process_start_time_seconds
             .set(unix_seconds(chrono::Utc::now()));
+        // Both series exist from the start, so a rate over them is 0 rather than absent.
+        for result in ["changed", "unchanged"] {
+            metrics.confirmations.get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            });
+        }
         let r = &mut metrics.registry;
         r.register(
             "webhook_requests",
@@ -427,6 +444,16 @@ impl Metrics {
             "reporting_store_reopened",
             "Times reporting.db was found deleted or replaced, reopened and re-synced",
             metrics.reporting_store_reopened.clone(),
+        );
+        r.register(
+            "fenergo_credentials_refused",
+            "1 while Fenergo's identity service refuses the client credentials (sync is paused)",
+            metrics.credentials_refused.clone(),
+        );
+        r.register(
+            "confirmations",
+            "Confirmation reads of provisionally stored entities, by whether the version changed",
+            metrics.confirmations.clone(),
         );
         metrics
     }

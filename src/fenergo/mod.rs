@@ -21,8 +21,12 @@ use secrecy::SecretString;
 use crate::config::FenergoSettings;
 use crate::telemetry::{Metrics, StatusLabel};
 use limiter::Limiter;
+pub use token::CredentialsRefusal;
 use token::{TokenCache, TokenError, TokenRequest};
-pub use wire::{Entity, Page};
+pub use wire::{Entity, EntityList, Page};
+
+/// The bulk read by id (contract §6).
+pub const BULK_READ_PATH: &str = "entitydataquery/api/entity/getentitieslist";
 
 /// The longest response excerpt kept for a dead letter.
 const EXCERPT_LEN: usize = 300;
@@ -107,6 +111,7 @@ impl FenergoClient {
                 refresh_margin: settings.token_refresh_margin,
             },
             metrics.token_refreshes.clone(),
+            metrics.credentials_refused.clone(),
         );
         Ok(FenergoClient {
             http,
@@ -140,6 +145,48 @@ impl FenergoClient {
             status: Some(status),
             reason: format!("HTTP {status} with an unusable body: {e}"),
         })
+    }
+
+    /// Reads up to 100 entities by id in one call (`getentitieslist`). `Ok(None)`: this
+    /// Fenergo does not serve the bulk read (404/405), read them singly.
+    pub async fn get_entities(
+        &self,
+        ids: &[String],
+        correlation_id: &str,
+    ) -> Result<Option<EntityList>, FetchError> {
+        let body = serde_json::json!({"data": {"ids": ids}});
+        match self
+            .request(Method::POST, BULK_READ_PATH, Some(&body), correlation_id)
+            .await
+        {
+            Ok((status, bytes)) => {
+                EntityList::from_body(&bytes)
+                    .map(Some)
+                    .map_err(|e| FetchError::Transient {
+                        status: Some(status),
+                        reason: format!("HTTP {status} with an unusable entity list: {e}"),
+                    })
+            }
+            Err(FetchError::NotFound | FetchError::Rejected { status: 405, .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Turns the ERROR line for refused credentials off (`false`, for a one-shot command that
+    /// reports the refusal itself) or on (the default).
+    pub fn log_refusals(&self, on: bool) {
+        self.tokens.log_refusals(on);
+    }
+
+    /// Since when and why the identity service refuses our credentials, if it does.
+    pub fn credentials_refusal(&self) -> Option<CredentialsRefusal> {
+        self.tokens.refusal()
+    }
+
+    /// Whether calling Fenergo now makes sense: the credentials are not refused, or their
+    /// back-off has passed. Callers that would only burn an attempt wait instead.
+    pub fn credentials_usable(&self) -> bool {
+        self.tokens.usable()
     }
 
     /// One page of the entity list (`getentitiespagedlist`, v2), after `search_after`.

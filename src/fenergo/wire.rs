@@ -91,15 +91,7 @@ impl Page {
     pub fn from_body(body: &[u8]) -> Result<Page, WireError> {
         let root: Value = serde_json::from_slice(body)?;
         let data = root.get("data").ok_or(WireError::NoData)?;
-        let items = match data {
-            Value::Array(items) => items.clone(),
-            Value::Object(fields) => ["items", "entities", "results"]
-                .iter()
-                .find_map(|k| fields.get(*k).and_then(Value::as_array))
-                .cloned()
-                .ok_or(WireError::NoData)?,
-            _ => return Err(WireError::NoData),
-        };
+        let items = list_items(data)?;
         let cursor = data
             .get("searchAfter")
             .or_else(|| root.get("searchAfter"))
@@ -115,14 +107,7 @@ impl Page {
                 .and_then(Value::as_i64)
         });
         let len = items.len();
-        let mut entities = Vec::with_capacity(len);
-        let mut unusable = Vec::new();
-        for item in items {
-            match Entity::from_data(item) {
-                Ok(entity) => entities.push(entity),
-                Err(e) => unusable.push(e.to_string()),
-            }
-        }
+        let (entities, unusable) = read_items(items);
         Ok(Page {
             entities,
             unusable,
@@ -131,6 +116,51 @@ impl Page {
             len,
         })
     }
+}
+
+/// The answer of the bulk read by id (`getentitieslist`, contract §6): EntityDtos in `data` (an
+/// array, or an object holding it under `items` or `entities`); ids it omits are not in it.
+#[derive(Debug)]
+pub struct EntityList {
+    pub entities: Vec<Entity>,
+    /// Items that were not usable entities (logged, skipped; their ids are read singly).
+    pub unusable: Vec<String>,
+}
+
+impl EntityList {
+    pub fn from_body(body: &[u8]) -> Result<EntityList, WireError> {
+        let envelope: Envelope = serde_json::from_slice(body)?;
+        let items = list_items(&envelope.data.ok_or(WireError::NoData)?)?;
+        let (entities, unusable) = read_items(items);
+        Ok(EntityList { entities, unusable })
+    }
+}
+
+/// A list response's items: `data` itself when it is an array, else its `items`, `entities` or
+/// `results` array.
+fn list_items(data: &Value) -> Result<Vec<Value>, WireError> {
+    match data {
+        Value::Array(items) => Ok(items.clone()),
+        Value::Object(fields) => ["items", "entities", "results"]
+            .iter()
+            .find_map(|k| fields.get(*k).and_then(Value::as_array))
+            .cloned()
+            .ok_or(WireError::NoData),
+        _ => Err(WireError::NoData),
+    }
+}
+
+/// Usable entities, and why the other items were not.
+fn read_items(items: Vec<Value>) -> (Vec<Entity>, Vec<String>) {
+    let mut entities = Vec::with_capacity(items.len());
+    let mut unusable = Vec::new();
+    for item in items {
+        match Entity::from_data(item) {
+            Ok(entity) => entities.push(entity),
+            Err(e) => unusable.push(e.to_string()),
+        }
+    }
+    (entities, unusable)
 }
 
 #[cfg(test)]
@@ -163,6 +193,20 @@ mod tests {
         let last = Page::from_body(br#"{"data":{"items":[],"searchAfter":null}}"#).unwrap();
         assert_eq!((last.len, last.search_after), (0, None));
         assert!(Page::from_body(br#"{"data":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn bulk_reads_are_read_as_an_array_or_under_items_or_entities() {
+        for body in [
+            &br#"{"data":[{"id":"a","version":1},{"id":"b","version":2}],"messages":[]}"#[..],
+            br#"{"data":{"items":[{"id":"a","version":1},{"id":"b","version":2}]}}"#,
+            br#"{"data":{"entities":[{"id":"a","version":1},{"id":"b","version":2},{"x":1}]}}"#,
+        ] {
+            let list = EntityList::from_body(body).unwrap();
+            let ids: Vec<&str> = list.entities.iter().map(|e| e.id.as_str()).collect();
+            assert_eq!(ids, ["a", "b"]);
+        }
+        assert!(EntityList::from_body(br#"{"data":null}"#).is_err());
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct Claimed {
     pub relative_url: Option<String>,
     pub entity_key: Option<String>,
     pub attempts: i64,
+    /// Stale re-fetches so far (their own budget, apart from `attempts`).
+    pub stale_reads: i64,
     pub received_at: String,
     pub event_when: Option<String>,
 }
@@ -52,6 +54,11 @@ pub enum RowOutcome {
         error: String,
         status: Option<u16>,
         count_attempt: bool,
+    },
+    /// A stale read: re-fetch at `at`, counting against the stale budget, not `attempts`.
+    StaleRetryAt {
+        at: DateTime<Utc>,
+        error: String,
     },
     Dead {
         reason: String,
@@ -121,7 +128,8 @@ impl WorkQueue {
         let rows = {
             let mut stmt = tx
                 .prepare_cached(
-                    "SELECT seq, id, event_type, relative_url, entity_key, attempts, received_at, event_when
+                    "SELECT seq, id, event_type, relative_url, entity_key, attempts, received_at, event_when,
+                            stale_reads
                        FROM notification
                       WHERE status = 'pending'
                         AND (seq = ?1 OR (?2 IS NOT NULL AND entity_key = ?2))
@@ -138,6 +146,7 @@ impl WorkQueue {
                     attempts: r.get(5)?,
                     received_at: r.get(6)?,
                     event_when: r.get(7)?,
+                    stale_reads: r.get(8)?,
                 })
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
@@ -195,6 +204,12 @@ impl WorkQueue {
                         error,
                         status
                     ],
+                ),
+                RowOutcome::StaleRetryAt { at, error } => tx.execute(
+                    "UPDATE notification SET next_attempt_at = ?2, stale_reads = stale_reads + 1,
+                            last_error = ?3, last_status = 200
+                      WHERE seq = ?1 AND status = 'pending'",
+                    params![s.seq, format_time(*at), error],
                 ),
                 RowOutcome::Dead { reason, status } => tx.execute(
                     "UPDATE notification SET status = 'dead', attempts = attempts + 1,

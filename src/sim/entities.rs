@@ -251,6 +251,17 @@ pub(super) fn entity_json(snapshot: &Snapshot<'_>) -> EntityJson {
 /// A page of the entity list: `{"data": {"items", "totalItems", "searchAfter"}, "messages": []}`,
 /// where `searchAfter` is the cursor after `last_id`, or null when this was the last page.
 /// Fenergo's shape is not documented (contract §6); this is the project's assumption.
+/// The answer of the bulk read by id: `{"data": [EntityDto, …], "messages": []}`.
+pub(super) fn entity_list_body(items: &[Bytes]) -> Bytes {
+    [
+        b"{\"data\":[".as_slice(),
+        &items.join(b",".as_slice()),
+        b"],\"messages\":[]}",
+    ]
+    .concat()
+    .into()
+}
+
 pub(super) fn entity_page_body(
     items: &[Bytes],
     total_items: usize,

@@ -1,7 +1,7 @@
 //! A faithful Fenergo simulator for tests, benchmarks and local runs: the identity service's
-//! token endpoint, the entity data query API (one entity, and the paged list), the polling API
-//! (event notifications v2), eventual-consistency lag, fault and rate-limit knobs, statistics,
-//! and a webhook sender that re-delivers the way Fenergo does.
+//! token endpoint, the entity data query API (one entity, the bulk read by id, and the paged
+//! list), the polling API (event notifications v2), eventual-consistency lag, fault and
+//! rate-limit knobs, statistics, and a webhook sender that re-delivers the way Fenergo does.
 //!
 //! This file owns the handle ([`Simulator`]), its configuration and knobs, and the standalone
 //! entry point. What Fenergo's JSON looks like lives in `entities`, the decisions in `state`,
@@ -11,7 +11,8 @@
 //!
 //! Fenergo behaviour the contract could not confirm (the 2-4-8-16 minute re-delivery, the
 //! meaning of entity `status`, `Retry-After` on tenant-limit 429s, the redelivery of batches
-//! never completed, the paged list's response shape) is modelled as the project assumes it, and
+//! never completed, the paged list's and the bulk read's response shapes) is modelled as the
+//! project assumes it, and
 //! said so where it is modelled.
 
 mod entities;
@@ -128,6 +129,8 @@ pub struct Faults {
     /// Added to [`SimConfig::latency`].
     pub latency: Duration,
     pub refuse_tokens: Option<TokenRefusal>,
+    /// The bulk read by id (`getentitieslist`) answers 404, as on a Fenergo without it.
+    pub no_bulk_read: bool,
 }
 
 /// How the polling API hands out batches, replaced as a whole by [`Simulator::set_polling`].
@@ -259,6 +262,12 @@ impl Simulator {
     /// [`Simulator::sample_entity`] for every index in `indexes`, in order.
     pub fn sample_entities(&self, indexes: Range<usize>) -> Vec<(String, i64)> {
         indexes.map(|index| self.sample_entity(index)).collect()
+    }
+
+    /// Deletes entity `id`: reads get 404 and the entity list no longer returns it. Returns
+    /// whether it existed.
+    pub fn delete_entity(&self, id: &str) -> bool {
+        self.state().delete_entity(id)
     }
 
     /// The latest version of an entity, whether or not the lag lets reads see it yet.

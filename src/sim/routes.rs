@@ -1,5 +1,6 @@
 //! The simulator's HTTP surface, with Fenergo's status codes, bodies and rate-limit headers:
 //! `POST /connect/token` (identity service); `GET /entitydataquery/api/entity/{id}` and
+//! `POST /entitydataquery/api/entity/getentitieslist` (bulk read by id) and
 //! `POST /entitydataquery/api/v2/entity/getentitiespagedlist` (entity data query API);
 //! `GET /eventnotifications/v2/{feedId}/next` and
 //! `POST /eventnotifications/v2/{feedId}/{batchId}/complete` (polling API). Every API route
@@ -23,7 +24,8 @@ use serde_json::json;
 
 use super::TokenRefusal;
 use super::entities::{
-    ZULU_SUFFIX, batch_body, cursor_position, entity_page_body, error_envelope, fenergo_timestamp,
+    ZULU_SUFFIX, batch_body, cursor_position, entity_list_body, entity_page_body, error_envelope,
+    fenergo_timestamp,
 };
 use super::feeds::Missing;
 use super::state::{ApiHeaders, Refusal, State, Throttle, TokenRefused, TokenRequest};
@@ -37,6 +39,8 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 const NOT_FOUND_ENTITY: &str = "Not Found. Entity with given id does not exist";
 const NOT_FOUND_FEED: &str = "Not Found. Feed with given id does not exist";
 const NOT_FOUND_BATCH: &str = "Not Found. Batch with given id is not in flight on this feed";
+/// The most ids one bulk read takes.
+const MAX_BULK_IDS: usize = 100;
 /// List page sizes; Fenergo documents neither a default nor a maximum (contract §6).
 const DEFAULT_PAGE_SIZE: usize = 100;
 const MAX_PAGE_SIZE: usize = 1000;
@@ -66,9 +70,16 @@ enum FormError {
 /// What an API request asks for, from its method and path.
 enum Operation {
     Entity(String),
+    /// The bulk read by id.
+    EntityList,
     EntityPage,
-    NextBatch { feed: String },
-    CompleteBatch { feed: String, batch: String },
+    NextBatch {
+        feed: String,
+    },
+    CompleteBatch {
+        feed: String,
+        batch: String,
+    },
 }
 
 /// Why a request names nothing the API serves.
@@ -82,6 +93,9 @@ enum NotServed {
 impl Operation {
     fn parse(method: &Method, segments: &[&str]) -> Result<Operation, NotServed> {
         let (operation, allowed) = match segments {
+            ["entitydataquery", "api", "entity", "getentitieslist"] => {
+                (Operation::EntityList, "POST")
+            }
             ["entitydataquery", "api", "entity", id] => (Operation::Entity(decoded(id)), "GET"),
             [
                 "entitydataquery",
@@ -134,6 +148,17 @@ struct Pager {
     size: Option<i64>,
     sort_by: Option<String>,
     sort_order: Option<String>,
+}
+
+/// What `getentitieslist` was asked: `{"data": {"ids": [...]}}`.
+#[derive(Deserialize)]
+struct BulkRequest {
+    data: BulkRequestData,
+}
+
+#[derive(Deserialize)]
+struct BulkRequestData {
+    ids: Vec<String>,
 }
 
 /// A list query the simulator can answer.
@@ -203,6 +228,9 @@ impl SimRoutes {
         };
         let call = self.state.begin_call(&api_headers);
         let operation = match Operation::parse(request.method(), segments) {
+            Ok(Operation::EntityList) if self.state.bulk_read_unsupported() => {
+                return envelope(StatusCode::NOT_FOUND, "Not Found", "Error");
+            }
             Ok(operation) => operation,
             Err(NotServed::Path) => return envelope(StatusCode::NOT_FOUND, "Not Found", "Error"),
             Err(NotServed::Method(allow)) => return method_not_allowed(allow),
@@ -238,6 +266,19 @@ impl SimRoutes {
                 Some(body) => json_bytes(StatusCode::OK, body),
                 None => envelope(StatusCode::NOT_FOUND, NOT_FOUND_ENTITY, "Error"),
             },
+            Operation::EntityList => {
+                let ids = match read_body(request, MAX_QUERY_BYTES).await {
+                    Ok(body) => parse_bulk_query(&body),
+                    Err(error) => Err(error.to_string()),
+                };
+                match ids {
+                    Ok(ids) => json_bytes(
+                        StatusCode::OK,
+                        entity_list_body(&self.state.read_entities(&ids)),
+                    ),
+                    Err(reason) => envelope(StatusCode::BAD_REQUEST, &reason, "Error"),
+                }
+            }
             Operation::EntityPage => {
                 let query = match read_body(request, MAX_QUERY_BYTES).await {
                     Ok(body) => parse_page_query(&body),
@@ -351,6 +392,17 @@ fn parse_page_query(body: &[u8]) -> Result<PageQuery, String> {
         None => None,
     };
     Ok(PageQuery { size, after })
+}
+
+/// A `getentitieslist` body → the ids to read, or why it is a 400.
+fn parse_bulk_query(body: &[u8]) -> Result<Vec<String>, String> {
+    let request: BulkRequest =
+        serde_json::from_slice(body).map_err(|e| format!("body is not a bulk read: {e}"))?;
+    let ids = request.data.ids;
+    if ids.len() > MAX_BULK_IDS {
+        return Err(format!("data.ids: at most {MAX_BULK_IDS} ids per request"));
+    }
+    Ok(ids)
 }
 
 /// `application/x-www-form-urlencoded` → fields (a repeated field keeps its last value).

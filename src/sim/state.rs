@@ -77,6 +77,9 @@ pub struct SimStats {
     pub feed_depth: BTreeMap<String, usize>,
     /// Entity list pages served (200s).
     pub list_pages: u64,
+    /// Bulk reads by id served (200s), and the ids they were asked for.
+    pub bulk_reads: u64,
+    pub bulk_read_ids: u64,
 }
 
 impl SimStats {
@@ -451,6 +454,29 @@ impl State {
         let mut inner = self.lock();
         let entity = inner.entities.get_mut(id)?.read(Instant::now())?;
         Some(entity.envelope)
+    }
+
+    /// Whether the bulk read by id answers 404 ([`super::Faults::no_bulk_read`]).
+    pub fn bulk_read_unsupported(&self) -> bool {
+        self.lock().faults.faults.no_bulk_read
+    }
+
+    /// The bulk read by id: each id's EntityDto as a GET of it would see it now (using up a
+    /// lagging read as a GET does); ids not found, or hidden by the lag, are omitted.
+    pub fn read_entities(&self, ids: &[String]) -> Vec<Bytes> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        inner.stats.bulk_reads += 1;
+        inner.stats.bulk_read_ids += ids.len() as u64;
+        ids.iter()
+            .filter_map(|id| inner.entities.get_mut(id)?.read(now))
+            .map(|entity| entity.dto)
+            .collect()
+    }
+
+    /// Removes an entity: reads get 404 and the list no longer returns it.
+    pub fn delete_entity(&self, id: &str) -> bool {
+        self.lock().entities.remove(id).is_some()
     }
 
     /// Up to `size` entities after id `after` (from the first without), each as a read of it

@@ -1,6 +1,7 @@
 //! The reporting store (`reporting.db`): the latest version of every synced entity, flattened
-//! for plain SQL, the history of every version stored, and the log of processed notifications.
-//! `schema.sql` (section `reporting`) documents every table, column and view.
+//! for plain SQL, the history of every version stored, and the log of processed notifications;
+//! the pending confirmation reads (`confirmations.rs`) and the service's recorded state
+//! (`state.rs`). `schema.sql` (section `reporting`) documents every table, column and view.
 //!
 //! It must never let an older or equal version overwrite what is stored, never leave an entity
 //! half-written (each upsert is one transaction), never write into a file that is no longer
@@ -18,10 +19,14 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde_json::Value;
 
+mod confirmations;
 mod flatten;
+mod state;
 
 use crate::sqlite::{self, DbError, Durability, FileIdentity};
+pub use confirmations::{ConfirmationBacklog, PendingConfirmation, ReadFollowUp};
 use flatten::{CollectionRow, PropertyRow, flatten};
+pub use state::{StateEntry, StateKey};
 
 /// The default reporting file inside `store.dir`.
 pub const FILE_NAME: &str = "reporting.db";
@@ -83,7 +88,8 @@ pub struct ProcessedNotification {
     pub notification_id: String,
     pub event_type: Option<String>,
     pub entity_id: Option<String>,
-    /// `synced`, `unchanged`, `older-ignored`, `stale-accepted`, `ignored` or `dead`.
+    /// `synced`, `unchanged`, `older-ignored`, `stale-accepted`, `confirmation-pending`,
+    /// `confirmed-changed`, `ignored` or `dead`.
     pub outcome: String,
     pub attempts: i64,
     pub received_at: String,
@@ -166,22 +172,8 @@ impl ReportingStore {
         cause: &SyncCause,
     ) -> Result<Vec<UpsertOutcome>, StoreError> {
         // Pure work outside the lock, so concurrent workers only queue for the SQL itself.
-        let prepared: Vec<(String, Vec<PropertyRow>, Vec<CollectionRow>)> = entities
-            .iter()
-            .map(|entity| {
-                let (properties, collections) =
-                    flatten(entity.json.get("properties").unwrap_or(&Value::Null));
-                (entity.json.to_string(), properties, collections)
-            })
-            .collect();
-        let rows: Vec<Flattened> = prepared
-            .iter()
-            .map(|(json, properties, collections)| Flattened {
-                json,
-                properties,
-                collections,
-            })
-            .collect();
+        let prepared: Vec<Prepared> = entities.iter().map(Prepared::of).collect();
+        let rows: Vec<Flattened> = prepared.iter().map(Prepared::rows).collect();
         upsert(&mut self.lock(), entities, cause, &rows).map_err(|source| {
             let what = match entities {
                 [one] => format!("store entity {} version {}", one.entity_id, one.version),
@@ -314,6 +306,56 @@ impl ReportingStore {
             .map_err(|source| self.error(format!("save run {}", run.run_id), source))
     }
 
+    /// Records that run `run_id` listed these entities: they are not absent.
+    pub fn mark_listed(&self, run_id: i64, entity_ids: &[String]) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let mark = |conn: &mut Connection| -> rusqlite::Result<()> {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut update = tx.prepare_cached(
+                "UPDATE entity SET last_listed_run = ?1, absent_since = NULL WHERE entity_id = ?2",
+            )?;
+            for id in entity_ids {
+                update.execute(params![run_id, id])?;
+            }
+            drop(update);
+            tx.commit()
+        };
+        mark(&mut conn)
+            .map_err(|source| self.error(format!("mark run {run_id}'s entities listed"), source))
+    }
+
+    /// After run `run_id` walked the whole list: marks `absent_since` on stored entities it did
+    /// not list (never deleting them), except those first written after the run started (the
+    /// list may not show them yet). Returns how many were newly marked.
+    pub fn mark_absent(&self, run_id: i64) -> Result<usize, StoreError> {
+        self.lock()
+            .execute(
+                "UPDATE entity SET absent_since = ?2
+                  WHERE absent_since IS NULL
+                    AND (last_listed_run IS NULL OR last_listed_run <> ?1)
+                    AND synced_at <= (SELECT started_at FROM reconcile_run WHERE run_id = ?1)",
+                params![run_id, sqlite::now()],
+            )
+            .map_err(|source| {
+                self.error(format!("mark entities run {run_id} did not list"), source)
+            })
+    }
+
+    /// When the last run of `kind` started, if there was one.
+    pub fn last_run_started(
+        &self,
+        kind: RunKind,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT max(started_at) FROM reconcile_run WHERE kind = ?1",
+                [kind.as_str()],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .map(|started| started.and_then(|s| s.parse().ok()))
+            .map_err(|source| self.error(format!("read the last {} run", kind.as_str()), source))
+    }
+
     /// The connection, to the file the path names now. A panic while the lock was held cannot
     /// have left a transaction open (dropping one rolls it back), so a poisoned lock still
     /// guards a usable connection.
@@ -427,6 +469,33 @@ pub struct ReconcileRun {
     pub counts: RunCounts,
 }
 
+/// An entity's JSON text and flattened rows, computed before the write lock is taken.
+struct Prepared {
+    json: String,
+    properties: Vec<PropertyRow>,
+    collections: Vec<CollectionRow>,
+}
+
+impl Prepared {
+    fn of(entity: &EntitySnapshot) -> Prepared {
+        let (properties, collections) =
+            flatten(entity.json.get("properties").unwrap_or(&Value::Null));
+        Prepared {
+            json: entity.json.to_string(),
+            properties,
+            collections,
+        }
+    }
+
+    fn rows(&self) -> Flattened<'_> {
+        Flattened {
+            json: &self.json,
+            properties: &self.properties,
+            collections: &self.collections,
+        }
+    }
+}
+
 /// An entity's rows, prepared before the write lock is taken.
 struct Flattened<'a> {
     json: &'a str,
@@ -474,10 +543,18 @@ fn write_entity(
             return Ok(UpsertOutcome::Older { stored_version });
         }
     };
+    // An update keeps confirmed_at and last_listed_run (they describe reads, not versions); a
+    // write proves the entity exists, so it is no longer absent.
     tx.prepare_cached(
-        "INSERT OR REPLACE INTO entity (entity_id, entity_type, version, status, created, json,
+        "INSERT INTO entity (entity_id, entity_type, version, status, created, json,
              last_notification_id, last_event_type, last_event_when, synced_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         ON CONFLICT (entity_id) DO UPDATE SET entity_type = excluded.entity_type,
+             version = excluded.version, status = excluded.status, created = excluded.created,
+             json = excluded.json, last_notification_id = excluded.last_notification_id,
+             last_event_type = excluded.last_event_type,
+             last_event_when = excluded.last_event_when, synced_at = excluded.synced_at,
+             absent_since = NULL",
     )?
     .execute(params![
         id,

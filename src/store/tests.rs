@@ -459,8 +459,8 @@ fn opening_twice_and_reapplying_the_schema_is_harmless() {
     let second = ReportingStore::open(&path).unwrap();
     assert_eq!(second.stored_state("e-1").unwrap().unwrap().version, 1);
     let mut conn = sqlite::open(&path, Durability::Normal, BUSY_TIMEOUT).unwrap();
-    assert_eq!(sqlite::apply_schema(&mut conn, &path, SECTION).unwrap(), 1);
-    assert_eq!(rows(&second, "SELECT version FROM schema_version"), ["1"]);
+    assert_eq!(sqlite::apply_schema(&mut conn, &path, SECTION).unwrap(), 2);
+    assert_eq!(rows(&second, "SELECT version FROM schema_version"), ["2"]);
     assert_eq!(rows(&second, "SELECT name FROM current_entity"), ["Acme"]);
     let synchronous = rows(&second, "PRAGMA synchronous");
     assert_eq!(synchronous, ["1"], "NORMAL: the data can be re-fetched");

@@ -1,12 +1,18 @@
 //! The sync worker: claims due notifications from the outbox, routes them by event type, fetches
 //! the entity they point at (one fetch per entity, however many notifications are waiting for
 //! it), upserts it into the reporting store, and settles every row: done, ignored, retry at a
-//! time, or dead with its reason.
+//! time, or dead with its reason. A read taken inside `sync.confirm_after` of the newest
+//! notification it serves is provisional: it is stored at once and confirmed later
+//! (`confirm.rs`); notifications arriving soon after a provisional read are left to that
+//! confirmation instead of costing a fetch.
 //!
 //! It must never let an older entity version overwrite a newer one (the store's upsert is
-//! monotonic and stale reads are re-fetched), never drop a notification silently, and never keep
-//! retry state only in memory: schedules live in the outbox rows.
+//! monotonic and stale reads are re-fetched), never drop a notification silently, never keep
+//! retry state only in memory (schedules live in the outbox rows, pending confirmations in the
+//! reporting store), and never charge a notification an attempt for something that is not
+//! Fenergo's answer about it (refused credentials, a busy local store).
 
+mod confirm;
 pub mod policy;
 pub mod routing;
 
@@ -21,10 +27,12 @@ use crate::fenergo::{Entity, FenergoClient};
 use crate::notification::entity_id;
 use crate::outbox::{Claim, Claimed, OutboxError, RowOutcome, Settlement, WorkQueue};
 use crate::store::{
-    EntitySnapshot, ProcessedNotification, ReportingStore, StoreError, SyncCause, UpsertOutcome,
+    EntitySnapshot, ProcessedNotification, ReadFollowUp, ReportingStore, StoreError, SyncCause,
+    UpsertOutcome,
 };
 use crate::supervisor::Supervisor;
 use crate::telemetry::Metrics;
+pub use confirm::ConfirmReport;
 use policy::RetryPolicy;
 use routing::Router;
 
@@ -56,8 +64,13 @@ pub struct SyncWorker {
     lease: Duration,
     idle_poll: Duration,
     workers: usize,
+    confirm_after: Duration,
+    confirmer: confirm::Confirmer,
     metrics: Arc<Metrics>,
 }
+
+/// How soon rows come back after the local reporting store failed (e.g. SQLITE_BUSY).
+const LOCAL_RETRY: Duration = Duration::from_secs(2);
 
 impl SyncWorker {
     /// Opens the outbox (worker side) and the reporting store; calls Fenergo through `client`
@@ -79,6 +92,8 @@ impl SyncWorker {
             lease: settings.sync.lease,
             idle_poll: settings.sync.idle_poll,
             workers: settings.sync.workers,
+            confirm_after: settings.sync.confirm_after,
+            confirmer: confirm::Confirmer::new(settings.sync.confirm_after),
             metrics,
         })
     }
@@ -89,11 +104,19 @@ impl SyncWorker {
         self.store.clone()
     }
 
-    /// Runs `sync.workers` loops until `shutdown` turns true; a step in progress is finished.
-    /// `new_work` wakes idle loops as soon as ingest stores something. Returns early, with an
-    /// ERROR naming it, as soon as any one loop ends or panics before `shutdown`.
+    /// Runs `sync.workers` loops and the confirmation loop until `shutdown` turns true; a step
+    /// in progress is finished. `new_work` wakes idle loops as soon as ingest stores something.
+    /// Returns early, with an ERROR naming it, as soon as any one loop ends or panics before
+    /// `shutdown`.
     pub async fn run(self: Arc<Self>, new_work: Arc<Notify>, shutdown: watch::Receiver<bool>) {
         let mut pool = Supervisor::new();
+        {
+            let worker = self.clone();
+            let stop = shutdown.clone();
+            pool.spawn("confirmation loop", async move {
+                worker.confirm_loop(stop).await
+            });
+        }
         for index in 0..self.workers {
             let worker = self.clone();
             let (new_work, stop) = (new_work.clone(), shutdown.clone());
@@ -136,6 +159,10 @@ impl SyncWorker {
     /// [`run_once`](Self::run_once) with the clock given, so tests can step past retry times
     /// without sleeping.
     pub async fn run_once_at(&self, owner: &str, now: DateTime<Utc>) -> Result<Step, WorkerError> {
+        // While Fenergo refuses our credentials, claiming would only churn rows: they wait.
+        if !self.client.credentials_usable() {
+            return Ok(Step::Idle);
+        }
         let (queue, lease, owner_text) = (self.queue.clone(), self.lease, owner.to_owned());
         let claim =
             tokio::task::spawn_blocking(move || queue.claim(&owner_text, lease, now)).await??;
@@ -159,12 +186,73 @@ impl SyncWorker {
                 }
             }
         }
-        let fetched = !fetch_rows.is_empty();
+        let fetched = !fetch_rows.is_empty() && !self.deferred(&fetch_rows, now, &mut work).await;
         if fetched {
             self.fetch_and_store(&fetch_rows, now, &mut work).await?;
         }
         self.finish(claim, owner, work).await?;
         Ok(Step::Settled { rows, fetched })
+    }
+
+    /// Whether `rows` (one entity) are served by the entity's pending confirmation instead of a
+    /// fetch: when its provisional read was taken less than `confirm_after` ago, the
+    /// confirmation is moved to this notification's window and the rows are done
+    /// (`confirmation-pending`). A fetch now would be as provisional as the last one; waiting
+    /// costs no call and the entity is never more than about `confirm_after` behind. An
+    /// operator's resync always fetches.
+    async fn deferred(&self, rows: &[Claimed], now: DateTime<Utc>, work: &mut Work) -> bool {
+        let newest = rows.last().expect("called with at least one row");
+        let resync = rows
+            .iter()
+            .any(|r| r.event_type.as_deref() == Some(crate::outbox::admin::RESYNC_EVENT_TYPE));
+        let entity = newest.relative_url.as_deref().and_then(entity_id);
+        let (
+            Some(entity),
+            false,
+            Some(ReadFollowUp::Confirm {
+                due_at,
+                received_at,
+                ..
+            }),
+        ) = (entity, resync, self.follow_up(newest, now))
+        else {
+            return false;
+        };
+        let cause = SyncCause {
+            notification_id: newest.id.clone(),
+            event_type: newest.event_type.clone(),
+            event_when: newest.event_when.clone(),
+        };
+        let read_after = now
+            .checked_sub_signed(policy::to_chrono(self.confirm_after))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let (store, entity_key) = (self.store.clone(), entity.to_owned());
+        let deferred = tokio::task::spawn_blocking(move || {
+            store.defer_to_confirmation(&entity_key, read_after, due_at, &cause, &received_at)
+        })
+        .await
+        .map_err(WorkerError::from)
+        .and_then(|deferred| deferred.map_err(WorkerError::from));
+        match deferred {
+            Ok(true) => {
+                tracing::info!(entity, notifications = rows.len(), due = %due_at.to_rfc3339(), "served by the pending confirmation read");
+                for row in rows {
+                    work.settle(
+                        row,
+                        RowOutcome::Done { status: None },
+                        Some("confirmation-pending"),
+                        Some(entity.to_owned()),
+                    );
+                }
+                true
+            }
+            Ok(false) => false,
+            // Fetching is always a safe answer.
+            Err(error) => {
+                tracing::warn!(%error, entity, "cannot check the pending confirmation; fetching");
+                false
+            }
+        }
     }
 
     /// One fetch for all of `rows` (the same entity), then one outcome per row.
@@ -196,6 +284,26 @@ impl SyncWorker {
                 return Ok(());
             }
         };
+        match self.store_fetched(rows, entity, now, work).await {
+            Err(WorkerError::Store(error)) => {
+                tracing::error!(%error, notifications = rows.len(), retry_in = ?LOCAL_RETRY, "the reporting store failed; the notifications are retried without counting an attempt");
+                work.retry_locally(rows, &error, now);
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// Stores what one fetch returned: re-fetch later if it is stale, else upsert it, with a
+    /// confirmation read to follow when it was taken inside `confirm_after`.
+    async fn store_fetched(
+        &self,
+        rows: &[Claimed],
+        entity: Entity,
+        now: DateTime<Utc>,
+        work: &mut Work,
+    ) -> Result<(), WorkerError> {
+        let newest = rows.last().expect("called with at least one row");
         let store = self.store.clone();
         let id = entity.id.clone();
         let state = tokio::task::spawn_blocking(move || store.stored_state(&id)).await??;
@@ -204,20 +312,19 @@ impl SyncWorker {
             entity.version <= s.version
                 && rows.iter().any(|r| event_after_last_write(r, &s.synced_at))
         });
-        // The budget is the group's: a notification arriving later must not restart it.
-        let attempts = rows.iter().map(|r| r.attempts).max().unwrap_or(0);
-        if self.policy.retry_stale(attempts, stale) {
+        // The budget is the group's: a notification arriving later must not restart it. It is
+        // the stored stale counter, so 404s and 5xx before this read do not use it up.
+        let stale_reads = rows.iter().map(|r| r.stale_reads).max().unwrap_or(0);
+        if self.policy.retry_stale(stale_reads, stale) {
             let stored = state.as_ref().map_or(0, |s| s.version);
             tracing::info!(entity = %entity.id, fetched = entity.version, stored, "stale read; re-fetching later");
             for row in rows {
-                let outcome = RowOutcome::RetryAt {
+                let outcome = RowOutcome::StaleRetryAt {
                     at: now + policy::to_chrono(self.policy.stale_delay),
                     error: format!(
                         "stale read: fetched version {} is not newer than stored {stored}",
                         entity.version
                     ),
-                    status: Some(200),
-                    count_attempt: true,
                 };
                 work.settle(row, outcome, None, Some(entity.id.clone()));
             }
@@ -229,16 +336,21 @@ impl SyncWorker {
             event_type: newest.event_type.clone(),
             event_when: newest.event_when.clone(),
         };
+        let follow_up = self.follow_up(newest, now);
+        let provisional = matches!(follow_up, Some(ReadFollowUp::Confirm { .. }));
         let store = self.store.clone();
-        let upsert =
-            tokio::task::spawn_blocking(move || store.upsert_entity(&snapshot, &cause)).await??;
+        let upsert = tokio::task::spawn_blocking(move || match follow_up {
+            Some(follow_up) => store.store_read(&snapshot, &cause, &follow_up),
+            None => store.upsert_entity(&snapshot, &cause),
+        })
+        .await??;
         let label = match upsert {
             UpsertOutcome::Inserted | UpsertOutcome::Updated { .. } => "synced",
             UpsertOutcome::Unchanged | UpsertOutcome::Older { .. } if stale => "stale-accepted",
             UpsertOutcome::Unchanged => "unchanged",
             UpsertOutcome::Older { .. } => "older-ignored",
         };
-        tracing::info!(entity = %entity.id, version = entity.version, outcome = label, notifications = rows.len(), "entity synced");
+        tracing::info!(entity = %entity.id, version = entity.version, outcome = label, provisional, notifications = rows.len(), "entity synced");
         for row in rows {
             work.settle(
                 row,
@@ -248,6 +360,29 @@ impl SyncWorker {
             );
         }
         Ok(())
+    }
+
+    /// What a read at `now` that served `newest` (the latest arrival of its group) leaves to do:
+    /// a confirmation once `confirm_after` has passed since that arrival, or nothing more (it is
+    /// itself a confirmation). `None` when confirmation reads are off.
+    fn follow_up(&self, newest: &Claimed, now: DateTime<Utc>) -> Option<ReadFollowUp> {
+        if self.confirm_after.is_zero() {
+            return None;
+        }
+        // An unreadable receive time is treated as just now: confirming costs little.
+        let received = newest.received_at.parse::<DateTime<Utc>>().unwrap_or(now);
+        let due_at = received
+            .checked_add_signed(policy::to_chrono(self.confirm_after))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        Some(if now < due_at {
+            ReadFollowUp::Confirm {
+                due_at,
+                received_at: newest.received_at.clone(),
+                read_at: now,
+            }
+        } else {
+            ReadFollowUp::Confirmed { at: now }
+        })
     }
 
     fn record_metrics(&self, log: &[ProcessedNotification]) {
@@ -286,12 +421,23 @@ impl SyncWorker {
     /// Writes the processing log to the store, then settles the rows and releases the lease. A
     /// crash between the two replays the claim after the lease expires, which the idempotent
     /// upsert and log make harmless.
-    async fn finish(&self, claim: Claim, owner: &str, work: Work) -> Result<(), WorkerError> {
-        self.record_metrics(&work.log);
+    async fn finish(&self, claim: Claim, owner: &str, mut work: Work) -> Result<(), WorkerError> {
         let store = self.store.clone();
-        let log = work.log;
-        if !log.is_empty() {
-            tokio::task::spawn_blocking(move || store.record_processed(&log)).await??;
+        let log = std::mem::take(&mut work.log);
+        let logged = if log.is_empty() {
+            Ok(log)
+        } else {
+            tokio::task::spawn_blocking(move || store.record_processed(&log).map(|()| log)).await?
+        };
+        match logged {
+            Ok(log) => self.record_metrics(&log),
+            // Nothing is settled without its log entry: the rows come back shortly, and the
+            // idempotent upsert makes the repeat harmless.
+            Err(error) => {
+                tracing::error!(%error, notifications = claim.rows.len(), retry_in = ?LOCAL_RETRY, "the reporting store failed; the notifications are retried without counting an attempt");
+                work = Work::default();
+                work.retry_locally(&claim.rows, &error, Utc::now());
+            }
         }
         let (queue, owner) = (self.queue.clone(), owner.to_owned());
         let settlements = work.settlements;
@@ -324,6 +470,20 @@ impl Work {
             seq: row.seq,
             outcome,
         });
+    }
+
+    /// The local reporting store failed: every row comes back after [`LOCAL_RETRY`], without
+    /// counting an attempt (Fenergo was not at fault).
+    fn retry_locally(&mut self, rows: &[Claimed], error: &StoreError, now: DateTime<Utc>) {
+        self.settlements.extend(rows.iter().map(|row| Settlement {
+            seq: row.seq,
+            outcome: RowOutcome::RetryAt {
+                at: now + policy::to_chrono(LOCAL_RETRY),
+                error: format!("reporting store: {error}"),
+                status: None,
+                count_attempt: false,
+            },
+        }));
     }
 
     fn dead(&mut self, row: &Claimed, reason: String, status: Option<u16>) {
@@ -397,6 +557,7 @@ mod tests {
             relative_url: None,
             entity_key: None,
             attempts: 0,
+            stale_reads: 0,
             received_at: received.into(),
             event_when: when.map(str::to_owned),
         }

@@ -82,8 +82,10 @@ impl RetryPolicy {
                 reason: error.to_string(),
                 status,
             },
-            FetchError::Transient { .. }
-            | FetchError::Token(TokenError::Unavailable(_) | TokenError::Refused { .. }) => {
+            // Refused credentials are an operator's problem, not the notification's: it waits
+            // (the worker does not claim while they are refused) without using up attempts.
+            FetchError::Token(TokenError::Refused { .. }) => retry(Duration::ZERO, false),
+            FetchError::Transient { .. } | FetchError::Token(TokenError::Unavailable(_)) => {
                 if row.attempts + 1 >= i64::from(self.max_attempts) {
                     RowOutcome::Dead {
                         reason: format!("gave up after {} attempts: {error}", row.attempts + 1),
@@ -97,9 +99,11 @@ impl RetryPolicy {
     }
 
     /// Whether a stale read (not newer than the store, although the notification is newer than
-    /// our last sync) should be re-fetched later rather than accepted: while retries remain.
-    pub fn retry_stale(&self, attempts: i64, stale: bool) -> bool {
-        stale && attempts < i64::from(self.stale_retries)
+    /// our last sync) should be re-fetched later rather than accepted: while stale re-fetches
+    /// remain. `stale_reads` is the stored stale counter, never the row's `attempts`: 404s and
+    /// 5xx must not use up this budget.
+    pub fn retry_stale(&self, stale_reads: i64, stale: bool) -> bool {
+        stale && stale_reads < i64::from(self.stale_retries)
     }
 }
 
@@ -131,6 +135,7 @@ mod tests {
             relative_url: Some("entitydataquery/api/entity/e".into()),
             entity_key: Some("e".into()),
             attempts,
+            stale_reads: 0,
             received_at: crate::sqlite::format_time(
                 now - chrono::Duration::seconds(received_secs_ago),
             ),
@@ -208,6 +213,25 @@ mod tests {
     }
 
     #[test]
+    fn refused_credentials_burn_no_attempt_and_never_dead_letter() {
+        let now = Utc::now();
+        let e = FetchError::Token(TokenError::Refused {
+            status: 401,
+            client_id: "c".into(),
+            reason: "invalid_client".into(),
+        });
+        let p = policy();
+        let last = row(i64::from(p.max_attempts) - 1, 16 * 60, now);
+        assert!(matches!(
+            p.on_error(&e, &last, now),
+            RowOutcome::RetryAt {
+                count_attempt: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn backoff_grows_and_is_capped() {
         let p = policy();
         assert!(p.backoff(0) >= Duration::from_secs(2) && p.backoff(0) < Duration::from_secs(5));
@@ -219,6 +243,7 @@ mod tests {
     fn stale_reads_are_retried_only_while_retries_remain() {
         let p = policy();
         assert!(p.retry_stale(0, true));
+        assert!(p.retry_stale(i64::from(p.stale_retries) - 1, true));
         assert!(!p.retry_stale(0, false));
         assert!(!p.retry_stale(i64::from(p.stale_retries), true));
     }

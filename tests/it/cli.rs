@@ -243,7 +243,7 @@ fn migrate_creates_the_schema_and_is_idempotent() {
     let version: i64 = conn
         .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 1);
+    assert_eq!(version, 2);
 }
 
 #[test]
@@ -261,89 +261,109 @@ fn backfill_without_fenergo_credentials_says_which_keys_are_missing() {
     );
 }
 
-/// Starts a long-running subcommand and returns it with the first value of `field=` in its log.
-fn spawn_logging(
-    args: &[&str],
-    env: &[(&str, String)],
-    field: &str,
-) -> (std::process::Child, String) {
-    use std::io::{BufRead, BufReader};
-    let mut command = Command::new(env!("CARGO_BIN_EXE_fenx-sync"));
-    command
-        .args(args)
-        .env_remove("FENX_CONFIG")
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    let mut child = command.spawn().unwrap();
-    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    // Read on a thread so a process that never logs the field fails the test instead of hanging it.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let pattern = format!("\"{field}\":\"");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let value = loop {
-        let wait = deadline.saturating_duration_since(std::time::Instant::now());
-        let Ok(line) = rx.recv_timeout(wait) else {
-            let _ = child.kill();
-            panic!("{args:?} did not log {field} within 10 s");
-        };
-        if let Some(start) = line.find(&pattern) {
-            let rest = &line[start + pattern.len()..];
-            break rest[..rest.find('"').unwrap()].to_owned();
-        }
-    };
-    (child, value)
+/// A long-running subcommand whose log lines (stderr) are collected as they come.
+struct Logged {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+    args: Vec<String>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_syncs_against_the_simulator_subcommand_as_a_user_would_run_them() {
-    let (mut simulator, api_base) = spawn_logging(
-        &["simulator", "--listen", "127.0.0.1:0", "--entities", "3"],
-        &[("FENX_LOG__FORMAT", "json".into())],
-        "api_base",
-    );
-    let store = tempfile::tempdir().unwrap();
-    let dir = store.path().to_str().unwrap().to_owned();
-    let env = vec![
+impl Logged {
+    fn spawn(args: &[&str], env: &[(&str, String)]) -> Logged {
+        use std::io::{BufRead, BufReader};
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fenx-sync"));
+        command
+            .args(args)
+            .env_remove("FENX_CONFIG")
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().unwrap();
+        let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        // Read on a thread so a process that never logs what a test waits for fails the test
+        // instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Logged {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+        }
+    }
+
+    /// The first log line (seen before or within 10 s) that `matches`.
+    fn wait_for_line(&mut self, what: &str, matches: impl Fn(&str) -> bool) -> String {
+        if let Some(line) = self.seen.iter().find(|l| matches(l)) {
+            return line.clone();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let wait = deadline.saturating_duration_since(std::time::Instant::now());
+            let Ok(line) = self.lines.recv_timeout(wait) else {
+                let _ = self.child.kill();
+                panic!("{:?} did not log {what} within 10 s", self.args);
+            };
+            self.seen.push(line.clone());
+            if matches(&line) {
+                return line;
+            }
+        }
+    }
+
+    /// The first value of JSON log field `field`.
+    fn field(&mut self, field: &str) -> String {
+        let pattern = format!("\"{field}\":\"");
+        let line = self.wait_for_line(field, |l| l.contains(&pattern));
+        let rest = &line[line.find(&pattern).unwrap() + pattern.len()..];
+        rest[..rest.find('"').unwrap()].to_owned()
+    }
+
+    /// Every line logged so far.
+    fn drain(&mut self) -> &[String] {
+        self.seen.extend(self.lines.try_iter());
+        &self.seen
+    }
+}
+
+/// `serve`'s environment for a store in `dir` and a Fenergo at `api_base` with the simulator's
+/// default tenant and client.
+fn serve_env(dir: &str, api_base: &str) -> Vec<(&'static str, String)> {
+    let sim = fenx_sync::sim::SimConfig::default();
+    vec![
         ("FENX_SERVER__LISTEN", "127.0.0.1:0".to_owned()),
         ("FENX_ADMIN__ENABLED", "false".to_owned()),
         ("FENX_WEBHOOK__SECRETS", crate::helpers::SECRET.to_owned()),
-        ("FENX_STORE__DIR", dir.clone()),
+        ("FENX_STORE__DIR", dir.to_owned()),
         ("FENX_LOG__FORMAT", "json".to_owned()),
-        ("FENX_FENERGO__API_BASE", api_base.clone()),
+        ("FENX_FENERGO__API_BASE", api_base.to_owned()),
         (
             "FENX_FENERGO__TOKEN_URL",
             format!("{api_base}/connect/token"),
         ),
-        (
-            "FENX_FENERGO__TENANT_ID",
-            fenx_sync::sim::SimConfig::default().tenant_id,
-        ),
-        (
-            "FENX_FENERGO__CLIENT_ID",
-            fenx_sync::sim::SimConfig::default().client_id,
-        ),
-        (
-            "FENX_FENERGO__CLIENT_SECRET",
-            fenx_sync::sim::SimConfig::default().client_secret,
-        ),
-    ];
-    let (mut service, listen) = spawn_logging(&["serve"], &env, "listen");
+        ("FENX_FENERGO__TENANT_ID", sim.tenant_id),
+        ("FENX_FENERGO__CLIENT_ID", sim.client_id),
+        ("FENX_FENERGO__CLIENT_SECRET", sim.client_secret),
+    ]
+}
 
-    // The simulator's first sample entity, by the seed both processes share.
-    let sim = fenx_sync::sim::Simulator::start(fenx_sync::sim::SimConfig::default()).await;
-    let (entity, _) = sim.sample_entity(0);
-    let body = sim.notification("entitydata:draftverified", &entity);
+/// Posts a signed `draftverified` notification for `entity` to the service at `listen`.
+async fn post_verified(
+    client: &reqwest::Client,
+    listen: &str,
+    sim: &fenx_sync::sim::Simulator,
+    entity: &str,
+) {
+    let body = sim.notification("entitydata:draftverified", entity);
     let signature = crate::helpers::sign(crate::helpers::SECRET, "sha256-hex/hex", &body);
-    let client = fenx_sync::fenergo::client_builder().build().unwrap();
     let response = client
         .post(format!("http://{listen}/webhooks/fenergo"))
         .header("x-fenx-signature", signature)
@@ -352,6 +372,25 @@ async fn serve_syncs_against_the_simulator_subcommand_as_a_user_would_run_them()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_syncs_against_the_simulator_subcommand_as_a_user_would_run_them() {
+    let mut simulator = Logged::spawn(
+        &["simulator", "--listen", "127.0.0.1:0", "--entities", "3"],
+        &[("FENX_LOG__FORMAT", "json".into())],
+    );
+    let api_base = simulator.field("api_base");
+    let store = tempfile::tempdir().unwrap();
+    let dir = store.path().to_str().unwrap().to_owned();
+    let mut service = Logged::spawn(&["serve"], &serve_env(&dir, &api_base));
+    let listen = service.field("listen");
+
+    // The simulator's first sample entity, by the seed both processes share.
+    let sim = fenx_sync::sim::Simulator::start(fenx_sync::sim::SimConfig::default()).await;
+    let (entity, _) = sim.sample_entity(0);
+    let client = fenx_sync::fenergo::client_builder().build().unwrap();
+    post_verified(&client, &listen, &sim, &entity).await;
 
     let mut done = false;
     for _ in 0..100 {
@@ -363,9 +402,144 @@ async fn serve_syncs_against_the_simulator_subcommand_as_a_user_would_run_them()
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    service.kill().unwrap();
-    simulator.kill().unwrap();
-    let _ = (service.wait(), simulator.wait());
+    service.child.kill().unwrap();
+    simulator.child.kill().unwrap();
+    let _ = (service.child.wait(), simulator.child.wait());
     assert!(done, "the notification was not synced within 5 s");
     assert_eq!(crate::helpers::entity_rows(store.path(), &entity), 1);
+}
+
+/// Polls `check` every 50 ms for up to 30 s.
+async fn until_true(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..600 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{what} did not happen within 30 s");
+}
+
+/// A simulator whose token endpoint answers 401 `invalid_client`, and an empty store (with its
+/// path as text).
+async fn refusing_simulator() -> (fenx_sync::sim::Simulator, tempfile::TempDir, String) {
+    use fenx_sync::sim::{Faults, SimConfig, Simulator, TokenRefusal};
+    let sim = Simulator::start(SimConfig::default()).await;
+    sim.set_faults(Faults {
+        refuse_tokens: Some(TokenRefusal::Unauthorized),
+        ..Faults::default()
+    });
+    let store = tempfile::tempdir().unwrap();
+    let dir = store.path().to_str().unwrap().to_owned();
+    (sim, store, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_are_loud_lose_nothing_and_sync_resumes_once_fixed() {
+    let (sim, store, dir) = refusing_simulator().await;
+    let mut env = serve_env(&dir, &sim.api_base());
+    env.push(("FENX_SYNC__IDLE_POLL", "50ms".to_owned()));
+    env.push(("FENX_ADMIN__ENABLED", "true".to_owned()));
+    env.push(("FENX_ADMIN__LISTEN", "127.0.0.1:0".to_owned()));
+    let mut service = Logged::spawn(&["serve"], &env);
+    let listen = service.field("listen");
+    let admin = service.field("admin");
+    let client = fenx_sync::fenergo::client_builder().build().unwrap();
+    let entities: Vec<String> = (0..3).map(|i| sim.sample_entity(i).0).collect();
+    for entity in &entities {
+        post_verified(&client, &listen, &sim, entity).await;
+    }
+    let client_id = fenx_sync::sim::SimConfig::default().client_id;
+    let refused = |l: &str| l.contains("\"ERROR\"") && l.contains("invalid_client");
+    let error = service.wait_for_line("the refusal at ERROR", refused);
+    assert!(error.contains(&client_id), "{error}");
+
+    let status = || text(&fenx(&["status"], &[("FENX_STORE__DIR", dir.as_str())]).stdout);
+    until_true("status showing the refusal", || {
+        status().contains("Fenergo credentials refused since")
+    })
+    .await;
+    assert!(status().contains("invalid_client"), "{}", status());
+    let metrics = || {
+        let url = format!("http://{admin}/metrics");
+        let client = client.clone();
+        async move { client.get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    assert!(
+        metrics()
+            .await
+            .contains("fenx_fenergo_credentials_refused 1")
+    );
+    let ready = client
+        .get(format!("http://{listen}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "ingest keeps storing webhooks");
+    let outbox = rusqlite::Connection::open(store.path().join("outbox.db")).unwrap();
+    let rows = |sql: &str| -> i64 { outbox.query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        rows("SELECT count(*) FROM notification WHERE status = 'pending' AND attempts = 0"),
+        3
+    );
+
+    sim.set_faults(fenx_sync::sim::Faults::default());
+    until_true("sync resuming", || {
+        rows("SELECT count(*) FROM notification WHERE status = 'done'") == 3
+    })
+    .await;
+    until_true("status clearing the refusal", || {
+        !status().contains("credentials refused")
+    })
+    .await;
+    assert!(
+        metrics()
+            .await
+            .contains("fenx_fenergo_credentials_refused 0")
+    );
+    assert_eq!(
+        rows("SELECT count(*) FROM notification WHERE status = 'dead'"),
+        0
+    );
+    let logged_errors = service.drain().iter().filter(|l| refused(l)).count();
+    assert_eq!(logged_errors, 1, "one ERROR line, not one per retry");
+    service.child.kill().unwrap();
+    let _ = service.child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_with_refused_credentials_stops_at_once_with_one_line() {
+    let (sim, _store, dir) = refusing_simulator().await;
+    let env = serve_env(&dir, &sim.api_base());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = fenx(&["backfill"], &env);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("invalid_client"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].contains("backfill stopped"), "{stderr}");
+    assert_eq!(sim.stats().token_requests, 1, "a refusal is not retried");
+}
+
+#[test]
+fn config_check_fails_when_serve_would_refuse_and_names_its_file_and_missing_sync_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fenx-sync.toml");
+    std::fs::write(&file, "[sync]\nworkers = 2\n").unwrap();
+    let out = fenx(
+        &["--config", file.to_str().unwrap(), "config", "check"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains(&file.display().to_string()), "{stderr}");
+    assert!(stderr.contains("would refuse to start"), "{stderr}");
+    assert!(stderr.contains("no webhook secret configured"), "{stderr}");
+    assert!(
+        stderr.contains("fenergo.tenant_id, fenergo.client_id, fenergo.client_secret"),
+        "{stderr}"
+    );
 }

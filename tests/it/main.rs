@@ -2,6 +2,7 @@
 //! is slow on small machines). Every test starts its own server on 127.0.0.1:0 with a temp dir.
 
 mod cli;
+mod convergence;
 mod crash;
 mod demo;
 mod faults;

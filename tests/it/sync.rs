@@ -17,19 +17,20 @@ use crate::helpers::{TestApp, test_settings, wait_for};
 const TENANT: &str = "45bf62ac-e4b1-4c16-ae32-d774cd18db6d";
 
 /// An outbox row's processing state.
-struct Row {
-    id: String,
-    status: String,
-    attempts: i64,
-    last_status: Option<i64>,
-    last_error: Option<String>,
+pub struct Row {
+    pub id: String,
+    pub status: String,
+    pub attempts: i64,
+    pub stale_reads: i64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
 }
 
-struct Harness {
-    app: TestApp,
-    sim: Simulator,
-    worker: SyncWorker,
-    settings: Settings,
+pub struct Harness {
+    pub app: TestApp,
+    pub sim: Simulator,
+    pub worker: SyncWorker,
+    pub settings: Settings,
 }
 
 pub fn sim_config() -> SimConfig {
@@ -59,8 +60,13 @@ pub fn sync_settings(settings: &mut Settings, sim: &Simulator) {
 
 impl Harness {
     /// Ingest runs as a service (sync disabled there); the worker is stepped by the test.
-    async fn start(customise: impl FnOnce(&mut Settings)) -> Harness {
-        let sim = Simulator::start(sim_config()).await;
+    pub async fn start(customise: impl FnOnce(&mut Settings)) -> Harness {
+        Harness::start_with(sim_config(), customise).await
+    }
+
+    /// [`Harness::start`] against a simulator configured as given.
+    pub async fn start_with(config: SimConfig, customise: impl FnOnce(&mut Settings)) -> Harness {
+        let sim = Simulator::start(config).await;
         let app = TestApp::spawn_with(|s| s.sync.enabled = false).await;
         let mut settings = test_settings(app.dir.path());
         sync_settings(&mut settings, &sim);
@@ -74,7 +80,7 @@ impl Harness {
         }
     }
 
-    async fn deliver(&self, event_type: &str, entity_id: &str) -> String {
+    pub async fn deliver(&self, event_type: &str, entity_id: &str) -> String {
         let body = self.sim.notification(event_type, entity_id);
         let response = self.app.post_signed(&body).await;
         assert_eq!(response.status(), 200);
@@ -82,7 +88,7 @@ impl Harness {
     }
 
     /// Steps the worker at `now` until nothing is due; returns the steps that did something.
-    async fn drain_at(&self, now: DateTime<Utc>) -> usize {
+    pub async fn drain_at(&self, now: DateTime<Utc>) -> usize {
         let mut steps = 0;
         while let Step::Settled { .. } = self.worker.run_once_at("test-worker", now).await.unwrap()
         {
@@ -92,26 +98,30 @@ impl Harness {
         steps
     }
 
-    async fn drain(&self) -> usize {
+    pub async fn drain(&self) -> usize {
         self.drain_at(Utc::now()).await
     }
 
-    fn reporting(&self) -> Connection {
+    pub fn reporting(&self) -> Connection {
         Connection::open(self.settings.store.reporting_path()).unwrap()
     }
 
-    fn outbox_rows(&self) -> Vec<Row> {
+    pub fn outbox_rows(&self) -> Vec<Row> {
         let conn = self.app.outbox();
         let mut stmt = conn
-            .prepare("SELECT id, status, attempts, last_status, last_error FROM notification ORDER BY seq")
+            .prepare(
+                "SELECT id, status, attempts, stale_reads, last_status, last_error
+                   FROM notification ORDER BY seq",
+            )
             .unwrap();
         stmt.query_map([], |r| {
             Ok(Row {
                 id: r.get(0)?,
                 status: r.get(1)?,
                 attempts: r.get(2)?,
-                last_status: r.get(3)?,
-                last_error: r.get(4)?,
+                stale_reads: r.get(3)?,
+                last_status: r.get(4)?,
+                last_error: r.get(5)?,
             })
         })
         .unwrap()
@@ -119,7 +129,7 @@ impl Harness {
         .collect()
     }
 
-    fn stored_version(&self, entity_id: &str) -> Option<i64> {
+    pub fn stored_version(&self, entity_id: &str) -> Option<i64> {
         self.reporting()
             .query_row(
                 "SELECT version FROM entity WHERE entity_id = ?1",
@@ -129,7 +139,7 @@ impl Harness {
             .ok()
     }
 
-    fn history(&self, entity_id: &str) -> Vec<i64> {
+    pub fn history(&self, entity_id: &str) -> Vec<i64> {
         let conn = self.reporting();
         let mut stmt = conn
             .prepare("SELECT version FROM entity_version WHERE entity_id = ?1 ORDER BY version")
@@ -140,7 +150,7 @@ impl Harness {
             .collect()
     }
 
-    fn outcomes(&self) -> Vec<(String, String)> {
+    pub fn outcomes(&self) -> Vec<(String, String)> {
         let conn = self.reporting();
         let mut stmt = conn
             .prepare(
@@ -154,13 +164,19 @@ impl Harness {
     }
 }
 
-fn new_worker(settings: &Settings) -> SyncWorker {
-    let metrics = std::sync::Arc::new(Metrics::new());
-    let client = FenergoClient::new(&settings.fenergo, metrics.clone()).unwrap();
-    SyncWorker::new(settings, std::sync::Arc::new(client), metrics).unwrap()
+pub fn new_worker(settings: &Settings) -> SyncWorker {
+    new_worker_with_metrics(settings).0
 }
 
-fn later(secs: i64) -> DateTime<Utc> {
+/// A worker and the metrics it reports to.
+pub fn new_worker_with_metrics(settings: &Settings) -> (SyncWorker, std::sync::Arc<Metrics>) {
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let client = FenergoClient::new(&settings.fenergo, metrics.clone()).unwrap();
+    let worker = SyncWorker::new(settings, std::sync::Arc::new(client), metrics.clone()).unwrap();
+    (worker, metrics)
+}
+
+pub fn later(secs: i64) -> DateTime<Utc> {
     Utc::now() + chrono::Duration::seconds(secs)
 }
 
@@ -264,6 +280,8 @@ async fn a_stale_read_is_refetched_and_the_newer_version_wins() {
     h.deliver("entitydata:created", &entity).await;
     h.drain().await;
     assert_eq!(h.stored_version(&entity), Some(v1));
+    // Confirmed, so the next notification is fetched rather than left to a pending confirmation.
+    h.worker.confirm_due_at(later(31)).await.unwrap();
 
     h.sim.set_lag(Lag::Reads(1));
     let v2 = h.sim.put_entity(
@@ -291,6 +309,7 @@ async fn a_read_that_stays_stale_is_accepted_after_the_retries() {
     let (entity, v1) = h.sim.sample_entity(5);
     h.deliver("entitydata:created", &entity).await;
     h.drain().await;
+    h.worker.confirm_due_at(later(31)).await.unwrap();
     h.sim.set_lag(Lag::Reads(100));
     h.sim.put_entity(&entity, "Company", serde_json::json!({}));
     tokio::time::sleep(Duration::from_millis(5)).await;
