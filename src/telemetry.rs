@@ -315,9 +315,12 @@ impl Metrics {
             .set(unix_seconds(chrono::Utc::now()));
         // Both series exist from the start, so a rate over them is 0 rather than absent.
         for result in ["changed", "unchanged"] {
-            metrics.confirmations.get_or_create(&ResultLabel {
-                result: result.to_owned(),
-            });
+            metrics
+                .confirmations
+                .get_or_create(&ResultLabel {
+                    result: result.to_owned(),
+                })
+                .inc_by(0);
         }
         let r = &mut metrics.registry;
         r.register(
