@@ -67,25 +67,8 @@ impl Reconciler {
         }
     }
 
-    /// Reports every run's progress and last success into `metrics` (for `/metrics`). Every
-    /// series exists from here on, at 0 until a run sets it: a last success of 0 means none
-    /// in this process, which an "overdue" alert must see rather than an absent series.
+    /// Reports every run's progress and last success into `metrics` (for `/metrics`).
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Reconciler {
-        for kind in [RunKind::Backfill, RunKind::Reconcile] {
-            let label = KindLabel {
-                kind: kind.as_str().to_owned(),
-            };
-            metrics.reconcile_running.get_or_create(&label).set(0);
-            metrics.reconcile_entities_seen.get_or_create(&label).set(0);
-            metrics
-                .reconcile_entities_listed
-                .get_or_create(&label)
-                .set(0);
-            metrics
-                .reconcile_last_success
-                .get_or_create(&label)
-                .set(0.0);
-        }
         self.metrics = Some(metrics);
         self
     }

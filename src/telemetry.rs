@@ -23,6 +23,7 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::config::{LogFormat, LogSettings};
+use crate::store::RunKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -313,7 +314,23 @@ impl Metrics {
         metrics
             .process_start_time_seconds
             .set(unix_seconds(chrono::Utc::now()));
-        // Both series exist from the start, so a rate over them is 0 rather than absent.
+        // These series exist from the start, so a rate over them is 0 rather than absent, and a
+        // last success of 0 means "none in this process", which an "overdue" alert must see.
+        for kind in [RunKind::Backfill, RunKind::Reconcile] {
+            let label = KindLabel {
+                kind: kind.as_str().to_owned(),
+            };
+            metrics.reconcile_running.get_or_create(&label).set(0);
+            metrics.reconcile_entities_seen.get_or_create(&label).set(0);
+            metrics
+                .reconcile_entities_listed
+                .get_or_create(&label)
+                .set(0);
+            metrics
+                .reconcile_last_success
+                .get_or_create(&label)
+                .set(0.0);
+        }
         for result in ["changed", "unchanged"] {
             metrics
                 .confirmations

@@ -431,6 +431,8 @@ async fn a_panicking_worker_stops_the_process_non_zero_after_draining() {
             ("FENX_FENERGO__CLIENT_ID", "c"),
             ("FENX_FENERGO__CLIENT_SECRET", "s"),
             ("FENX_DEBUG_PANIC", "sync worker 1@3s"),
+            // The body is held back across the panic on purpose: not a slow client.
+            ("FENX_SERVER__MIN_BODY_RATE_GRACE", "60s"),
         ],
     );
 
