@@ -171,8 +171,8 @@ mod tests {
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .unwrap();
         assert_eq!(sync, 2);
-        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 1);
-        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 1);
+        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 2);
+        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 2);
         let rows: i64 = conn
             .query_row("SELECT count(*) FROM schema_version", [], |r| r.get(0))
             .unwrap();

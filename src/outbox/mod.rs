@@ -19,6 +19,7 @@ use rusqlite::Connection;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 pub mod admin;
+mod checkpoint;
 mod queue;
 mod writer;
 
@@ -30,6 +31,10 @@ use crate::sqlite::{self, DbError};
 
 /// The outbox file inside `store.dir`.
 pub const FILE_NAME: &str = "outbox.db";
+
+/// The writer's page cache, in KiB: room for the id and entity index pages every append visits,
+/// so a growing outbox is not re-read from the OS on every commit.
+const WRITER_CACHE_KIB: i64 = 8 * 1024;
 
 /// Where a notification came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,12 +138,24 @@ impl Outbox {
         dir: &Path,
         options: &OutboxOptions,
     ) -> Result<(Outbox, WriterThread), OutboxError> {
-        let conn = open_connection(dir, Durability::Full, options.busy_timeout)?;
+        let mut conn = open_connection(dir, Durability::Full, options.busy_timeout)?;
+        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
+            .map_err(DbError::from)?;
+        let checkpointer = checkpoint::Checkpointer::start(open_connection(
+            dir,
+            Durability::Full,
+            options.busy_timeout,
+        )?);
+        checkpointer.attach(&mut conn).map_err(DbError::from)?;
         let (queue, rx) = mpsc::channel(options.queue_capacity.max(1));
         let max_batch = options.max_batch.max(1);
         let thread = std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || writer::run(conn, rx, max_batch))
+            .spawn(move || {
+                writer::run(conn, rx, max_batch);
+                // Last, so its connection is the last to close: that one checkpoints the whole log.
+                drop(checkpointer);
+            })
             .expect("spawning a thread only fails when the OS is out of resources");
         let outbox = Outbox {
             queue,

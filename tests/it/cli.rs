@@ -235,7 +235,7 @@ fn migrate_creates_the_schema_and_is_idempotent() {
     let version: i64 = conn
         .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 1);
+    assert_eq!(version, 2);
 }
 
 #[test]
