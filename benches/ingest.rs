@@ -81,8 +81,8 @@ fn main() {
         knobs.load_threads,
     );
     println!(
-        "\n{:<6} {:<10} {:>5} {:>9} {:>8} {:>8} {:>8} {:>9} {:>7}  statuses",
-        "round", "server", "conns", "req/s", "p50 ms", "p99 ms", "max ms", "peakRSS", "ratio"
+        "\n{:<6} {:<10} {:>5} {:>9} {:>8} {:>8} {:>8} {:>9} {:>7} {:>7}  statuses",
+        "round", "server", "conns", "req/s", "p50 ms", "p99 ms", "max ms", "peakRSS", "ratio", "cpu us"
     );
     let mut results: BTreeMap<usize, Vec<(Run, Run)>> = BTreeMap::new();
     for round in 1..=knobs.rounds {
@@ -390,10 +390,10 @@ struct Load {
 }
 
 impl Load {
-    fn finish(self, peak_rss_kib: u64) -> Run {
+    fn finish(self, usage: Usage) -> Run {
         let mut run = Run {
             elapsed: self.elapsed,
-            peak_rss_kib,
+            usage,
             latencies: Vec::new(),
             statuses: BTreeMap::new(),
             acknowledged: Vec::new(),
@@ -417,7 +417,7 @@ impl Load {
 /// One server under one load.
 struct Run {
     elapsed: Duration,
-    peak_rss_kib: u64,
+    usage: Usage,
     latencies: Vec<u32>,
     statuses: BTreeMap<u16, usize>,
     acknowledged: Vec<u32>,
@@ -437,7 +437,12 @@ impl Run {
     }
 
     fn rss_mib(&self) -> f64 {
-        self.peak_rss_kib as f64 / 1024.0
+        self.usage.peak_rss_kib as f64 / 1024.0
+    }
+
+    /// The server's CPU time (all threads, user + system) per answered request.
+    fn cpu_us_per_request(&self) -> f64 {
+        self.usage.cpu.as_secs_f64() * 1e6 / self.latencies.len().max(1) as f64
     }
 
     fn print(&self, round: usize, name: &str, conns: usize, bare: Option<&Run>) {
@@ -454,7 +459,7 @@ impl Run {
         }
         let ratio = bare.map_or(String::new(), |b| format!("{:.3}", self.rate() / b.rate()));
         println!(
-            "{:<6} {:<10} {:>5} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>6.1}MiB {:>7}  {}",
+            "{:<6} {:<10} {:>5} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>6.1}MiB {:>7} {:>7.1}  {}",
             round,
             name,
             conns,
@@ -464,6 +469,7 @@ impl Run {
             self.percentile(1.0),
             self.rss_mib(),
             ratio,
+            self.cpu_us_per_request(),
             statuses.join(" "),
         );
     }
@@ -520,8 +526,8 @@ fn print_summary(results: &BTreeMap<usize, Vec<(Run, Run)>>, fsync: Duration) {
         results.values().next().map_or(0, Vec::len)
     );
     println!(
-        "{:<10} {:>5} {:>9} {:>8} {:>8} {:>9} {:>7}",
-        "server", "conns", "req/s", "p50 ms", "p99 ms", "peakRSS", "ratio"
+        "{:<10} {:>5} {:>9} {:>8} {:>8} {:>9} {:>7} {:>7}",
+        "server", "conns", "req/s", "p50 ms", "p99 ms", "peakRSS", "ratio", "cpu us"
     );
     let mut bare_ceiling: f64 = 0.0;
     for (conns, runs) in results {
@@ -531,7 +537,7 @@ fn print_summary(results: &BTreeMap<usize, Vec<(Run, Run)>>, fsync: Duration) {
         bare_ceiling = bare_ceiling.max(median(bare.iter().map(|r| r.rate())));
         for (name, set, ratio) in [("bare", &bare, None), ("fenx-sync", &ours, Some(ratio))] {
             println!(
-                "{:<10} {:>5} {:>9.0} {:>8.2} {:>8.2} {:>6.1}MiB {:>7}",
+                "{:<10} {:>5} {:>9.0} {:>8.2} {:>8.2} {:>6.1}MiB {:>7} {:>7.1}",
                 name,
                 conns,
                 median(set.iter().map(|r| r.rate())),
@@ -539,6 +545,7 @@ fn print_summary(results: &BTreeMap<usize, Vec<(Run, Run)>>, fsync: Duration) {
                 median(set.iter().map(|r| r.percentile(0.99))),
                 median(set.iter().map(|r| r.rss_mib())),
                 ratio.map_or(String::new(), |r| format!("{r:.3}")),
+                median(set.iter().map(|r| r.cpu_us_per_request())),
             );
         }
         if *conns == 1 {
@@ -606,19 +613,38 @@ impl Server {
         Server { child, addr }
     }
 
-    /// Reads the peak RSS, kills the server with SIGKILL and returns the peak in KiB.
-    fn stop(mut self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        let peak = status
+    /// Reads the server's peak RSS and CPU time, then kills it with SIGKILL.
+    fn stop(mut self) -> Usage {
+        let proc = |file: &str| {
+            std::fs::read_to_string(format!("/proc/{}/{file}", self.child.id())).unwrap_or_default()
+        };
+        let peak_rss_kib = proc("status")
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0);
+        // utime and stime, fields 14 and 15, in USER_HZ (100 per second on Linux).
+        let stat = proc("stat");
+        let ticks: u64 = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().skip(11).take(2))
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.parse::<u64>().ok())
+            .sum();
         let _ = self.child.kill();
         let _ = self.child.wait();
-        peak
+        Usage {
+            peak_rss_kib,
+            cpu: Duration::from_millis(ticks * 10),
+        }
     }
+}
+
+/// What a server used over its life.
+struct Usage {
+    peak_rss_kib: u64,
+    cpu: Duration,
 }
 
 /// Finds `listen=ADDR` in fenx-sync's start-up log, then discards the rest of the log.

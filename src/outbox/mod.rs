@@ -141,18 +141,17 @@ impl Outbox {
         let mut conn = open_connection(dir, Durability::Full, options.busy_timeout)?;
         conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
             .map_err(DbError::from)?;
-        let checkpointer = checkpoint::Checkpointer::start(open_connection(
-            dir,
-            Durability::Full,
-            options.busy_timeout,
-        )?);
+        let checkpointer = checkpoint::Checkpointer::start(
+            open_connection(dir, Durability::Full, options.busy_timeout)?,
+            checkpoint::CHECKPOINT_PAGES,
+        );
         checkpointer.attach(&mut conn).map_err(DbError::from)?;
         let (queue, rx) = mpsc::channel(options.queue_capacity.max(1));
         let max_batch = options.max_batch.max(1);
         let thread = std::thread::Builder::new()
             .name("outbox-writer".into())
             .spawn(move || {
-                writer::run(conn, rx, max_batch);
+                writer::run(conn, rx, max_batch, &checkpointer);
                 // Last, so its connection is the last to close: that one checkpoints the whole log.
                 drop(checkpointer);
             })

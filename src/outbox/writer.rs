@@ -9,10 +9,16 @@ use std::sync::Arc;
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
+use super::checkpoint::Checkpointer;
 use super::{Appended, Command, NewNotification, OutboxError};
 use crate::sqlite;
 
-pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch: usize) {
+pub(super) fn run(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Command>,
+    max_batch: usize,
+    checkpointer: &Checkpointer,
+) {
     while let Some(first) = rx.blocking_recv() {
         let mut appends = Vec::new();
         let mut probes = Vec::new();
@@ -32,6 +38,7 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Command>, max_bat
         }
         if !appends.is_empty() {
             answer_appends(commit_appends(&mut conn, &appends), appends);
+            checkpointer.finish(&conn);
         }
         for reply in probes {
             let _ = reply.send(probe(&mut conn));
