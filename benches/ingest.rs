@@ -613,8 +613,8 @@ impl Server {
         Server { child, addr }
     }
 
-    /// Reads the server's peak RSS and CPU time, then kills it with SIGKILL.
-    fn stop(mut self) -> Usage {
+    /// Reads the server's peak RSS and CPU time, then kills it with SIGKILL (on drop).
+    fn stop(self) -> Usage {
         let proc = |file: &str| {
             std::fs::read_to_string(format!("/proc/{}/{file}", self.child.id())).unwrap_or_default()
         };
@@ -632,12 +632,18 @@ impl Server {
             .flatten()
             .filter_map(|t| t.parse::<u64>().ok())
             .sum();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         Usage {
             peak_rss_kib,
             cpu: Duration::from_millis(ticks * 10),
         }
+    }
+}
+
+impl Drop for Server {
+    /// A run that panics must not leave its server behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
