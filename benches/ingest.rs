@@ -82,7 +82,16 @@ fn main() {
     );
     println!(
         "\n{:<6} {:<10} {:>5} {:>9} {:>8} {:>8} {:>8} {:>9} {:>7} {:>7}  statuses",
-        "round", "server", "conns", "req/s", "p50 ms", "p99 ms", "max ms", "peakRSS", "ratio", "cpu us"
+        "round",
+        "server",
+        "conns",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "peakRSS",
+        "ratio",
+        "cpu us"
     );
     let mut results: BTreeMap<usize, Vec<(Run, Run)>> = BTreeMap::new();
     for round in 1..=knobs.rounds {
@@ -229,8 +238,7 @@ impl Workload {
 
 /// A webhook body shaped like Fenergo's (PascalCase, as its docs show it), about 400 bytes.
 fn notification_body(id: &str, rng: &mut fastrand::Rng) -> String {
-    let (entity, correlation, causation, journey) =
-        (uuid(rng), uuid(rng), uuid(rng), uuid(rng));
+    let (entity, correlation, causation, journey) = (uuid(rng), uuid(rng), uuid(rng), uuid(rng));
     format!(
         r#"{{"Id":"{id}","TenantId":"45bf62ac-e4b1-4c16-ae32-d774cd18db6d","EventType":"entitydata:draftverified","RelativeUrl":"entitydataquery/api/entity/{entity}","Payload":{{"JourneyId":"{journey}"}},"When":"2026-11-23T10:19:{:02}.{:07}+00:00","CorrelationId":"{correlation}","CausationId":"{causation}"}}"#,
         rng.u32(0..60),

@@ -185,7 +185,9 @@ mod tests {
         let blob = vec![7u8; 3000];
         let commits = 10 * backstop;
         for _ in 0..commits {
-            writer.execute("INSERT INTO t VALUES (?1)", [&blob]).unwrap();
+            writer
+                .execute("INSERT INTO t VALUES (?1)", [&blob])
+                .unwrap();
             checkpointer.finish(&writer);
         }
         drop(checkpointer);

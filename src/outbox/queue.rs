@@ -306,6 +306,74 @@ mod tests {
         assert_eq!(ids(&again), ["1", "3"]);
     }
 
+    fn retry(q: &WorkQueue, claim: &Claim, at: DateTime<Utc>) {
+        let outcome = RowOutcome::RetryAt {
+            at,
+            error: "HTTP 404".into(),
+            status: Some(404),
+            count_attempt: true,
+        };
+        let settlements: Vec<Settlement> = claim
+            .rows
+            .iter()
+            .map(|r| Settlement {
+                seq: r.seq,
+                outcome: outcome.clone(),
+            })
+            .collect();
+        q.settle(&claim.lease_key, "w", &settlements).unwrap();
+    }
+
+    #[tokio::test]
+    async fn claims_take_the_row_due_longest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        outbox_with(
+            dir.path(),
+            &[body("1", "A"), body("2", "B"), body("3", "C")],
+        )
+        .await;
+        let q = WorkQueue::open(dir.path(), Duration::from_secs(1)).unwrap();
+        let now = Utc::now();
+        let lease = Duration::from_secs(60);
+        let first = q.claim("w", lease, now).unwrap().unwrap();
+        assert_eq!(ids(&first), ["1"], "new rows go in arrival order");
+        retry(&q, &first, now + chrono::Duration::seconds(5));
+        let second = q.claim("w", lease, now).unwrap().unwrap();
+        assert_eq!(ids(&second), ["2"]);
+        retry(&q, &second, now + chrono::Duration::seconds(1));
+        // All three are due by now; each goes in the order it became due.
+        let later = now + chrono::Duration::seconds(10);
+        let order: Vec<String> = std::iter::from_fn(|| q.claim("w", lease, later).unwrap())
+            .map(|c| c.rows[0].id.clone())
+            .collect();
+        assert_eq!(order, ["3", "2", "1"]);
+    }
+
+    #[tokio::test]
+    async fn rows_waiting_for_a_retry_are_passed_over_and_due_ones_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let waiting: Vec<String> = (0..300)
+            .map(|i| body(&format!("w{i}"), &format!("W{i}")))
+            .collect();
+        outbox_with(dir.path(), &waiting).await;
+        let q = WorkQueue::open(dir.path(), Duration::from_secs(1)).unwrap();
+        let now = Utc::now();
+        let lease = Duration::from_secs(60);
+        let hour = now + chrono::Duration::hours(1);
+        while let Some(claim) = q.claim("w", lease, now).unwrap() {
+            retry(&q, &claim, hour);
+        }
+        outbox_with(dir.path(), &[body("due", "D"), body("w7-again", "W7")]).await;
+        // The due rows come first, the second with the waiting row of its entity coalesced;
+        // the other waiting rows stay put.
+        let now = Utc::now();
+        let claim = q.claim("w", lease, now).unwrap().unwrap();
+        assert_eq!(ids(&claim), ["due"]);
+        let again = q.claim("w", lease, now).unwrap().unwrap();
+        assert_eq!(ids(&again), ["w7", "w7-again"]);
+        assert!(q.claim("w", lease, now).unwrap().is_none());
+    }
+
     #[tokio::test]
     async fn retries_wait_for_their_time_and_settled_rows_are_not_claimed_again() {
         let dir = tempfile::tempdir().unwrap();
