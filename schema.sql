@@ -51,10 +51,17 @@ CREATE TABLE IF NOT EXISTS notification (
     processed_at     TEXT
 );
 
--- The sync worker scans pending rows oldest first; the partial index keeps that scan to them.
-CREATE INDEX IF NOT EXISTS notification_pending ON notification (seq) WHERE status = 'pending';
+-- Indexes are paid on every append, so the two the sync worker needs cover pending rows only
+-- (settled rows leave them) and the due one grows at its end, as new rows are due at once.
+-- Claims take the row due longest first: a range scan over rows already due, however many
+-- wait for a later retry.
+CREATE INDEX IF NOT EXISTS notification_due
+    ON notification (next_attempt_at, seq) WHERE status = 'pending';
+-- Every pending row of one entity, coalesced into one fetch.
+CREATE INDEX IF NOT EXISTS notification_pending_entity
+    ON notification (entity_key) WHERE status = 'pending';
+-- `fenx-sync status` counts by event type and status from this index alone.
 CREATE INDEX IF NOT EXISTS notification_event_type ON notification (event_type, status);
-CREATE INDEX IF NOT EXISTS notification_entity ON notification (entity_key, status);
 -- Retention pruning walks finished rows oldest first; the gauges count dead rows. Both partial
 -- indexes leave appends alone (a new row is 'pending' with no processed_at).
 CREATE INDEX IF NOT EXISTS notification_finished ON notification (processed_at)
@@ -68,6 +75,9 @@ CREATE TABLE IF NOT EXISTS write_probe (
     id         INTEGER PRIMARY KEY CHECK (id = 1),
     written_at TEXT    NOT NULL
 );
+-- Version 1 indexed every row whatever its status; the partial indexes above replace them.
+DROP INDEX IF EXISTS notification_pending;
+DROP INDEX IF EXISTS notification_entity;
 
 -- Which entities a sync worker is working on. A worker leases an entity (all its pending rows
 -- at once) so no two workers fetch the same entity concurrently; a crashed worker's lease

@@ -14,7 +14,10 @@
 //! burst, interleaved so each entity's notifications are as far apart as the burst allows
 //! (coalescing); the same entities each updated again inside a 1 s consistency lag just before
 //! their webhooks (confirmations that change the version); a tenant rate limit on both sides
-//! (limiter adherence). Then it upserts fetched sample entities straight into a
+//! (limiter adherence), at the SDLC and at the production limits. It times the worker's claims
+//! (claim and settle, straight on the outbox) with nothing else queued and behind 100,000 rows
+//! waiting on a retry (a 404 or 429 storm). Then it upserts fetched sample entities straight
+//! into a
 //! `ReportingStore` for its entities/s and property+collection rows/s.
 //!
 //! Timing is reported, never asserted; the run asserts correctness only (every webhook 200,
@@ -27,7 +30,11 @@
 //! entity's notifications over time, e.g. 100 with 50 × 3 puts them 0.5 s apart), FENX_BENCH_RPS (tenant limit of the rate-limit run, default 50, Fenergo's SDLC limit),
 //! FENX_BENCH_RATE_SECONDS (its intended length at that rate, default 6), FENX_BENCH_BURST
 //! (entities of the large burst, default 1000), FENX_BENCH_CONFIRM_AFTER_MS (the confirmation
-//! window, default 2000), FENX_BENCH_UPSERTS
+//! window, default 2000),
+//! FENX_BENCH_PRODUCTION_SECONDS (length of the production-limit run at 200 req/s and 50 in
+//! flight, default 15: 3000 entities), FENX_BENCH_CLAIMS and FENX_BENCH_WAITING (claim run:
+//! claims timed with no other rows and with this many rows waiting on a retry, default 2000 and
+//! 100000), FENX_BENCH_UPSERTS
 //! (store run, default 2000), FENX_BENCH_CONNECTIONS (webhook connections, default 16),
 //! FENX_BENCH_TIMEOUT_SECS (bound on each scenario's wait, default 60).
 
@@ -41,6 +48,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use fenx_sync::config::{FenergoSettings, Settings, SyncSettings};
 use fenx_sync::fenergo::FenergoClient;
+use fenx_sync::outbox::{
+    NewNotification, Outbox, OutboxOptions, RowOutcome, Settlement, Source, WorkQueue,
+};
 use fenx_sync::signature::{DigestEncoding, KeyDerivation, Recipe, RecipeChoice};
 use fenx_sync::sim::{Lag, SimConfig, Simulator};
 use fenx_sync::store::{EntitySnapshot, ReportingStore, SyncCause, UpsertOutcome};
@@ -64,6 +74,13 @@ const HIGH_LIMIT: Limit = Limit {
 };
 /// Fenergo's SDLC tenant allows 10 requests in flight.
 const TENANT_CONCURRENCY: u32 = 10;
+/// A production tenant: 200 requests per second, 50 in flight.
+const PRODUCTION_LIMIT: Limit = Limit {
+    rps: 200,
+    concurrent: 50,
+};
+/// Enough workers that the production limit, not the worker count, holds the run back.
+const PRODUCTION_RUN_WORKERS: usize = 64;
 /// More workers than the tenant's concurrency, so the client limiter, not the worker count, is
 /// what holds the rate-limit run back.
 const RATE_RUN_WORKERS: usize = 16;
@@ -84,6 +101,7 @@ fn main() {
     let default_workers = SyncSettings::default().workers;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let rate_entities = knobs.rps as usize * knobs.rate_seconds as usize;
+    let production_entities = PRODUCTION_LIMIT.rps as usize * knobs.production_seconds as usize;
     let scenarios = [
         Scenario::burst(knobs.entities, 1),
         Scenario::burst(knobs.entities, default_workers),
@@ -116,6 +134,11 @@ fn main() {
                 concurrent: TENANT_CONCURRENCY,
             }),
             ..Scenario::burst(rate_entities, RATE_RUN_WORKERS)
+        },
+        Scenario {
+            name: format!("limit {}/s", PRODUCTION_LIMIT.rps),
+            limit: Some(PRODUCTION_LIMIT),
+            ..Scenario::burst(production_entities, PRODUCTION_RUN_WORKERS)
         },
     ];
 
@@ -156,11 +179,12 @@ fn main() {
         "p99 ms",
         "max ms"
     );
-    let [_, _, _, burst, paced, dupes, lagged, limited] = scenarios.each_ref().map(|scenario| {
-        let outcome = runtime.block_on(run_scenario(&knobs, scenario));
-        outcome.print(scenario);
-        outcome
-    });
+    let [_, _, _, burst, paced, dupes, lagged, limited, production] =
+        scenarios.each_ref().map(|scenario| {
+            let outcome = runtime.block_on(run_scenario(&knobs, scenario));
+            outcome.print(scenario);
+            outcome
+        });
     println!();
     println!(
         "webhook -> row latency at {} webhooks/s, {default_workers} workers: p50 {:.1} ms, \
@@ -211,6 +235,28 @@ fn main() {
         limited.rate_limited,
         limited.max_in_flight,
     );
+    println!(
+        "production tenant limit {} req/s, {} in flight, {} entities: {:.1} API calls/s = \
+         {:.1}% of the limit (goal: >= 96%, no 429s); {} 429s served; {:.3} calls per entity",
+        PRODUCTION_LIMIT.rps,
+        PRODUCTION_LIMIT.concurrent,
+        production.entities,
+        production.call_rate,
+        100.0 * production.call_rate / f64::from(PRODUCTION_LIMIT.rps),
+        production.rate_limited,
+        production.calls_per_entity(),
+    );
+    let empty = runtime.block_on(claim_run(knobs.claims, 0));
+    let backlog = runtime.block_on(claim_run(knobs.claims, knobs.waiting));
+    println!(
+        "claims: {:.0} claims/s with no other rows, {:.0} claims/s with {} rows waiting on a \
+         retry ({:.2}x slower; goal: within 2x); {} claims each, claim + settle",
+        empty,
+        backlog,
+        knobs.waiting,
+        empty / backlog,
+        knobs.claims,
+    );
     let samples = runtime.block_on(fetched_samples(STORE_SAMPLES));
     let store = upsert_run(&samples, knobs.upserts);
     let secs = store.elapsed.as_secs_f64();
@@ -233,6 +279,9 @@ struct Knobs {
     dup_pace: Option<u32>,
     rps: u32,
     rate_seconds: u32,
+    production_seconds: u32,
+    claims: usize,
+    waiting: usize,
     upserts: usize,
     connections: usize,
     timeout: Duration,
@@ -251,6 +300,9 @@ impl Knobs {
             dup_pace: Some(env_or("FENX_BENCH_DUP_PACE", 0)).filter(|&pace| pace > 0),
             rps: env_or("FENX_BENCH_RPS", 50),
             rate_seconds: env_or("FENX_BENCH_RATE_SECONDS", 6),
+            production_seconds: env_or("FENX_BENCH_PRODUCTION_SECONDS", 15),
+            claims: env_or("FENX_BENCH_CLAIMS", 2000),
+            waiting: env_or("FENX_BENCH_WAITING", 100_000),
             upserts: env_or("FENX_BENCH_UPSERTS", 2000),
             connections: env_or("FENX_BENCH_CONNECTIONS", 16),
             timeout: Duration::from_secs(env_or("FENX_BENCH_TIMEOUT_SECS", 60)),
@@ -735,6 +787,76 @@ async fn fetched_samples(count: usize) -> Vec<EntitySnapshot> {
     }
     sim.shutdown().await;
     samples
+}
+
+/// Claims per second (each settled at once) over `claims` due rows, with `waiting` other rows
+/// pending but not due for an hour, in a fresh outbox.
+async fn claim_run(claims: usize, waiting: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let options = OutboxOptions {
+        busy_timeout: Duration::from_secs(5),
+        max_batch: 1000,
+        queue_capacity: 64,
+        enqueue_timeout: Duration::from_secs(5),
+    };
+    let (outbox, writer) = Outbox::open(dir.path(), &options).unwrap();
+    let rows = |prefix: &'static str, range: std::ops::Range<usize>| {
+        range
+            .map(|i| NewNotification {
+                notification: fenx_sync::notification::parse_body(&bytes::Bytes::from(format!(
+                    r#"{{"Id":"{prefix}-{i}","EventType":"{EVENT}","RelativeUrl":"entitydataquery/api/entity/{prefix}-{i}"}}"#
+                )))
+                .unwrap()
+                .remove(0),
+                source: Source::Webhook,
+                signature_recipe: None,
+            })
+            .collect::<Vec<_>>()
+    };
+    for start in (0..waiting).step_by(1000) {
+        outbox
+            .append_batch(rows("waiting", start..waiting.min(start + 1000)))
+            .await
+            .unwrap();
+    }
+    // What a storm of 404s or 429s leaves behind: every one of them scheduled for later.
+    let later = fenx_sync::sqlite::format_time(Utc::now() + chrono::Duration::hours(1));
+    rusqlite::Connection::open(dir.path().join(fenx_sync::outbox::FILE_NAME))
+        .unwrap()
+        .execute("UPDATE notification SET next_attempt_at = ?1", [later])
+        .unwrap();
+    for start in (0..claims).step_by(1000) {
+        outbox
+            .append_batch(rows("due", start..claims.min(start + 1000)))
+            .await
+            .unwrap();
+    }
+    drop(outbox);
+    writer.wait();
+    tokio::task::spawn_blocking(move || {
+        let queue = WorkQueue::open(dir.path(), Duration::from_secs(5)).unwrap();
+        let lease = Duration::from_secs(60);
+        let started = Instant::now();
+        let mut claimed = 0;
+        while let Some(claim) = queue.claim("bench", lease, Utc::now()).unwrap() {
+            let settlements: Vec<Settlement> = claim
+                .rows
+                .iter()
+                .map(|r| Settlement {
+                    seq: r.seq,
+                    outcome: RowOutcome::Done { status: Some(200) },
+                })
+                .collect();
+            queue
+                .settle(&claim.lease_key, "bench", &settlements)
+                .unwrap();
+            claimed += 1;
+        }
+        assert_eq!(claimed, claims, "every due row is claimed, no waiting one");
+        claimed as f64 / started.elapsed().as_secs_f64()
+    })
+    .await
+    .unwrap()
 }
 
 struct StoreOutcome {

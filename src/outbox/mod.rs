@@ -22,6 +22,7 @@ use rusqlite::Connection;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 pub mod admin;
+mod checkpoint;
 mod maintenance;
 mod queue;
 mod writer;
@@ -37,6 +38,10 @@ use crate::supervisor::{self, ThreadEnded};
 
 /// The outbox file inside `store.dir`.
 pub const FILE_NAME: &str = "outbox.db";
+
+/// The writer's page cache, in KiB: room for the id and entity index pages every append visits,
+/// so a growing outbox is not re-read from the OS on every commit.
+const WRITER_CACHE_KIB: i64 = 8 * 1024;
 
 /// Where a notification came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,12 +176,21 @@ impl Outbox {
         options: &OutboxOptions,
         health: Arc<StoreHealth>,
     ) -> Result<(Outbox, WriterThread), OutboxError> {
-        let conn = open_connection(dir, Durability::Full, options.busy_timeout)?;
+        let mut conn = open_connection(dir, Durability::Full, options.busy_timeout)?;
+        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
+            .map_err(DbError::from)?;
+        let checkpointer = checkpoint::Checkpointer::start(
+            open_connection(dir, Durability::Full, options.busy_timeout)?,
+            checkpoint::CHECKPOINT_PAGES,
+        );
+        checkpointer.attach(&mut conn).map_err(DbError::from)?;
         let (queue, rx) = mpsc::channel(options.queue_capacity.max(1));
         let max_batch = options.max_batch.max(1);
         let writer_health = health.clone();
         let (handle, ended) = supervisor::spawn_thread(WRITER_THREAD, move || {
-            writer::run(conn, rx, max_batch, &writer_health)
+            writer::run(conn, rx, max_batch, &writer_health, &checkpointer);
+            // Last, so its connection is the last to close: that one checkpoints the whole log.
+            drop(checkpointer);
         });
         let outbox = Outbox {
             queue,
@@ -323,6 +337,89 @@ mod tests {
             got,
             [Appended::Stored, Appended::Stored, Appended::Duplicate]
         );
+    }
+
+    #[tokio::test]
+    async fn a_redelivery_after_a_restart_is_counted_not_stored_again() {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..2 {
+            let (outbox, writer) = Outbox::open(dir.path(), &options()).unwrap();
+            outbox.append_batch(vec![row("same")]).await.unwrap();
+            drop(outbox);
+            writer.wait();
+        }
+        let (outbox, _writer) = Outbox::open(dir.path(), &options()).unwrap();
+        assert_eq!(
+            outbox
+                .append_batch(vec![row("same"), row("same"), row("new")])
+                .await
+                .unwrap(),
+            [Appended::Duplicate, Appended::Duplicate, Appended::Stored]
+        );
+        let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+        let (rows, dups, last): (i64, i64, Option<String>) = conn
+            .query_row(
+                "SELECT count(*), sum(duplicates), max(last_duplicate_at) FROM notification",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((rows, dups), (2, 3));
+        assert!(last.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_version_1_outbox_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, writer) = Outbox::open(dir.path(), &options()).unwrap();
+        outbox.append_batch(vec![row("kept")]).await.unwrap();
+        drop(outbox);
+        writer.wait();
+        // Put the file back as version 1 left it: indexes over every row.
+        let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+        conn.execute_batch(
+            "DROP INDEX notification_due;
+             DROP INDEX notification_pending_entity;
+             CREATE INDEX notification_pending ON notification (seq) WHERE status = 'pending';
+             CREATE INDEX notification_entity ON notification (entity_key, status);
+             DELETE FROM schema_version;
+             INSERT INTO schema_version VALUES (1, '2026-11-23T00:00:00.000Z');",
+        )
+        .unwrap();
+        drop(conn);
+        let conn = open_connection(dir.path(), Durability::Full, Duration::from_secs(1)).unwrap();
+        let indexes: Vec<String> = conn
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'notification'
+                   AND name NOT LIKE 'sqlite_%' ORDER BY name",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            indexes,
+            [
+                "notification_due",
+                "notification_event_type",
+                "notification_pending_entity"
+            ]
+        );
+        let (version, rows): (i64, i64) = conn
+            .query_row(
+                "SELECT (SELECT max(version) FROM schema_version), (SELECT count(*) FROM notification)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((version, rows), (2, 1));
+        let queue = WorkQueue::open(dir.path(), Duration::from_secs(1)).unwrap();
+        let claim = queue
+            .claim("w", Duration::from_secs(60), chrono::Utc::now())
+            .unwrap()
+            .unwrap();
+        assert_eq!(claim.rows[0].id, "kept");
     }
 
     #[tokio::test]

@@ -2,9 +2,12 @@
 //! settling them (done, ignored, retry at a time, dead) with their retry schedule persisted so
 //! restarts keep it.
 //!
-//! A claim takes the oldest due pending row and every other pending row for the same entity
-//! (coalesced into one fetch), and leases the entity so no two workers work on it at once. A
-//! crashed worker's lease expires and the rows come back. This module never deletes a row.
+//! A claim takes the pending row that has been due longest (new rows are due on arrival, so they
+//! go in arrival order; a retry takes its place when its time comes) and every other pending row
+//! for the same entity (coalesced into one fetch), and leases the entity so no two workers work
+//! on it at once. Finding that row is a range scan over rows already due, so rows waiting for a
+//! later retry cost a claim nothing. A crashed worker's lease expires and the rows come back.
+//! This module never deletes a row.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -95,7 +98,7 @@ impl WorkQueue {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Claims the oldest due notification whose entity nobody holds, with every other pending
+    /// Claims the notification due longest whose entity nobody holds, with every other pending
     /// notification for that entity, and leases the entity to `owner` until `now + lease`.
     pub fn claim(
         &self,
@@ -110,12 +113,12 @@ impl WorkQueue {
         let now_text = format_time(now);
         let first: Option<(i64, Option<String>)> = tx
             .query_row(
-                "SELECT seq, entity_key FROM notification AS n
+                "SELECT seq, entity_key FROM notification AS n INDEXED BY notification_due
                   WHERE status = 'pending' AND next_attempt_at <= ?1
                     AND NOT EXISTS (SELECT 1 FROM entity_lease AS l
                                      WHERE l.entity_key = coalesce(n.entity_key, 'seq:' || n.seq)
                                        AND l.leased_until > ?1)
-                  ORDER BY seq LIMIT 1",
+                  ORDER BY next_attempt_at, seq LIMIT 1",
                 [&now_text],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -125,33 +128,42 @@ impl WorkQueue {
             return Ok(None);
         };
         let lease_key = entity_key.clone().unwrap_or_else(|| format!("seq:{seq}"));
-        let rows = {
-            let mut stmt = tx
-                .prepare_cached(
-                    "SELECT seq, id, event_type, relative_url, entity_key, attempts, received_at, event_when,
-                            stale_reads
-                       FROM notification
-                      WHERE status = 'pending'
-                        AND (seq = ?1 OR (?2 IS NOT NULL AND entity_key = ?2))
-                      ORDER BY seq LIMIT ?3",
-                )
-                .map_err(write_error)?;
-            stmt.query_map(params![seq, entity_key, MAX_GROUP], |r| {
-                Ok(Claimed {
-                    seq: r.get(0)?,
-                    id: r.get(1)?,
-                    event_type: r.get(2)?,
-                    relative_url: r.get(3)?,
-                    entity_key: r.get(4)?,
-                    attempts: r.get(5)?,
-                    received_at: r.get(6)?,
-                    event_when: r.get(7)?,
-                    stale_reads: r.get(8)?,
-                })
-            })
-            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-            .map_err(write_error)?
+        // Every pending row of the entity (the first row among them), or the row alone.
+        let (sql, key) = match &entity_key {
+            Some(key) => (
+                "SELECT seq, id, event_type, relative_url, entity_key, attempts, received_at, event_when,
+                        stale_reads
+                   FROM notification INDEXED BY notification_pending_entity
+                  WHERE status = 'pending' AND entity_key = ?1
+                  ORDER BY seq LIMIT ?2",
+                rusqlite::types::Value::Text(key.clone()),
+            ),
+            None => (
+                "SELECT seq, id, event_type, relative_url, entity_key, attempts, received_at, event_when,
+                        stale_reads
+                   FROM notification WHERE seq = ?1 LIMIT ?2",
+                rusqlite::types::Value::Integer(seq),
+            ),
         };
+        let rows = tx
+            .prepare_cached(sql)
+            .and_then(|mut stmt| {
+                stmt.query_map(params![key, MAX_GROUP], |r| {
+                    Ok(Claimed {
+                        seq: r.get(0)?,
+                        id: r.get(1)?,
+                        event_type: r.get(2)?,
+                        relative_url: r.get(3)?,
+                        entity_key: r.get(4)?,
+                        attempts: r.get(5)?,
+                        received_at: r.get(6)?,
+                        event_when: r.get(7)?,
+                        stale_reads: r.get(8)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(write_error)?;
         let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
         tx.execute(
             "INSERT INTO entity_lease (entity_key, owner, leased_until) VALUES (?1, ?2, ?3)
@@ -308,6 +320,74 @@ mod tests {
         .unwrap();
         let again = q.claim("w5", lease, later).unwrap().unwrap();
         assert_eq!(ids(&again), ["1", "3"]);
+    }
+
+    fn retry(q: &WorkQueue, claim: &Claim, at: DateTime<Utc>) {
+        let outcome = RowOutcome::RetryAt {
+            at,
+            error: "HTTP 404".into(),
+            status: Some(404),
+            count_attempt: true,
+        };
+        let settlements: Vec<Settlement> = claim
+            .rows
+            .iter()
+            .map(|r| Settlement {
+                seq: r.seq,
+                outcome: outcome.clone(),
+            })
+            .collect();
+        q.settle(&claim.lease_key, "w", &settlements).unwrap();
+    }
+
+    #[tokio::test]
+    async fn claims_take_the_row_due_longest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        outbox_with(
+            dir.path(),
+            &[body("1", "A"), body("2", "B"), body("3", "C")],
+        )
+        .await;
+        let q = WorkQueue::open(dir.path(), Duration::from_secs(1)).unwrap();
+        let now = Utc::now();
+        let lease = Duration::from_secs(60);
+        let first = q.claim("w", lease, now).unwrap().unwrap();
+        assert_eq!(ids(&first), ["1"], "new rows go in arrival order");
+        retry(&q, &first, now + chrono::Duration::seconds(5));
+        let second = q.claim("w", lease, now).unwrap().unwrap();
+        assert_eq!(ids(&second), ["2"]);
+        retry(&q, &second, now + chrono::Duration::seconds(1));
+        // All three are due by now; each goes in the order it became due.
+        let later = now + chrono::Duration::seconds(10);
+        let order: Vec<String> = std::iter::from_fn(|| q.claim("w", lease, later).unwrap())
+            .map(|c| c.rows[0].id.clone())
+            .collect();
+        assert_eq!(order, ["3", "2", "1"]);
+    }
+
+    #[tokio::test]
+    async fn rows_waiting_for_a_retry_are_passed_over_and_due_ones_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let waiting: Vec<String> = (0..300)
+            .map(|i| body(&format!("w{i}"), &format!("W{i}")))
+            .collect();
+        outbox_with(dir.path(), &waiting).await;
+        let q = WorkQueue::open(dir.path(), Duration::from_secs(1)).unwrap();
+        let now = Utc::now();
+        let lease = Duration::from_secs(60);
+        let hour = now + chrono::Duration::hours(1);
+        while let Some(claim) = q.claim("w", lease, now).unwrap() {
+            retry(&q, &claim, hour);
+        }
+        outbox_with(dir.path(), &[body("due", "D"), body("w7-again", "W7")]).await;
+        // The due rows come first, the second with the waiting row of its entity coalesced;
+        // the other waiting rows stay put.
+        let now = Utc::now();
+        let claim = q.claim("w", lease, now).unwrap().unwrap();
+        assert_eq!(ids(&claim), ["due"]);
+        let again = q.claim("w", lease, now).unwrap().unwrap();
+        assert_eq!(ids(&again), ["w7", "w7-again"]);
+        assert!(q.claim("w", lease, now).unwrap().is_none());
     }
 
     #[tokio::test]
