@@ -251,7 +251,7 @@ impl Maintenance {
                     .map_or(0, |t| (chrono::Utc::now() - t).num_seconds().max(0));
                 self.metrics.oldest_pending_seconds.set(age);
             }
-            Err(error) => tracing::debug!(%error, "outbox gauges not refreshed"),
+            Err(error) => tracing::warn!(%error, "outbox gauges not refreshed"),
         }
     }
 }
@@ -280,7 +280,7 @@ struct OutboxGauges {
 /// Counts from the partial indexes on pending and dead rows (never a scan of every row).
 fn outbox_gauges(conn: &Connection) -> rusqlite::Result<OutboxGauges> {
     conn.query_row(
-        "SELECT (SELECT count(*) FROM notification INDEXED BY notification_pending
+        "SELECT (SELECT count(*) FROM notification INDEXED BY notification_due
                   WHERE status = 'pending'),
                 (SELECT count(*) FROM notification INDEXED BY notification_dead
                   WHERE status = 'dead')",
@@ -290,8 +290,9 @@ fn outbox_gauges(conn: &Connection) -> rusqlite::Result<OutboxGauges> {
     .and_then(|(pending, dead)| {
         let oldest_pending = conn
             .query_row(
-                "SELECT received_at FROM notification INDEXED BY notification_pending
-                  WHERE status = 'pending' ORDER BY seq LIMIT 1",
+                "SELECT received_at FROM notification
+                  WHERE seq = (SELECT min(seq) FROM notification INDEXED BY notification_due
+                                WHERE status = 'pending')",
                 [],
                 |r| r.get(0),
             )

@@ -382,6 +382,9 @@ mod tests {
              DROP INDEX notification_pending_entity;
              CREATE INDEX notification_pending ON notification (seq) WHERE status = 'pending';
              CREATE INDEX notification_entity ON notification (entity_key, status);
+             DROP INDEX notification_finished;
+             DROP INDEX notification_dead;
+             ALTER TABLE notification DROP COLUMN stale_reads;
              DELETE FROM schema_version;
              INSERT INTO schema_version VALUES (1, '2026-11-23T00:00:00.000Z');",
         )
@@ -401,8 +404,10 @@ mod tests {
         assert_eq!(
             indexes,
             [
+                "notification_dead",
                 "notification_due",
                 "notification_event_type",
+                "notification_finished",
                 "notification_pending_entity"
             ]
         );
