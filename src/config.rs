@@ -85,7 +85,7 @@ impl Default for ServerSettings {
         ServerSettings {
             listen: "0.0.0.0:8080".parse().expect("valid literal"),
             max_connections: 4096,
-            max_connections_per_client: 256,
+            max_connections_per_client: 2048,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             max_body_bytes: 1024 * 1024,
