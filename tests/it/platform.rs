@@ -123,7 +123,8 @@ async fn freshness_and_reconciliation_progress_reach_metrics() {
     let entities: Vec<String> = (0..30).map(|i| sim.sample_entity(i).0).collect();
     let app = TestApp::spawn_with(|s| {
         sync_settings(s, &sim);
-        s.reconcile.every = Some(Duration::from_millis(100));
+        // Long enough that a finished run's gauges can be read before the next one starts.
+        s.reconcile.every = Some(Duration::from_secs(1));
         s.reconcile.page_size = 7;
     })
     .await;
@@ -154,7 +155,9 @@ async fn freshness_and_reconciliation_progress_reach_metrics() {
             "fenx_reconcile_last_success_timestamp_seconds{kind=\"reconcile\"}",
         )
         .is_some_and(|t| t > 0.0);
-        if finished || Instant::now() > deadline {
+        // Between runs, so the progress gauges are the finished run's.
+        let idle = sample(&text, "fenx_reconcile_running{kind=\"reconcile\"}") == Some(0.0);
+        if (finished && idle) || Instant::now() > deadline {
             break text;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
