@@ -35,10 +35,14 @@ impl Routes for Admin {
         _peer: SocketAddr,
     ) -> Response<Full<Bytes>> {
         if request.method() != Method::GET {
-            return json_response(
+            let mut response = json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 serde_json::json!({ "error": "use GET" }),
             );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET"));
+            return response;
         }
         match request.uri().path() {
             "/metrics" => {

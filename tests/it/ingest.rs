@@ -347,6 +347,14 @@ async fn routing_health_and_methods() {
         .unwrap();
     assert_eq!(delete_webhook.status(), 405);
     assert_eq!(delete_webhook.headers()["allow"], "POST");
+    let post_metrics = app
+        .client
+        .post(format!("http://{}/metrics", app.admin_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post_metrics.status(), 405);
+    assert_eq!(post_metrics.headers()["allow"], "GET");
     app.stop().await;
 }
 
