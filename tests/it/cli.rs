@@ -363,14 +363,7 @@ async fn post_verified(
     entity: &str,
 ) {
     let body = sim.notification("entitydata:draftverified", entity);
-    let signature = crate::helpers::sign(crate::helpers::SECRET, "sha256-hex/hex", &body);
-    let response = client
-        .post(format!("http://{listen}/webhooks/fenergo"))
-        .header("x-fenx-signature", signature)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let response = crate::helpers::post_signed_to(client, listen, body).await;
     assert_eq!(response.status(), 200);
 }
 

@@ -242,3 +242,20 @@ where
     }
     panic!("{what} did not happen within 10 s");
 }
+
+/// Posts `body`, signed with [`SECRET`] (recipe `sha256-hex/hex`), to the webhook path of a
+/// service listening at `listen` (a separate process), and returns the answer.
+pub async fn post_signed_to(
+    client: &reqwest::Client,
+    listen: &str,
+    body: String,
+) -> reqwest::Response {
+    let signature = sign(SECRET, "sha256-hex/hex", &body);
+    client
+        .post(format!("http://{listen}/webhooks/fenergo"))
+        .header("x-fenx-signature", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}

@@ -403,16 +403,8 @@ async fn a_batch_request_line_brackets_the_batch_with_rounded_latency() {
         ids.map(|id| notification(id, "entitydata:created"))
             .join(",")
     );
-    let signature = crate::helpers::sign(crate::helpers::SECRET, "sha256-hex/hex", &body);
-    let response = fenx_sync::fenergo::client_builder()
-        .build()
-        .unwrap()
-        .post(format!("http://{listen}/webhooks/fenergo"))
-        .header("x-fenx-signature", signature)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let client = fenx_sync::fenergo::client_builder().build().unwrap();
+    let response = crate::helpers::post_signed_to(&client, &listen, body).await;
     assert_eq!(response.status(), 200);
     let line: serde_json::Value =
         serde_json::from_str(&service.wait_for_line("webhook accepted")).unwrap();
