@@ -820,7 +820,7 @@ async fn claim_run(claims: usize, waiting: usize) -> f64 {
             .unwrap();
     }
     // What a storm of 404s or 429s leaves behind: every one of them scheduled for later.
-    let later = fenx_sync::sqlite::format_time(Utc::now() + chrono::Duration::hours(1));
+    let later = fenx_sync::time::format(Utc::now() + chrono::Duration::hours(1));
     rusqlite::Connection::open(dir.path().join(fenx_sync::outbox::FILE_NAME))
         .unwrap()
         .execute("UPDATE notification SET next_attempt_at = ?1", [later])

@@ -51,6 +51,7 @@ pub mod store;
 pub mod supervisor;
 pub mod systemd;
 pub mod telemetry;
+pub mod time;
 pub mod worker;
 
 use std::future::Future;

@@ -292,7 +292,7 @@ impl Reconciler {
         let store = self.store.clone();
         let due = tokio::task::spawn_blocking(move || -> Result<DateTime<Utc>, StoreError> {
             if let Some(recorded) = store.state(StateKey::ReconcileNextDue)?
-                && let Ok(due) = recorded.value.parse::<DateTime<Utc>>()
+                && let Some(due) = crate::time::parse(&recorded.value)
             {
                 return Ok(due);
             }
@@ -304,7 +304,7 @@ impl Reconciler {
             );
             store.put_state(
                 StateKey::ReconcileNextDue,
-                &crate::sqlite::format_time(due),
+                &crate::time::format(due),
                 Utc::now(),
             )?;
             Ok(due)
@@ -318,7 +318,7 @@ impl Reconciler {
         tokio::task::spawn_blocking(move || {
             store.put_state(
                 StateKey::ReconcileNextDue,
-                &crate::sqlite::format_time(due),
+                &crate::time::format(due),
                 Utc::now(),
             )
         })

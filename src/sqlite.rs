@@ -1,13 +1,12 @@
 //! SQLite plumbing shared by the outbox and the reporting store: opening a file with the
 //! durability it needs (and proving the pragmas took effect), applying its `schema.sql` section
-//! idempotently with a recorded version, and the one text format for timestamps.
+//! idempotently with a recorded version.
 //!
 //! It must never decide what a table means; that belongs to the module owning the file.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 /// The whole schema file; each owner applies its own section.
@@ -130,7 +129,7 @@ pub fn apply_schema(
     }
     tx.execute(
         "INSERT OR IGNORE INTO schema_version (version, applied_at) VALUES (?1, ?2)",
-        (version, now()),
+        (version, crate::time::now()),
     )?;
     tx.commit()?;
     Ok(version)
@@ -192,15 +191,6 @@ impl FileIdentity {
     }
 }
 
-/// The timestamp format of every stored time: RFC 3339 UTC with milliseconds, sortable as text.
-pub fn format_time(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
-pub fn now() -> String {
-    format_time(Utc::now())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,13 +246,5 @@ mod tests {
             .unwrap();
         let err = apply_schema(&mut conn, &path, "outbox").unwrap_err();
         assert!(err.to_string().contains("schema version 99"), "{err}");
-    }
-
-    #[test]
-    fn times_sort_as_text() {
-        let a = format_time(DateTime::from_timestamp_millis(999).unwrap());
-        let b = format_time(DateTime::from_timestamp_millis(1_000).unwrap());
-        assert_eq!(a, "1970-01-01T00:00:00.999Z");
-        assert!(a < b);
     }
 }

@@ -331,7 +331,7 @@ fn retry_after(headers: &HeaderMap, now: DateTime<Utc>) -> Duration {
         }
     }
     header("x-rate-limit-reset")
-        .and_then(|v| v.parse::<DateTime<Utc>>().ok())
+        .and_then(crate::time::parse)
         .map(until)
         .unwrap_or(DEFAULT_429_WAIT)
 }

@@ -13,7 +13,7 @@ use rusqlite::{
 };
 use serde::Serialize;
 
-use crate::sqlite::{self, DbError};
+use crate::sqlite::DbError;
 
 /// Event type of the notifications `resync` queues; the worker always fetches them.
 pub const RESYNC_EVENT_TYPE: &str = "fenx-sync:resync";
@@ -229,7 +229,7 @@ impl OutboxAdmin {
     }
 
     fn requeue(&mut self, reset: &str, selection: &Selection) -> Result<usize, AdminError> {
-        let now = sqlite::now();
+        let now = crate::time::now();
         let (filter, values): (String, Vec<String>) = match selection {
             Selection::All => (String::new(), vec![now]),
             Selection::EventType(t) => (
@@ -274,7 +274,7 @@ impl OutboxAdmin {
 
     /// Queues a fetch of each entity now, whatever happened before. Returns the new ids.
     pub fn resync(&mut self, entity_ids: &[String]) -> Result<Vec<String>, AdminError> {
-        let now = sqlite::now();
+        let now = crate::time::now();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)

@@ -27,7 +27,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
 use super::{Durability, FILE_NAME, OutboxError, open_connection};
 use crate::health::{self, NotReady, StoreHealth, Writer};
-use crate::sqlite::{self, FileIdentity};
+use crate::sqlite::FileIdentity;
 use crate::supervisor::{self, ThreadEnded};
 use crate::telemetry::{Metrics, StatusLabel};
 
@@ -176,7 +176,7 @@ impl Maintenance {
                 tx.execute(
                     "INSERT INTO write_probe (id, written_at) VALUES (1, ?1)
                      ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at",
-                    [sqlite::now()],
+                    [crate::time::now()],
                 )?;
                 tx.commit()
             });
@@ -204,7 +204,7 @@ impl Maintenance {
     fn prune(&mut self) {
         let retention =
             chrono::Duration::from_std(self.options.retention).unwrap_or(chrono::Duration::MAX);
-        let cutoff = sqlite::format_time(
+        let cutoff = crate::time::format(
             chrono::Utc::now()
                 .checked_sub_signed(retention)
                 .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC),

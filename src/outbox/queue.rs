@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::OutboxError;
-use crate::sqlite::format_time;
+use crate::time;
 
 /// The most rows one claim coalesces (a burst of duplicates for one entity).
 const MAX_GROUP: i64 = 1000;
@@ -110,7 +110,7 @@ impl WorkQueue {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(write_error)?;
-        let now_text = format_time(now);
+        let now_text = time::format(now);
         let first: Option<(i64, Option<String>)> = tx
             .query_row(
                 "SELECT seq, entity_key FROM notification AS n INDEXED BY notification_due
@@ -168,7 +168,7 @@ impl WorkQueue {
         tx.execute(
             "INSERT INTO entity_lease (entity_key, owner, leased_until) VALUES (?1, ?2, ?3)
              ON CONFLICT (entity_key) DO UPDATE SET owner = excluded.owner, leased_until = excluded.leased_until",
-            params![lease_key, owner, format_time(until)],
+            params![lease_key, owner, time::format(until)],
         )
         .map_err(write_error)?;
         tx.commit().map_err(write_error)?;
@@ -186,7 +186,7 @@ impl WorkQueue {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(write_error)?;
-        let now = crate::sqlite::now();
+        let now = crate::time::now();
         for s in settlements {
             let changed = match &s.outcome {
                 RowOutcome::Done { status } => tx.execute(
@@ -211,7 +211,7 @@ impl WorkQueue {
                       WHERE seq = ?1 AND status = 'pending'",
                     params![
                         s.seq,
-                        format_time(*at),
+                        time::format(*at),
                         i64::from(*count_attempt),
                         error,
                         status
@@ -221,7 +221,7 @@ impl WorkQueue {
                     "UPDATE notification SET next_attempt_at = ?2, stale_reads = stale_reads + 1,
                             last_error = ?3, last_status = 200
                       WHERE seq = ?1 AND status = 'pending'",
-                    params![s.seq, format_time(*at), error],
+                    params![s.seq, time::format(*at), error],
                 ),
                 RowOutcome::Dead { reason, status } => tx.execute(
                     "UPDATE notification SET status = 'dead', attempts = attempts + 1,

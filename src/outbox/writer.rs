@@ -14,7 +14,6 @@ use tokio::sync::{mpsc, oneshot};
 use super::checkpoint::Checkpointer;
 use super::{Appended, Command, NewNotification, OutboxError};
 use crate::health::{StoreHealth, Writer};
-use crate::sqlite;
 
 pub(super) fn run(
     mut conn: Connection,
@@ -78,7 +77,7 @@ fn commit_appends(
     appends: &[PendingAppend],
 ) -> Result<Vec<Vec<Appended>>, rusqlite::Error> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let now = sqlite::now();
+    let now = crate::time::now();
     let mut outcomes = Vec::with_capacity(appends.len());
     {
         let mut insert = tx.prepare_cached(

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
 use super::{EntitySnapshot, Prepared, ReportingStore, StoreError, SyncCause, UpsertOutcome};
-use crate::sqlite::format_time;
+use crate::time;
 
 /// A confirmation read to make once `due_at` has passed.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,7 +61,7 @@ impl ReportingStore {
     ) -> Result<UpsertOutcome, StoreError> {
         let prepared = Prepared::of(entity);
         let rows = prepared.rows();
-        let now = crate::sqlite::now();
+        let now = crate::time::now();
         let mut conn = self.lock();
         let mut write = || -> rusqlite::Result<UpsertOutcome> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -92,17 +92,17 @@ impl ReportingStore {
                     )?
                     .execute(params![
                         entity.entity_id,
-                        format_time(*due_at),
+                        time::format(*due_at),
                         entity.version,
                         cause.notification_id,
                         cause.event_type,
                         cause.event_when,
                         received_at,
-                        format_time(*read_at),
+                        time::format(*read_at),
                     ])?;
                 }
                 ReadFollowUp::Confirmed { at } => {
-                    let at = format_time(*at);
+                    let at = time::format(*at);
                     tx.prepare_cached(
                         "DELETE FROM entity_confirmation WHERE entity_id = ?1 AND due_at <= ?2",
                     )?
@@ -150,8 +150,8 @@ impl ReportingStore {
             .and_then(|mut update| {
                 update.execute(params![
                     entity_id,
-                    format_time(read_after),
-                    format_time(due_at),
+                    time::format(read_after),
+                    time::format(due_at),
                     cause.notification_id,
                     cause.event_type,
                     cause.event_when,
@@ -182,7 +182,7 @@ impl ReportingStore {
             )?;
             select
                 .query_map(
-                    params![format_time(now), i64::try_from(limit).unwrap_or(i64::MAX)],
+                    params![time::format(now), i64::try_from(limit).unwrap_or(i64::MAX)],
                     |r| {
                         Ok(PendingConfirmation {
                             entity_id: r.get(0)?,
@@ -213,7 +213,7 @@ impl ReportingStore {
                 "SELECT count(*), min(due_at) FROM entity_confirmation WHERE due_at <= ?1",
             )
             .and_then(|mut select| {
-                select.query_row([format_time(now)], |r| {
+                select.query_row([time::format(now)], |r| {
                     Ok(ConfirmationBacklog {
                         due: r.get(0)?,
                         oldest_due: r.get::<_, Option<String>>(1)?.map(parse_time),
@@ -232,8 +232,8 @@ impl ReportingStore {
         at: DateTime<Utc>,
     ) -> Result<Vec<UpsertOutcome>, StoreError> {
         let prepared: Vec<Prepared> = reads.iter().map(|(_, e)| Prepared::of(e)).collect();
-        let now = crate::sqlite::now();
-        let at = format_time(at);
+        let now = crate::time::now();
+        let at = time::format(at);
         let mut conn = self.lock();
         let mut write = || -> rusqlite::Result<Vec<UpsertOutcome>> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -269,8 +269,8 @@ impl ReportingStore {
             .and_then(|mut update| {
                 update.execute(params![
                     pending.entity_id,
-                    format_time(pending.due_at),
-                    format_time(retry_at)
+                    time::format(pending.due_at),
+                    time::format(retry_at)
                 ])
             })
             .map(drop)
@@ -306,7 +306,7 @@ impl ReportingStore {
 /// Deletes `pending`'s row unless a later provisional read has moved its due time.
 fn close(conn: &rusqlite::Connection, pending: &PendingConfirmation) -> rusqlite::Result<usize> {
     conn.prepare_cached("DELETE FROM entity_confirmation WHERE entity_id = ?1 AND due_at = ?2")?
-        .execute(params![pending.entity_id, format_time(pending.due_at)])
+        .execute(params![pending.entity_id, time::format(pending.due_at)])
 }
 
 /// A read proved the entity exists at this version (or newer) as of `at`.
@@ -318,7 +318,7 @@ fn mark_confirmed(conn: &rusqlite::Connection, entity_id: &str, at: &str) -> rus
     .map(drop)
 }
 
-/// Times written by [`format_time`] always parse; anything else reads as the epoch (due now).
+/// Times written by [`time::format`] always parse; anything else reads as the epoch (due now).
 fn parse_time(text: String) -> DateTime<Utc> {
     text.parse().unwrap_or_default()
 }

@@ -206,7 +206,7 @@ impl ReportingStore {
     /// Logs finished notifications in one transaction. A notification logged again (a replay
     /// after a crash) replaces its earlier row.
     pub fn record_processed(&self, records: &[ProcessedNotification]) -> Result<(), StoreError> {
-        self.record_processed_at(records, &sqlite::now())
+        self.record_processed_at(records, &crate::time::now())
     }
 
     fn record_processed_at(
@@ -252,7 +252,7 @@ impl ReportingStore {
 
     /// Starts a run of `kind`; earlier unfinished runs of that kind are closed.
     pub fn start_reconcile(&self, kind: RunKind) -> Result<ReconcileRun, StoreError> {
-        let now = sqlite::now();
+        let now = crate::time::now();
         let mut conn = self.lock();
         let start = |conn: &mut Connection| -> rusqlite::Result<i64> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -281,7 +281,7 @@ impl ReportingStore {
 
     /// Saves a run's progress after a page was stored, or marks it finished.
     pub fn save_reconcile(&self, run: &ReconcileRun, finished: bool) -> Result<(), StoreError> {
-        let now = sqlite::now();
+        let now = crate::time::now();
         let c = &run.counts;
         self.lock()
             .execute(
@@ -334,7 +334,7 @@ impl ReportingStore {
                   WHERE absent_since IS NULL
                     AND (last_listed_run IS NULL OR last_listed_run <> ?1)
                     AND synced_at <= (SELECT started_at FROM reconcile_run WHERE run_id = ?1)",
-                params![run_id, sqlite::now()],
+                params![run_id, crate::time::now()],
             )
             .map_err(|source| {
                 self.error(format!("mark entities run {run_id} did not list"), source)
@@ -512,7 +512,7 @@ fn upsert(
     // IMMEDIATE: the version check and the write must see the same state, and a deferred
     // transaction upgrading to a writer would fail at once instead of waiting for the lock.
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let now = sqlite::now();
+    let now = crate::time::now();
     let outcomes = entities
         .iter()
         .zip(rows)

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 
 use super::{ReportingStore, StoreError};
-use crate::sqlite::format_time;
+use crate::time;
 
 /// Which fact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,12 +48,7 @@ impl ReportingStore {
                 "INSERT INTO sync_state (key, value, since, updated_at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value, since = excluded.since,
                      updated_at = excluded.updated_at",
-                params![
-                    key.as_str(),
-                    value,
-                    format_time(since),
-                    crate::sqlite::now()
-                ],
+                params![key.as_str(), value, time::format(since), crate::time::now()],
             )
             .map(drop)
             .map_err(|source| self.error(format!("record {}", key.as_str()), source))

@@ -242,7 +242,7 @@ impl SyncWorker {
                     notification_id: format!(
                         "confirm:{}:{}",
                         pending.entity_id,
-                        crate::sqlite::format_time(pending.due_at)
+                        crate::time::format(pending.due_at)
                     ),
                     event_type: Some(CONFIRMATION_EVENT_TYPE.into()),
                     entity_id: Some(entity.entity_id.clone()),

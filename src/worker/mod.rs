@@ -370,7 +370,7 @@ impl SyncWorker {
             return None;
         }
         // An unreadable receive time is treated as just now: confirming costs little.
-        let received = newest.received_at.parse::<DateTime<Utc>>().unwrap_or(now);
+        let received = crate::time::parse(&newest.received_at).unwrap_or(now);
         let due_at = received
             .checked_add_signed(policy::to_chrono(self.confirm_after))
             .unwrap_or(DateTime::<Utc>::MAX_UTC);
@@ -398,17 +398,12 @@ impl SyncWorker {
                     self.metrics.dead_letters.inc();
                 }
                 "synced" => {
-                    let when = p
-                        .event_when
-                        .as_deref()
-                        .and_then(|w| DateTime::parse_from_rfc3339(w.trim()).ok());
-                    if let Some(lag) =
-                        when.and_then(|w| (now - w.with_timezone(&Utc)).to_std().ok())
-                    {
+                    let when = p.event_when.as_deref().and_then(crate::time::parse);
+                    if let Some(lag) = when.and_then(|w| (now - w).to_std().ok()) {
                         self.metrics.sync_lag_seconds.observe(lag.as_secs_f64());
                     }
-                    if let Ok(received) = DateTime::parse_from_rfc3339(&p.received_at) {
-                        let age = now - received.with_timezone(&Utc);
+                    if let Some(received) = crate::time::parse(&p.received_at) {
+                        let age = now - received;
                         let seconds = age.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
                         self.metrics.freshness_seconds.observe(seconds);
                     }
@@ -524,7 +519,7 @@ fn processed(
 /// (so a late duplicate costs no re-fetch). Uses the event's `When` where readable, else our
 /// receive time.
 fn event_after_last_write(row: &Claimed, synced_at: &str) -> bool {
-    let parse = |t: &str| DateTime::parse_from_rfc3339(t.trim()).ok();
+    let parse = crate::time::parse;
     let event = row
         .event_when
         .as_deref()

@@ -393,7 +393,7 @@ async fn the_reconciliation_schedule_survives_a_restart_instead_of_starting_a_pa
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let first = first.expect("the schedule is recorded within 10 s");
-    assert!(first > fenx_sync::sqlite::format_time(later(23 * 60 * 60)));
+    assert!(first > fenx_sync::time::format(later(23 * 60 * 60)));
     stop.send(true).unwrap();
     task.await.unwrap();
 

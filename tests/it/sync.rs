@@ -392,7 +392,7 @@ async fn server_errors_back_off_with_the_schedule_kept_in_the_outbox() {
         .query_row("SELECT next_attempt_at FROM notification", [], |r| r.get(0))
         .unwrap();
     assert!(
-        next > fenx_sync::sqlite::now(),
+        next > fenx_sync::time::now(),
         "retry time is persisted in the row"
     );
     // A restarted worker (a new one on the same files) keeps the schedule.
