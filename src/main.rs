@@ -188,19 +188,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let refused = credentials_refused(&settings)?;
             if json {
                 let mut value = status_json(&status)?;
-                value["fenergo_credentials_refused"] = match &refused {
-                    Some(r) => {
-                        serde_json::json!({"since": r.since.to_rfc3339(), "reason": r.value})
-                    }
+                // The configured tenant's refusal, else the first in a store that several share.
+                let mine = refused
+                    .iter()
+                    .find(|(tenant, _)| *tenant == settings.fenergo.tenant_id)
+                    .or(refused.first());
+                value["fenergo_credentials_refused"] = match mine {
+                    Some((tenant, r)) => serde_json::json!({
+                        "since": r.since.to_rfc3339(), "reason": r.value, "tenant_id": tenant
+                    }),
                     None => serde_json::Value::Null,
                 };
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 print_status(&status);
                 print_store_space(&settings);
-                if let Some(r) = refused {
+                for (tenant, r) in refused {
                     println!(
-                        "\nFenergo credentials refused since {}: {}",
+                        "\nFenergo credentials refused since {} (tenant {tenant}): {}",
                         r.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                         r.value
                     );
@@ -655,18 +660,19 @@ fn print_store_space(settings: &Settings) {
     }
 }
 
-/// The recorded "credentials refused" state, if the reporting store exists (status never
-/// creates it).
+/// Every tenant's recorded "credentials refused" state, if the reporting store exists (status
+/// never creates it, and may run without a tenant configured).
 fn credentials_refused(
     settings: &Settings,
-) -> anyhow::Result<Option<fenx_sync::store::StateEntry>> {
+) -> anyhow::Result<Vec<(String, fenx_sync::store::StateEntry)>> {
     let path = settings.store.reporting_path();
     if !path.exists() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     let runtime = runtime()?;
     let store = runtime.block_on(fenx_sync::store::open(settings))?;
-    Ok(runtime.block_on(store.state(fenx_sync::store::StateKey::CredentialsRefused))?)
+    let key = fenx_sync::store::StateKey::CredentialsRefused;
+    Ok(runtime.block_on(store.state_of_every_tenant(key))?)
 }
 
 fn print_dead_letters(rows: &[NotificationRow]) {

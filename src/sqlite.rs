@@ -150,7 +150,7 @@ pub fn apply_schema_then(
 /// A section's idempotent part (`CREATE … IF NOT EXISTS`), and its `-- upgrade: N` blocks in
 /// order: statements such as `ALTER TABLE … ADD COLUMN` that must run exactly once, on a file
 /// recorded below version N.
-fn split_upgrades(sql: &str) -> (&str, Vec<(i64, &str)>) {
+pub(crate) fn split_upgrades(sql: &str) -> (&str, Vec<(i64, &str)>) {
     const MARK: &str = "-- upgrade: ";
     let mut parts = sql.split(MARK);
     let base = parts.next().unwrap_or_default();
@@ -164,7 +164,7 @@ fn split_upgrades(sql: &str) -> (&str, Vec<(i64, &str)>) {
 }
 
 /// The `(version, sql)` of a `-- section: NAME version: N` block of schema.sql.
-fn schema_section(name: &str) -> Option<(i64, &'static str)> {
+pub(crate) fn schema_section(name: &str) -> Option<(i64, &'static str)> {
     let mut rest = SCHEMA;
     while let Some(start) = rest.find("-- section: ") {
         let block = &rest[start..];

@@ -22,6 +22,8 @@ use serde_json::Value;
 
 mod flatten;
 pub mod sqlite;
+#[cfg(test)]
+mod suite;
 
 use crate::config::Settings;
 use crate::sqlite::DbError;
@@ -399,6 +401,13 @@ pub trait ReportingStore: Send + Sync {
     async fn clear_state(&self, key: StateKey) -> Result<(), StoreError>;
 
     async fn state(&self, key: StateKey) -> Result<Option<StateEntry>, StoreError>;
+
+    /// `key`'s recorded value for every tenant in the store (for `fenx-sync status`, which may
+    /// run without a tenant configured), by tenant id.
+    async fn state_of_every_tenant(
+        &self,
+        key: StateKey,
+    ) -> Result<Vec<(String, StateEntry)>, StoreError>;
 
     /// The unfinished run of `kind` to resume, if any.
     async fn running_reconcile(&self, kind: RunKind) -> Result<Option<ReconcileRun>, StoreError>;

@@ -297,6 +297,13 @@ impl ReportingStore for SqliteStore {
         self.blocking(move |s| s.state(key)).await
     }
 
+    async fn state_of_every_tenant(
+        &self,
+        key: StateKey,
+    ) -> Result<Vec<(String, StateEntry)>, StoreError> {
+        self.blocking(move |s| s.state_of_every_tenant(key)).await
+    }
+
     async fn running_reconcile(&self, kind: RunKind) -> Result<Option<ReconcileRun>, StoreError> {
         self.blocking(move |s| s.running_reconcile(kind)).await
     }
