@@ -12,9 +12,26 @@ use serde_json::{Value, json};
 
 use super::*;
 
+/// Which SQL dialect a store speaks, as the README cookbook marks its lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    fn marker(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "-- SQLite",
+            Dialect::Postgres => "-- PostgreSQL",
+        }
+    }
+}
+
 /// A fresh, empty database for one test.
 #[async_trait]
 pub(crate) trait TestDb: Send + Sync {
+    fn dialect(&self) -> Dialect;
     /// A store on this database for `tenant` (opening it again for the same tenant is allowed).
     async fn open(&self, tenant: &str) -> Arc<dyn ReportingStore>;
     /// Every row of `sql`'s result, each as its columns' text joined by `|` (NULL as `NULL`).
@@ -43,7 +60,8 @@ macro_rules! store_suite {
             runs_resume_and_mark_absent_entities,
             recorded_state_round_trips,
             history_is_pruned_but_never_the_current_version,
-            stats_count_entities_and_bytes
+            stats_count_entities_and_bytes,
+            every_readme_cookbook_query_runs_and_finds_rows
         );
     };
     ($db:expr; $($name:ident),+ $(,)?) => {
@@ -984,4 +1002,74 @@ pub(crate) async fn stats_count_entities_and_bytes(db: &dyn TestDb) {
     );
     assert!(store.check().await.is_ok());
     assert!(!store.describe().is_empty());
+}
+
+/// The statements of the README's cookbook in `dialect`: lines marked for the other store
+/// dropped, `:id` bound to `e-1`.
+fn cookbook(dialect: Dialect) -> Vec<String> {
+    let readme = include_str!("../../README.md");
+    let section = &readme[readme.find("### Cookbook").expect("a cookbook section")..];
+    let start = section.find("```sql\n").expect("a SQL block") + "```sql\n".len();
+    let block = &section[start..start + section[start..].find("```").expect("its end")];
+    let others = [Dialect::Sqlite, Dialect::Postgres]
+        .into_iter()
+        .filter(|d| *d != dialect)
+        .map(Dialect::marker)
+        .collect::<Vec<_>>();
+    let kept: String = block
+        .lines()
+        .filter(|line| !others.iter().any(|m| line.trim_end().ends_with(m)))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    kept.split(";\n")
+        .map(|statement| statement.trim().replace(":id", "'e-1'"))
+        .filter(|statement| statement.lines().any(|l| !l.trim_start().starts_with("--")))
+        .collect()
+}
+
+pub(crate) async fn every_readme_cookbook_query_runs_and_finds_rows(db: &dyn TestDb) {
+    let store = db.open(TENANT).await;
+    let company = |version, name: &str| {
+        entity(
+            "e-1",
+            version,
+            json!({
+                "legalEntityName": single(name),
+                "countryOfIncorporation": single("IE"),
+                "numberOfEmployees": {"type": "Single", "value": 300},
+                "addresses": {"type": "Collection", "collections": {
+                    "r1": {"properties": {"addressLine1": "1 Main St", "city": "Cork", "country": "IE"}},
+                }},
+            }),
+        )
+    };
+    let mut person = entity(
+        "p-1",
+        1,
+        json!({"firstName": single("Ann"), "dateOfBirth": single("1960-05-01T00:00:00")}),
+    );
+    person.entity_type = Some("Individual".into());
+    for (e, n) in [
+        (company(1, "Acme"), "n-1"),
+        (company(2, "Acme Ltd"), "n-2"),
+        (person, "n-3"),
+    ] {
+        store
+            .upsert_entity(&e, &cause(n, "2024-01-01T10:00:00Z"))
+            .await
+            .unwrap();
+    }
+    let mut dead = processed("n-4", Some("entitydata:draftverified"), SyncOutcome::Dead);
+    dead.detail = Some("404 after 5 attempts".into());
+    let mut synced = processed("n-2", Some("entitydata:draftverified"), SyncOutcome::Synced);
+    synced.event_when = Some(Utc::now() - Duration::seconds(2));
+    store.record_processed(&[synced, dead]).await.unwrap();
+    let run = store.start_reconcile(RunKind::Reconcile).await.unwrap();
+    store.save_reconcile(&run, true).await.unwrap();
+    let statements = cookbook(db.dialect());
+    assert!(statements.len() >= 10, "{statements:#?}");
+    for sql in statements {
+        let found = db.rows(&sql).await;
+        assert!(!found.is_empty(), "no rows from:\n{sql}");
+    }
 }

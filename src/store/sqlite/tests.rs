@@ -10,7 +10,7 @@ use rusqlite::types::ValueRef;
 use serde_json::json;
 
 use super::*;
-use crate::store::suite::{TestDb, store_suite};
+use crate::store::suite::{Dialect, TestDb, store_suite};
 use crate::store::{FILE_NAME, SyncOutcome};
 
 struct SqliteDb {
@@ -25,6 +25,10 @@ impl SqliteDb {
 
 #[async_trait]
 impl TestDb for SqliteDb {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+
     async fn open(&self, tenant: &str) -> Arc<dyn ReportingStore> {
         Arc::new(SqliteStore::open(&self.path(), tenant).unwrap())
     }
