@@ -577,13 +577,13 @@ fn probe_ready(addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result
 
 /// `status --json`: the counts keyed by name (`"by_status": {"done": 3}`), not as pairs.
 fn status_json(status: &Status) -> anyhow::Result<serde_json::Value> {
-    let object = |pairs: &[(String, i64)]| -> serde_json::Value {
+    fn object<K: std::fmt::Display>(pairs: &[(K, i64)]) -> serde_json::Value {
         pairs
             .iter()
-            .map(|(name, n)| (name.clone(), serde_json::Value::from(*n)))
+            .map(|(name, n)| (name.to_string(), serde_json::Value::from(*n)))
             .collect::<serde_json::Map<_, _>>()
             .into()
-    };
+    }
     let mut json = serde_json::to_value(status)?;
     json["by_status"] = object(&status.by_status);
     json["signature_recipes"] = object(&status.signature_recipes);
@@ -605,15 +605,16 @@ fn print_status(s: &Status) {
             e.event_type, e.pending, e.done, e.ignored, e.dead
         );
     }
-    let oldest = match (&s.oldest_pending_received_at, s.oldest_pending_age_secs) {
-        (Some(at), Some(age)) => format!("{at} ({age} s ago)"),
+    let oldest = match (s.oldest_pending_received_at, s.oldest_pending_age_secs) {
+        (Some(at), Some(age)) => format!("{} ({age} s ago)", fenx_sync::time::format(at)),
         _ => "none".into(),
     };
     println!("\noldest pending:      {oldest}");
     println!("dead letters:        {}", s.dead_letters);
     println!(
         "last successful sync: {}",
-        s.last_sync_at.as_deref().unwrap_or("never")
+        s.last_sync_at
+            .map_or_else(|| "never".into(), fenx_sync::time::format)
     );
     println!("duplicates received: {}", s.duplicates_received);
     let recipes: Vec<String> = s

@@ -106,11 +106,11 @@ impl Ingress {
             .verifier
             .verify(signature_header.as_deref(), &body.bytes)
             .inspect_err(|e| self.count_signature_failure(e))?;
-        let recipe = verified.recipe.to_string();
+        let recipe = verified.recipe;
         self.metrics
             .signature_recipes
             .get_or_create(&RecipeLabel {
-                recipe: recipe.clone(),
+                recipe: recipe.to_string(),
             })
             .inc();
         self.announce_recipe(verified.recipe, verified.secret_index);
@@ -123,7 +123,7 @@ impl Ingress {
             .map(|notification| NewNotification {
                 notification,
                 source: Source::Webhook,
-                signature_recipe: Some(recipe.clone()),
+                signature_recipe: Some(recipe),
             })
             .collect();
         let outcomes = self.outbox.append_batch(rows).await?;

@@ -369,15 +369,14 @@ impl SyncWorker {
         if self.confirm_after.is_zero() {
             return None;
         }
-        // An unreadable receive time is treated as just now: confirming costs little.
-        let received = crate::time::parse(&newest.received_at).unwrap_or(now);
-        let due_at = received
+        let due_at = newest
+            .received_at
             .checked_add_signed(policy::to_chrono(self.confirm_after))
             .unwrap_or(DateTime::<Utc>::MAX_UTC);
         Some(if now < due_at {
             ReadFollowUp::Confirm {
                 due_at,
-                received_at: newest.received_at.clone(),
+                received_at: crate::time::format(newest.received_at),
                 read_at: now,
             }
         } else {
@@ -508,7 +507,7 @@ fn processed(
         entity_id,
         outcome: outcome.to_owned(),
         attempts: row.attempts + 1,
-        received_at: row.received_at.clone(),
+        received_at: crate::time::format(row.received_at),
         event_when: row.event_when.clone(),
         detail,
     }
@@ -524,7 +523,7 @@ fn event_after_last_write(row: &Claimed, synced_at: &str) -> bool {
         .event_when
         .as_deref()
         .and_then(parse)
-        .or_else(|| parse(&row.received_at));
+        .or(Some(row.received_at));
     matches!((event, parse(synced_at)), (Some(event), Some(written)) if event > written)
 }
 
@@ -553,7 +552,7 @@ mod tests {
             entity_key: None,
             attempts: 0,
             stale_reads: 0,
-            received_at: received.into(),
+            received_at: crate::time::parse(received).unwrap(),
             event_when: when.map(str::to_owned),
         }
     }

@@ -108,9 +108,7 @@ impl RetryPolicy {
 }
 
 fn received_age(row: &Claimed, now: DateTime<Utc>) -> Duration {
-    crate::time::parse(&row.received_at)
-        .and_then(|received| (now - received).to_std().ok())
-        .unwrap_or(Duration::ZERO)
+    (now - row.received_at).to_std().unwrap_or(Duration::ZERO)
 }
 
 pub fn to_chrono(d: Duration) -> chrono::Duration {
@@ -134,7 +132,7 @@ mod tests {
             entity_key: Some("e".into()),
             attempts,
             stale_reads: 0,
-            received_at: crate::time::format(now - chrono::Duration::seconds(received_secs_ago)),
+            received_at: now - chrono::Duration::seconds(received_secs_ago),
             event_when: None,
         }
     }
