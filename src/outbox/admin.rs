@@ -15,11 +15,9 @@ use rusqlite::{
 use serde::Serialize;
 
 use super::NotificationStatus::{self, Dead, Done, Ignored, Pending};
+use crate::notification::RESYNC_EVENT_TYPE;
 use crate::signature::Recipe;
 use crate::sqlite::{DbError, optional_time_column, time_column};
-
-/// Event type of the notifications `resync` queues; the worker always fetches them.
-pub const RESYNC_EVENT_TYPE: &str = "fenx-sync:resync";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -315,7 +313,7 @@ impl OutboxAdmin {
         let mut ids = Vec::with_capacity(entity_ids.len());
         for entity in entity_ids {
             let id = format!("resync:{entity}:{now}");
-            let relative_url = format!("entitydataquery/api/entity/{entity}");
+            let relative_url = crate::fenergo::entity_path(entity);
             let raw = serde_json::json!({
                 "Id": id, "EventType": RESYNC_EVENT_TYPE, "RelativeUrl": relative_url, "When": now,
             })

@@ -204,7 +204,7 @@ impl SyncWorker {
         let newest = rows.last().expect("called with at least one row");
         let resync = rows
             .iter()
-            .any(|r| r.event_type.as_deref() == Some(crate::outbox::admin::RESYNC_EVENT_TYPE));
+            .any(|r| r.event_type.as_deref() == Some(crate::notification::RESYNC_EVENT_TYPE));
         let entity = newest.relative_url.as_deref().and_then(entity_id);
         let (
             Some(entity),
@@ -265,7 +265,7 @@ impl SyncWorker {
         let newest = rows.last().expect("called with at least one row");
         let relative_url = newest.relative_url.as_deref().unwrap_or_default();
         let path = entity_id(relative_url)
-            .map(|id| format!("entitydataquery/api/entity/{id}"))
+            .map(crate::fenergo::entity_path)
             .unwrap_or_else(|| relative_url.to_owned());
         let correlation_id = format!("fenx-sync:{}:{}", newest.id, newest.attempts + 1);
         let entity = match self.client.get_entity(&path, &correlation_id).await {

@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 
 use crate::config::SyncSettings;
@@ -41,14 +40,11 @@ impl RetryPolicy {
 
     /// Exponential back-off with jitter for the `attempts`-th retry (0-based).
     pub fn backoff(&self, attempts: i64) -> Duration {
-        ExponentialBuilder::default()
-            .with_min_delay(self.retry_base)
-            .with_max_delay(self.retry_max)
-            .with_jitter()
-            .without_max_times()
-            .build()
-            .nth(usize::try_from(attempts).unwrap_or(0))
-            .unwrap_or(self.retry_max)
+        crate::backoff::nth(
+            self.retry_base,
+            self.retry_max,
+            usize::try_from(attempts).unwrap_or(0),
+        )
     }
 
     /// The outcome for `row` after `error` at `now`.
