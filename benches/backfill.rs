@@ -16,7 +16,7 @@ use fenx_sync::config::Settings;
 use fenx_sync::fenergo::FenergoClient;
 use fenx_sync::reconcile::Reconciler;
 use fenx_sync::sim::{SimConfig, Simulator};
-use fenx_sync::store::{ReportingStore, RunKind};
+use fenx_sync::store::RunKind;
 use fenx_sync::telemetry::Metrics;
 
 fn main() {
@@ -68,7 +68,7 @@ async fn scenario(
     f.client_secret = Some(config.client_secret.clone().into());
     f.requests_per_second = rps.unwrap_or(10_000);
     let client = Arc::new(FenergoClient::new(&settings.fenergo, Arc::new(Metrics::new())).unwrap());
-    let store = Arc::new(ReportingStore::open(&settings.store.reporting_path()).unwrap());
+    let store = fenx_sync::store::open(&settings).await.unwrap();
     let reconciler = Reconciler::new(client, store, page_size);
     let before = sim.stats();
     let started = Instant::now();

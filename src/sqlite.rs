@@ -121,6 +121,17 @@ pub fn apply_schema(
     path: &Path,
     section: &'static str,
 ) -> Result<i64, DbError> {
+    apply_schema_then(conn, path, section, |_, _| Ok(()))
+}
+
+/// [`apply_schema`], then `then` in the same transaction with the version the file was recorded
+/// at before (`None`: a new file), for the owner's own upgrade steps that SQL cannot express.
+pub fn apply_schema_then(
+    conn: &mut Connection,
+    path: &Path,
+    section: &'static str,
+    then: impl FnOnce(&rusqlite::Transaction<'_>, Option<i64>) -> rusqlite::Result<()>,
+) -> Result<i64, DbError> {
     let (version, sql) = schema_section(section).ok_or(DbError::NoSection(section))?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let has_table: bool = tx.query_row(
@@ -151,6 +162,7 @@ pub fn apply_schema(
             tx.execute_batch(upgrade)?;
         }
     }
+    then(&tx, found)?;
     tx.execute(
         "INSERT OR IGNORE INTO schema_version (version, applied_at) VALUES (?1, ?2)",
         (version, crate::time::now()),
@@ -162,7 +174,7 @@ pub fn apply_schema(
 /// A section's idempotent part (`CREATE … IF NOT EXISTS`), and its `-- upgrade: N` blocks in
 /// order: statements such as `ALTER TABLE … ADD COLUMN` that must run exactly once, on a file
 /// recorded below version N.
-fn split_upgrades(sql: &str) -> (&str, Vec<(i64, &str)>) {
+pub(crate) fn split_upgrades(sql: &str) -> (&str, Vec<(i64, &str)>) {
     const MARK: &str = "-- upgrade: ";
     let mut parts = sql.split(MARK);
     let base = parts.next().unwrap_or_default();
@@ -176,7 +188,7 @@ fn split_upgrades(sql: &str) -> (&str, Vec<(i64, &str)>) {
 }
 
 /// The `(version, sql)` of a `-- section: NAME version: N` block of schema.sql.
-fn schema_section(name: &str) -> Option<(i64, &'static str)> {
+pub(crate) fn schema_section(name: &str) -> Option<(i64, &'static str)> {
     let mut rest = SCHEMA;
     while let Some(start) = rest.find("-- section: ") {
         let block = &rest[start..];

@@ -7,9 +7,11 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use fenx_sync::config::Settings;
+use fenx_sync::outbox::NotificationStatus::{Dead, Done, Ignored, Pending};
 use fenx_sync::outbox::admin::{NotificationRow, OutboxAdmin, Selection, Status};
 
 use super::args::DeadLetterCommand;
+use super::service::runtime;
 
 /// `status`: the outbox counts, free space and refused credentials, as a table or JSON.
 pub fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
@@ -17,19 +19,24 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
     let refused = credentials_refused(settings)?;
     if json {
         let mut value = status_json(&status)?;
-        value["fenergo_credentials_refused"] = match &refused {
-            Some(r) => {
-                serde_json::json!({"since": r.since.to_rfc3339(), "reason": r.value})
-            }
+        // The configured tenant's refusal, else the first in a store that several share.
+        let mine = refused
+            .iter()
+            .find(|(tenant, _)| *tenant == settings.fenergo.tenant_id)
+            .or(refused.first());
+        value["fenergo_credentials_refused"] = match mine {
+            Some((tenant, r)) => serde_json::json!({
+                "since": r.since.to_rfc3339(), "reason": r.value, "tenant_id": tenant
+            }),
             None => serde_json::Value::Null,
         };
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         print_status(&status);
         print_store_space(settings);
-        if let Some(r) = refused {
+        for (tenant, r) in refused {
             println!(
-                "\nFenergo credentials refused since {}: {}",
+                "\nFenergo credentials refused since {} (tenant {tenant}): {}",
                 r.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                 r.value
             );
@@ -59,14 +66,15 @@ pub fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
         fenx_sync::outbox::Durability::Full,
         settings.store.busy_timeout,
     )?;
-    fenx_sync::store::ReportingStore::open(&settings.store.reporting_path())?;
+    let reporting = runtime()?.block_on(fenx_sync::store::open(settings))?;
     println!(
-        "{} is at the current schema",
+        "{} and the reporting store ({}) are at the current schema",
         settings
             .store
             .dir
             .join(fenx_sync::outbox::FILE_NAME)
-            .display()
+            .display(),
+        reporting.describe()
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -134,7 +142,7 @@ fn print_status(s: &Status) {
     }
     println!(
         "\n{:<40} {:>9} {:>9} {:>9} {:>9}",
-        "event type", "pending", "done", "ignored", "dead"
+        "event type", Pending, Done, Ignored, Dead
     );
     for e in &s.by_event_type {
         println!(
@@ -191,17 +199,19 @@ fn print_store_space(settings: &Settings) {
     }
 }
 
-/// The recorded "credentials refused" state, if the reporting store exists (status never
-/// creates it).
+/// Every tenant's recorded "credentials refused" state, if the reporting store exists (status
+/// never creates it, and may run without a tenant configured).
 fn credentials_refused(
     settings: &Settings,
-) -> anyhow::Result<Option<fenx_sync::store::StateEntry>> {
+) -> anyhow::Result<Vec<(String, fenx_sync::store::StateEntry)>> {
     let path = settings.store.reporting_path();
     if !path.exists() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    Ok(fenx_sync::store::ReportingStore::open(&path)?
-        .state(fenx_sync::store::StateKey::CredentialsRefused)?)
+    let runtime = runtime()?;
+    let store = runtime.block_on(fenx_sync::store::open(settings))?;
+    let key = fenx_sync::store::StateKey::CredentialsRefused;
+    Ok(runtime.block_on(store.state_of_every_tenant(key))?)
 }
 
 fn print_dead_letters(rows: &[NotificationRow]) {

@@ -53,15 +53,16 @@ pub fn backfill(
     let client = fenx_sync::fenergo::FenergoClient::new(&settings.fenergo, metrics)?;
     // A refusal ends the backfill with one line (below), not a log line as well.
     client.log_refusals(false);
-    let store = fenx_sync::store::ReportingStore::open(&settings.store.reporting_path())?;
+    let runtime = runtime()?;
+    let store = runtime.block_on(fenx_sync::store::open(&settings))?;
     // Entities a resumed run already counted: the rate and ETA cover this run's work only.
-    let resumed_from = match store.running_reconcile(RunKind::Backfill)? {
+    let resumed_from = match runtime.block_on(store.running_reconcile(RunKind::Backfill))? {
         Some(run) if !restart => run.counts.seen,
         _ => 0,
     };
     let reconciler = fenx_sync::reconcile::Reconciler::new(
         std::sync::Arc::new(client),
-        std::sync::Arc::new(store),
+        store,
         page_size.unwrap_or(settings.reconcile.page_size),
     );
     // A bar on a terminal; one log line per page elsewhere (hidden bar).
@@ -106,7 +107,7 @@ pub fn backfill(
             );
         }
     });
-    let run = runtime()?.block_on(async {
+    let run = runtime.block_on(async {
         tokio::select! {
             run = walk => Some(run),
             _ = stop_requested() => None,
@@ -146,7 +147,7 @@ fn progress_rate(entities: i64, elapsed: Duration) -> f64 {
     entities as f64 / elapsed.as_secs_f64().max(1e-3)
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -172,7 +172,18 @@ pub fn new_worker(settings: &Settings) -> SyncWorker {
 pub fn new_worker_with_metrics(settings: &Settings) -> (SyncWorker, std::sync::Arc<Metrics>) {
     let metrics = std::sync::Arc::new(Metrics::new());
     let client = FenergoClient::new(&settings.fenergo, metrics.clone()).unwrap();
-    let worker = SyncWorker::new(settings, std::sync::Arc::new(client), metrics.clone()).unwrap();
+    let store = fenx_sync::store::SqliteStore::open(
+        &settings.store.reporting_path(),
+        &settings.fenergo.tenant_id,
+    )
+    .unwrap();
+    let worker = SyncWorker::new(
+        settings,
+        std::sync::Arc::new(store),
+        std::sync::Arc::new(client),
+        metrics.clone(),
+    )
+    .unwrap();
     (worker, metrics)
 }
 
