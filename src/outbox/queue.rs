@@ -60,8 +60,8 @@ pub struct Claimed {
     /// Stale re-fetches so far (their own budget, apart from `attempts`).
     pub stale_reads: i64,
     pub received_at: DateTime<Utc>,
-    /// `When` as Fenergo sent it (read with [`time::parse`] where it is needed).
-    pub event_when: Option<String>,
+    /// `When` as Fenergo sent it, where [`time::parse`] can read it (the row keeps the text).
+    pub event_when: Option<DateTime<Utc>>,
 }
 
 /// Rows leased together: every pending row for one entity (or one row with no entity).
@@ -172,7 +172,10 @@ impl WorkQueue {
                         entity_key: r.get(4)?,
                         attempts: r.get(5)?,
                         received_at: time_column(r, 6)?,
-                        event_when: r.get(7)?,
+                        event_when: r
+                            .get::<_, Option<String>>(7)?
+                            .as_deref()
+                            .and_then(time::parse),
                         stale_reads: r.get(8)?,
                     })
                 })?

@@ -488,7 +488,7 @@ fn processed(
         outcome,
         attempts: row.attempts + 1,
         received_at: row.received_at,
-        event_when: row.event_when.as_deref().and_then(crate::time::parse),
+        event_when: row.event_when,
         detail,
     }
 }
@@ -498,7 +498,7 @@ fn cause(row: &Claimed) -> SyncCause {
     SyncCause {
         notification_id: row.id.clone(),
         event_type: row.event_type.clone(),
-        event_when: row.event_when.as_deref().and_then(crate::time::parse),
+        event_when: row.event_when,
     }
 }
 
@@ -507,13 +507,7 @@ fn cause(row: &Claimed) -> SyncCause {
 /// (so a late duplicate costs no re-fetch). Uses the event's `When` where readable, else our
 /// receive time.
 fn event_after_last_write(row: &Claimed, synced_at: DateTime<Utc>) -> bool {
-    let parse = crate::time::parse;
-    let event = row
-        .event_when
-        .as_deref()
-        .and_then(parse)
-        .or(Some(row.received_at));
-    event.is_some_and(|event| event > synced_at)
+    row.event_when.unwrap_or(row.received_at) > synced_at
 }
 
 #[cfg(test)]
@@ -530,7 +524,7 @@ mod tests {
             attempts: 0,
             stale_reads: 0,
             received_at: crate::time::parse(received).unwrap(),
-            event_when: when.map(str::to_owned),
+            event_when: when.and_then(crate::time::parse),
         }
     }
 
