@@ -102,24 +102,22 @@ mod tests {
 
     #[tokio::test]
     async fn metrics_are_served_in_the_format_the_scraper_asks_for() {
-        let (status, headers, text) = answer(Method::GET, "/metrics", None).await;
-        assert_eq!(status, StatusCode::OK);
-        assert!(
-            headers[header::CONTENT_TYPE]
-                .to_str()
-                .unwrap()
-                .starts_with("text/plain")
-        );
-        assert!(text.contains("fenx_ready 0"), "{text}");
-        let accept = Some("application/openmetrics-text; version=1.0.0");
-        let (_, headers, text) = answer(Method::GET, "/metrics", accept).await;
-        assert!(
-            headers[header::CONTENT_TYPE]
-                .to_str()
-                .unwrap()
-                .starts_with("application/openmetrics-text")
-        );
-        assert!(text.ends_with("# EOF\n"), "{text}");
+        let openmetrics = Some("application/openmetrics-text; version=1.0.0");
+        for (accept, content_type, ends_with_eof) in [
+            (None, "text/plain", false),
+            (openmetrics, "application/openmetrics-text", true),
+        ] {
+            let (status, headers, text) = answer(Method::GET, "/metrics", accept).await;
+            assert_eq!(status, StatusCode::OK);
+            let served = headers[header::CONTENT_TYPE].to_str().unwrap();
+            assert!(served.starts_with(content_type), "{accept:?}: {served}");
+            assert!(text.contains("fenx_ready 0"), "{text}");
+            assert_eq!(
+                text.ends_with("# EOF\n"),
+                ends_with_eof,
+                "{accept:?}: {text}"
+            );
+        }
     }
 
     #[tokio::test]
