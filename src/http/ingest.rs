@@ -485,6 +485,38 @@ mod tests {
         }
     }
 
+    /// A body whose bytes never come.
+    struct Stalled;
+
+    impl hyper::body::Body for Stalled {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_does_not_arrive_gets_408() {
+        let dir = tempfile::tempdir().unwrap();
+        let (routes, _) = ingress(dir.path(), HealthRules::default());
+        let request = Request::post(WEBHOOK)
+            .header(signature::HEADER, "00".repeat(32))
+            .body(Stalled)
+            .unwrap();
+        // Paused time: the read's own limits fire at once, and the outer bound keeps a read
+        // without limits from hanging the test.
+        let routed = routes.clone().route(request, PEER.parse().unwrap());
+        let response = tokio::time::timeout(Duration::from_secs(3600), routed)
+            .await
+            .expect("the body read has a time limit");
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+    }
+
     #[tokio::test]
     async fn signed_bodies_that_are_not_notifications_get_400() {
         let dir = tempfile::tempdir().unwrap();
