@@ -33,11 +33,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fenx_sync::http::{ConnectionLimits, Routes, json_response};
+use fenx_sync::http::{ConnectionLimits, RequestBody, Routes, json_response};
 use fenx_sync::signature::{DigestEncoding, KeyDerivation, Recipe};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -706,9 +705,9 @@ fn strip_ansi(text: &str) -> String {
 struct Bare;
 
 impl Routes for Bare {
-    async fn route(
+    async fn route<B: RequestBody>(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        request: Request<B>,
         _: SocketAddr,
     ) -> Response<Full<Bytes>> {
         let _ = request.into_body().collect().await;

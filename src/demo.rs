@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::config::Settings;
+use crate::outbox::NotificationStatus;
 use crate::outbox::admin::OutboxAdmin;
 use crate::signature::Recipe;
 use crate::sim::{Faults, Lag, Redelivery, SimConfig, Simulator, WebhookSender};
@@ -145,13 +146,6 @@ pub async fn run(keep: bool, out: &mut (dyn Write + Send)) -> Result<DemoReport,
     )?;
 
     let status = wait_settled(&settings, SETTLE_TIMEOUT).await?;
-    let count = |name: &str| {
-        status
-            .by_status
-            .iter()
-            .find(|(s, _)| s == name)
-            .map_or(0, |(_, n)| *n)
-    };
     let stats = sim.stats();
     let reporting = Connection::open(settings.store.reporting_path())?;
     let entities_stored: i64 =
@@ -169,9 +163,9 @@ pub async fn run(keep: bool, out: &mut (dyn Write + Send)) -> Result<DemoReport,
     writeln!(
         out,
         "  outbox: {} done, {} ignored, {} dead; {} duplicate deliveries recognised",
-        count("done"),
-        count("ignored"),
-        count("dead"),
+        status.count(NotificationStatus::Done),
+        status.count(NotificationStatus::Ignored),
+        status.count(NotificationStatus::Dead),
         status.duplicates_received
     )?;
     writeln!(
@@ -221,9 +215,9 @@ pub async fn run(keep: bool, out: &mut (dyn Write + Send)) -> Result<DemoReport,
     Ok(DemoReport {
         store_dir: store_path,
         delivered,
-        done: count("done"),
-        ignored: count("ignored"),
-        dead: count("dead"),
+        done: status.count(NotificationStatus::Done),
+        ignored: status.count(NotificationStatus::Ignored),
+        dead: status.count(NotificationStatus::Dead),
         entities: entities_stored,
         api_calls: stats.entity_requests(),
         elapsed: started.elapsed(),
@@ -261,11 +255,7 @@ async fn wait_settled(
         })
         .await
         .map_err(|e| DemoError::Io(std::io::Error::other(e)))??;
-        let pending = status
-            .by_status
-            .iter()
-            .find(|(s, _)| s == "pending")
-            .map_or(0, |(_, n)| *n);
+        let pending = status.count(NotificationStatus::Pending);
         if pending == 0 {
             return Ok(status);
         }

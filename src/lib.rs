@@ -14,7 +14,8 @@
 //! - [`fenergo`]: the query API client (tokens, rate limit, classified errors, wire types).
 //! - [`store`]: the reporting database and its monotonic upsert.
 //! - [`reconcile`]: backfill and reconciliation over the paged entity list.
-//! - [`sqlite`]: opening files with proven durability, schema sections, time format.
+//! - [`sqlite`]: opening files with proven durability, schema sections, reading stored times;
+//!   [`time`]: the one format and parser of times; [`backoff`]: the one retry back-off.
 //! - [`health`]: readiness and liveness as cached facts (free space, last durable write, a
 //!   write in progress too long); [`supervisor`]: named tasks whose end stops the process.
 //! - [`telemetry`]: logs and Prometheus metrics; [`systemd`]: notify and watchdog.
@@ -33,6 +34,7 @@
 //! - The stored raw bytes are the bytes that were signed; JSON is never re-serialised.
 //! - An older entity version never overwrites a newer one.
 
+pub mod backoff;
 pub mod config;
 #[cfg(feature = "simulator")]
 pub mod demo;
@@ -396,12 +398,16 @@ fn local_addr(listener: &TcpListener) -> String {
         .unwrap_or_default()
 }
 
+/// How long a webhook may wait for room in the outbox writer's queue before it is answered 503.
+/// Fenergo retries a 503, so waiting longer than a commit or two only holds its connection.
+const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn outbox_options(settings: &Settings) -> OutboxOptions {
     OutboxOptions {
         busy_timeout: settings.store.busy_timeout,
         max_batch: settings.store.max_batch,
         queue_capacity: settings.store.queue_capacity,
-        enqueue_timeout: settings.store.busy_timeout,
+        enqueue_timeout: ENQUEUE_TIMEOUT,
     }
 }
 

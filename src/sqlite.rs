@@ -1,13 +1,14 @@
 //! SQLite plumbing shared by the outbox and the reporting store: opening a file with the
 //! durability it needs (and proving the pragmas took effect), applying its `schema.sql` section
-//! idempotently with a recorded version.
+//! idempotently with a recorded version, and reading back the times fenx-sync stored.
 //!
 //! It must never decide what a table means; that belongs to the module owning the file.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 
 /// The whole schema file; each owner applies its own section.
 const SCHEMA: &str = include_str!("../schema.sql");
@@ -52,6 +53,29 @@ pub enum DbError {
     NoSection(&'static str),
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
+}
+
+/// Reads column `idx`, a time fenx-sync stored with [`crate::time::format`]. Such columns are
+/// written only by fenx-sync, so text that is not a time is an error, not a guess.
+pub fn time_column(row: &Row<'_>, idx: usize) -> rusqlite::Result<DateTime<Utc>> {
+    parse_time(idx, row.get(idx)?)
+}
+
+/// [`time_column`] of a nullable column.
+pub fn optional_time_column(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<DateTime<Utc>>> {
+    row.get::<_, Option<String>>(idx)?
+        .map(|text| parse_time(idx, text))
+        .transpose()
+}
+
+fn parse_time(idx: usize, text: String) -> rusqlite::Result<DateTime<Utc>> {
+    crate::time::parse(&text).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            idx,
+            rusqlite::types::Type::Text,
+            format!("not a stored time: {text:?}").into(),
+        )
+    })
 }
 
 /// Opens (creating if needed) a database file in WAL mode with the given durability, and reads

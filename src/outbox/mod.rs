@@ -25,13 +25,16 @@ pub mod admin;
 mod checkpoint;
 mod maintenance;
 mod queue;
+mod status;
 mod writer;
 
 pub use maintenance::{MaintenanceOptions, MaintenanceThread, THREAD_NAME as MAINTENANCE_THREAD};
 pub use queue::{Claim, Claimed, RowOutcome, Settlement, WorkQueue};
+pub use status::NotificationStatus;
 
 use crate::health::{HealthRules, StoreHealth};
 use crate::notification::Notification;
+use crate::signature::Recipe;
 pub use crate::sqlite::Durability;
 use crate::sqlite::{self, DbError};
 use crate::supervisor::{self, ThreadEnded};
@@ -65,8 +68,8 @@ impl Source {
 pub struct NewNotification {
     pub notification: Notification,
     pub source: Source,
-    /// The signature recipe that verified it, e.g. `sha256-hex/hex`.
-    pub signature_recipe: Option<String>,
+    /// The signature recipe that verified it (stored as its name, e.g. `sha256-hex/hex`).
+    pub signature_recipe: Option<Recipe>,
 }
 
 /// What an append did with one notification.
@@ -287,7 +290,7 @@ mod tests {
         NewNotification {
             notification,
             source: Source::Webhook,
-            signature_recipe: Some("secret/hex".into()),
+            signature_recipe: Some("secret/hex".parse().unwrap()),
         }
     }
 

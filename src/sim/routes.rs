@@ -18,7 +18,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -29,7 +28,7 @@ use super::entities::{
 };
 use super::feeds::Missing;
 use super::state::{ApiHeaders, Refusal, State, Throttle, TokenRefused, TokenRequest};
-use crate::http::{Routes, json_response};
+use crate::http::{RequestBody, Routes, json_response};
 
 /// Token requests are a few short form fields.
 const MAX_FORM_BYTES: usize = 16 * 1024;
@@ -176,7 +175,7 @@ impl SimRoutes {
         SimRoutes { state }
     }
 
-    async fn token(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn token<B: RequestBody>(&self, request: Request<B>) -> Response<Full<Bytes>> {
         let form = match read_form(request).await {
             Ok(form) => form,
             Err(error) => {
@@ -219,7 +218,11 @@ impl SimRoutes {
         }
     }
 
-    async fn api(&self, request: Request<Incoming>, segments: &[&str]) -> Response<Full<Bytes>> {
+    async fn api<B: RequestBody>(
+        &self,
+        request: Request<B>,
+        segments: &[&str],
+    ) -> Response<Full<Bytes>> {
         let headers = request.headers();
         let api_headers = ApiHeaders {
             bearer: bearer(headers),
@@ -256,10 +259,10 @@ impl SimRoutes {
     }
 
     /// The answer of the service behind the gateway.
-    async fn serve(
+    async fn serve<B: RequestBody>(
         &self,
         operation: &Operation,
-        request: Request<Incoming>,
+        request: Request<B>,
     ) -> Response<Full<Bytes>> {
         match operation {
             Operation::Entity(id) => match self.state.read_entity(id) {
@@ -316,9 +319,9 @@ impl SimRoutes {
 }
 
 impl Routes for SimRoutes {
-    async fn route(
+    async fn route<B: RequestBody>(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        request: Request<B>,
         _peer: SocketAddr,
     ) -> Response<Full<Bytes>> {
         // Splitting on '/' and dropping empty segments tolerates the `//` a careless join of
@@ -339,7 +342,9 @@ async fn sleep(latency: Duration) {
     }
 }
 
-async fn read_form(request: Request<Incoming>) -> Result<HashMap<String, String>, FormError> {
+async fn read_form<B: RequestBody>(
+    request: Request<B>,
+) -> Result<HashMap<String, String>, FormError> {
     let is_form = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -355,7 +360,10 @@ async fn read_form(request: Request<Incoming>) -> Result<HashMap<String, String>
     parse_form(&read_body(request, MAX_FORM_BYTES).await?)
 }
 
-async fn read_body(request: Request<Incoming>, max_bytes: usize) -> Result<Bytes, BodyError> {
+async fn read_body<B: RequestBody>(
+    request: Request<B>,
+    max_bytes: usize,
+) -> Result<Bytes, BodyError> {
     let limited = Limited::new(request.into_body(), max_bytes);
     match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
         Err(_) => Err(BodyError::Timeout),

@@ -238,12 +238,11 @@ mod tests {
 
     use http::{Request, Response, StatusCode};
     use http_body_util::{BodyExt, Full};
-    use hyper::body::Incoming;
     use secrecy::SecretString;
     use tokio::sync::oneshot;
 
     use super::*;
-    use crate::http::{ConnectionLimits, Routes, json_response, serve};
+    use crate::http::{ConnectionLimits, RequestBody, Routes, json_response, serve};
     use crate::signature::{RecipeChoice, Verifier};
 
     const SECRET: &str = "webhook-secret";
@@ -268,9 +267,9 @@ mod tests {
     }
 
     impl Routes for Receiver {
-        async fn route(
+        async fn route<B: RequestBody>(
             self: Arc<Self>,
-            request: Request<Incoming>,
+            request: Request<B>,
             _peer: SocketAddr,
         ) -> Response<Full<Bytes>> {
             {
