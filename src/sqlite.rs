@@ -78,11 +78,22 @@ fn parse_time(idx: usize, text: String) -> rusqlite::Result<DateTime<Utc>> {
     })
 }
 
+/// The page size of a file [`open`] creates (an existing file keeps its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageSize {
+    /// SQLite's 4 KiB: small rows, small commits (the outbox).
+    Default,
+    /// 16 KiB: rows of a few KB (an entity's JSON) share a page instead of taking one each,
+    /// which halves the reporting store.
+    Large,
+}
+
 /// Opens (creating if needed) a database file in WAL mode with the given durability, and reads
 /// the pragmas back: they are per connection and silently ignored on some filesystems.
 pub fn open(
     path: &Path,
     durability: Durability,
+    page_size: PageSize,
     busy_timeout: Duration,
 ) -> Result<Connection, DbError> {
     let conn = Connection::open_with_flags(
@@ -96,6 +107,10 @@ pub fn open(
         source,
     })?;
     conn.busy_timeout(busy_timeout)?;
+    // Takes effect only before the header is first written (switching to WAL writes it).
+    if page_size == PageSize::Large {
+        conn.pragma_update(None, "page_size", 16_384)?;
+    }
     let wanted = match durability {
         Durability::Full => 2,
         Durability::Normal => 1,
@@ -235,7 +250,13 @@ mod tests {
     fn full_durability_is_read_back_and_schema_applies_twice() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let mut conn = open(&path, Durability::Full, Duration::from_secs(1)).unwrap();
+        let mut conn = open(
+            &path,
+            Durability::Full,
+            PageSize::Default,
+            Duration::from_secs(1),
+        )
+        .unwrap();
         let sync: i64 = conn
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .unwrap();
@@ -252,7 +273,13 @@ mod tests {
     fn a_file_at_version_1_is_upgraded_in_place_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let mut conn = open(&path, Durability::Full, Duration::from_secs(1)).unwrap();
+        let mut conn = open(
+            &path,
+            Durability::Full,
+            PageSize::Default,
+            Duration::from_secs(1),
+        )
+        .unwrap();
         let (_, sql) = schema_section("outbox").unwrap();
         conn.execute_batch(split_upgrades(sql).0).unwrap();
         conn.execute(
@@ -276,7 +303,13 @@ mod tests {
     fn a_file_from_a_newer_version_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let mut conn = open(&path, Durability::Full, Duration::from_secs(1)).unwrap();
+        let mut conn = open(
+            &path,
+            Durability::Full,
+            PageSize::Default,
+            Duration::from_secs(1),
+        )
+        .unwrap();
         apply_schema(&mut conn, &path, "outbox").unwrap();
         conn.execute("INSERT INTO schema_version VALUES (99, 'x')", [])
             .unwrap();

@@ -36,7 +36,7 @@ use crate::health::{HealthRules, StoreHealth};
 use crate::notification::Notification;
 use crate::signature::Recipe;
 pub use crate::sqlite::Durability;
-use crate::sqlite::{self, DbError};
+use crate::sqlite::{self, DbError, PageSize};
 use crate::supervisor::{self, ThreadEnded};
 
 /// The outbox file inside `store.dir`.
@@ -264,7 +264,7 @@ pub fn open_connection(
         source,
     })?;
     let path = dir.join(FILE_NAME);
-    let mut conn = sqlite::open(&path, durability, busy_timeout)?;
+    let mut conn = sqlite::open(&path, durability, PageSize::Default, busy_timeout)?;
     sqlite::apply_schema(&mut conn, &path, "outbox")?;
     Ok(conn)
 }

@@ -135,7 +135,7 @@ async fn opening_twice_and_reapplying_the_schema_is_harmless() {
         second.stored_state("e-1").await.unwrap().unwrap().version,
         1
     );
-    let mut conn = sqlite::open(&path, Durability::Normal, BUSY_TIMEOUT).unwrap();
+    let mut conn = sqlite::open(&path, Durability::Normal, PageSize::Large, BUSY_TIMEOUT).unwrap();
     conn.execute_batch("CREATE TEMP TABLE migration_tenant AS SELECT 't' AS tenant_id")
         .unwrap();
     assert_eq!(sqlite::apply_schema(&mut conn, &path, SECTION).unwrap(), 3);
@@ -149,6 +149,11 @@ async fn opening_twice_and_reapplying_the_schema_is_harmless() {
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
     assert_eq!(journal, "wal");
+    let page_size: i64 = Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(page_size, 16_384, "entities share pages");
 }
 
 /// A version 2 file, as fenx-sync wrote it before tenant keys, one time form and typed values.
