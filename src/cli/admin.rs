@@ -13,10 +13,15 @@ use fenx_sync::outbox::admin::{NotificationRow, OutboxAdmin, Selection, Status};
 use super::args::DeadLetterCommand;
 use super::service::runtime;
 
-/// `status`: the outbox counts, free space and refused credentials, as a table or JSON.
+/// `status`: the outbox counts, free space, the reporting store's size and refused credentials,
+/// as a table or JSON.
 pub fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
     let status = open_admin(settings)?.status()?;
-    let refused = credentials_refused(settings)?;
+    let reporting = reporting_report(settings)?;
+    let refused = match &reporting {
+        ReportingReport::Open { refused, .. } => refused.clone(),
+        _ => Vec::new(),
+    };
     if json {
         let mut value = status_json(&status)?;
         // The configured tenant's refusal, else the first in a store that several share.
@@ -30,10 +35,12 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
             }),
             None => serde_json::Value::Null,
         };
+        value["reporting_store"] = reporting.json();
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         print_status(&status);
         print_store_space(settings);
+        println!("reporting store:     {}", reporting.line());
         for (tenant, r) in refused {
             println!(
                 "\nFenergo credentials refused since {} (tenant {tenant}): {}",
@@ -177,7 +184,7 @@ fn print_status(s: &Status) {
     );
 }
 
-/// Free space against `store.min_free_bytes`, and whether `reporting.db` is there.
+/// Free space against `store.min_free_bytes`.
 fn print_store_space(settings: &Settings) {
     let store = &settings.store;
     let min = store.min_free_bytes;
@@ -188,30 +195,94 @@ fn print_store_space(settings: &Settings) {
         Ok(free) => println!("free space:          {free} bytes (store.min_free_bytes {min})"),
         Err(error) => println!("free space:          unknown ({error})"),
     }
-    let reporting = store.reporting_path();
-    if reporting.exists() {
-        println!("reporting store:     {}", reporting.display());
-    } else {
-        println!(
-            "reporting store:     {} MISSING (a running service recreates it and re-syncs)",
-            reporting.display()
-        );
-    }
 }
 
-/// Every tenant's recorded "credentials refused" state, if the reporting store exists (status
-/// never creates it, and may run without a tenant configured).
-fn credentials_refused(
-    settings: &Settings,
-) -> anyhow::Result<Vec<(String, fenx_sync::store::StateEntry)>> {
-    let path = settings.store.reporting_path();
-    if !path.exists() {
-        return Ok(Vec::new());
-    }
+/// What `status` found of the reporting store.
+enum ReportingReport {
+    /// The SQLite file is not there (status never creates it).
+    Missing(std::path::PathBuf),
+    /// It cannot be opened or read (PostgreSQL down, a refused login, a corrupt file).
+    Unavailable { store: String, error: String },
+    Open {
+        store: String,
+        stats: fenx_sync::store::StoreStats,
+        /// Every tenant's recorded "credentials refused" state (status may run without a
+        /// tenant configured).
+        refused: Vec<(String, fenx_sync::store::StateEntry)>,
+    },
+}
+
+fn reporting_report(settings: &Settings) -> anyhow::Result<ReportingReport> {
     let runtime = runtime()?;
-    let store = runtime.block_on(fenx_sync::store::open(settings))?;
-    let key = fenx_sync::store::StateKey::CredentialsRefused;
-    Ok(runtime.block_on(store.state_of_every_tenant(key))?)
+    let describe = settings.store.reporting_path().display().to_string();
+    let opened = match runtime.block_on(fenx_sync::store::open_existing(settings)) {
+        Ok(Some(store)) => store,
+        Ok(None) => return Ok(ReportingReport::Missing(settings.store.reporting_path())),
+        Err(error) => {
+            return Ok(ReportingReport::Unavailable {
+                store: describe,
+                error: error.to_string(),
+            });
+        }
+    };
+    let read = runtime.block_on(async {
+        let stats = opened.stats().await?;
+        let key = fenx_sync::store::StateKey::CredentialsRefused;
+        Ok::<_, fenx_sync::store::StoreError>((stats, opened.state_of_every_tenant(key).await?))
+    });
+    Ok(match read {
+        Ok((stats, refused)) => ReportingReport::Open {
+            store: opened.describe(),
+            stats,
+            refused,
+        },
+        Err(error) => ReportingReport::Unavailable {
+            store: opened.describe(),
+            error: error.to_string(),
+        },
+    })
+}
+
+impl ReportingReport {
+    fn line(&self) -> String {
+        match self {
+            ReportingReport::Missing(path) => format!(
+                "{} MISSING (a running service recreates it and re-syncs)",
+                path.display()
+            ),
+            ReportingReport::Unavailable { store, error } => {
+                format!("{store} UNAVAILABLE: {error}")
+            }
+            ReportingReport::Open { store, stats, .. } => {
+                let per = |bytes: i64| bytes / stats.entities.max(1);
+                format!(
+                    "{store}: {} entities, {} versions; {} bytes per entity ({} without history)",
+                    stats.entities,
+                    stats.versions,
+                    per(stats.bytes),
+                    per(stats.bytes_without_history)
+                )
+            }
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        match self {
+            ReportingReport::Missing(path) => {
+                serde_json::json!({"store": path.display().to_string(), "missing": true})
+            }
+            ReportingReport::Unavailable { store, error } => {
+                serde_json::json!({"store": store, "error": error})
+            }
+            ReportingReport::Open { store, stats, .. } => serde_json::json!({
+                "store": store,
+                "entities": stats.entities,
+                "versions": stats.versions,
+                "bytes": stats.bytes,
+                "bytes_without_history": stats.bytes_without_history,
+            }),
+        }
+    }
 }
 
 fn print_dead_letters(rows: &[NotificationRow]) {

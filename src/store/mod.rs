@@ -443,6 +443,17 @@ pub trait ReportingStore: Send + Sync {
     async fn grant_read(&self, role: &str) -> Result<(), StoreError>;
 }
 
+/// Opens the reporting store the settings name if it exists already (for `fenx-sync status`,
+/// which never creates one): `None` when the SQLite file is not there.
+pub async fn open_existing(
+    settings: &Settings,
+) -> Result<Option<Arc<dyn ReportingStore>>, StoreError> {
+    if !settings.store.reporting_path().exists() {
+        return Ok(None);
+    }
+    open(settings).await.map(Some)
+}
+
 /// Opens the reporting store the settings name (PostgreSQL when `store.reporting_url` is set,
 /// else the SQLite file), creating or migrating its schema.
 pub async fn open(settings: &Settings) -> Result<Arc<dyn ReportingStore>, StoreError> {
