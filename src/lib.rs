@@ -309,7 +309,7 @@ async fn watch_reporting_store(watch: ReportingStoreWatch, mut stopping: watch::
                     tracing::warn!(store = %watch.store.describe(), "the reporting store answers again; sync resumes");
                 }
                 available = true;
-                watch.metrics.reporting_store_up.set(1);
+                watch.metrics.reporting_store_unavailable.set(0);
                 check.reopened
             }
             Err(error) => {
@@ -317,7 +317,7 @@ async fn watch_reporting_store(watch: ReportingStoreWatch, mut stopping: watch::
                     tracing::error!(%error, store = %watch.store.describe(), "the reporting store is unavailable; notifications stay pending and ingest continues");
                 }
                 available = false;
-                watch.metrics.reporting_store_up.set(0);
+                watch.metrics.reporting_store_unavailable.set(1);
                 seen
             }
         };
