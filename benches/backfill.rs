@@ -12,10 +12,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fenx_sim::{SimConfig, Simulator};
 use fenx_sync::config::Settings;
 use fenx_sync::fenergo::FenergoClient;
 use fenx_sync::reconcile::Reconciler;
-use fenx_sync::sim::{SimConfig, Simulator};
 use fenx_sync::store::{ReportingStore, RunKind};
 use fenx_sync::telemetry::Metrics;
 

@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fenx_sim::{SimConfig, Simulator};
 use fenx_sync::signature::Recipe;
-use fenx_sync::sim::{SimConfig, Simulator};
 
 const SECRET: &str = "fault-run-secret";
 const TENANT: &str = "45bf62ac-e4b1-4c16-ae32-d774cd18db6d";

@@ -46,13 +46,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use fenx_sim::{Lag, SimConfig, Simulator};
 use fenx_sync::config::{FenergoSettings, Settings, SyncSettings};
 use fenx_sync::fenergo::FenergoClient;
 use fenx_sync::outbox::{
     NewNotification, Outbox, OutboxOptions, RowOutcome, Settlement, Source, WorkQueue,
 };
 use fenx_sync::signature::{DigestEncoding, KeyDerivation, Recipe, RecipeChoice};
-use fenx_sync::sim::{Lag, SimConfig, Simulator};
 use fenx_sync::store::{EntitySnapshot, ReportingStore, SyncCause, UpsertOutcome};
 use fenx_sync::telemetry::Metrics;
 use tempfile::TempDir;

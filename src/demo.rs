@@ -16,8 +16,7 @@ use tokio::sync::oneshot;
 
 use crate::config::Settings;
 use crate::outbox::admin::OutboxAdmin;
-use crate::signature::Recipe;
-use crate::sim::{Faults, Lag, Redelivery, SimConfig, Simulator, WebhookSender};
+use fenx_sim::{Faults, Lag, Redelivery, SimConfig, Simulator, WebhookSender};
 
 const SECRET: &str = "demo-webhook-secret";
 const ENTITIES: usize = 24;
@@ -29,9 +28,9 @@ pub enum DemoError {
     #[error("demo I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
-    Sim(#[from] crate::sim::SimError),
+    Sim(#[from] fenx_sim::SimError),
     #[error(transparent)]
-    Webhook(#[from] crate::sim::WebhookError),
+    Webhook(#[from] fenx_sim::WebhookError),
     #[error(transparent)]
     Run(#[from] crate::RunError),
     #[error(transparent)]
@@ -82,12 +81,7 @@ pub async fn run(keep: bool, out: &mut (dyn Write + Send)) -> Result<DemoReport,
             let _ = stopped.await;
         },
     ));
-    let sender = WebhookSender::new(
-        &webhook_url,
-        SECRET,
-        "sha256-hex/hex".parse::<Recipe>().expect("a known recipe"),
-        Redelivery::default(),
-    )?;
+    let sender = WebhookSender::new(&webhook_url, SECRET, Redelivery::default())?;
 
     // One entity is synced first, then updated while Fenergo's read side lags behind: its
     // verification arrives while a read still returns the old version.

@@ -118,7 +118,7 @@ struct SimulatorArgs {
     #[arg(long, requires = "send_to")]
     count: Option<u64>,
     /// The webhook secret to sign with (and to write into the configuration).
-    #[arg(long, default_value = fenx_sync::sim::STANDALONE_WEBHOOK_SECRET)]
+    #[arg(long, default_value = fenx_sim::STANDALONE_WEBHOOK_SECRET)]
     webhook_secret: String,
 }
 
@@ -254,7 +254,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         #[cfg(feature = "simulator")]
         Command::Simulator(args) => {
             telemetry::init(&Settings::load(&sources)?.log)?;
-            let options = fenx_sync::sim::StandaloneOptions {
+            let options = fenx_sim::StandaloneOptions {
                 listen: args.listen,
                 entities: args.entities,
                 webhook_secret: args.webhook_secret,
@@ -264,7 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 count: args.count,
                 ..Default::default()
             };
-            runtime()?.block_on(fenx_sync::sim::run_standalone(options, shutdown_signal()))?;
+            runtime()?.block_on(fenx_sim::run_standalone(options, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Health { addr, timeout } => health(&Settings::load(&sources)?, addr, timeout),

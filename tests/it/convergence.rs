@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use fenx_sim::{Faults, Lag, SimConfig};
 use fenx_sync::fenergo::FenergoClient;
 use fenx_sync::reconcile::Reconciler;
-use fenx_sync::sim::{Faults, Lag, SimConfig};
 use fenx_sync::store::{ReportingStore, RunKind};
 use fenx_sync::telemetry::Metrics;
 use serde_json::json;

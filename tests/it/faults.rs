@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fenx_sync::sim::Simulator;
+use fenx_sim::Simulator;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{SECRET, TestApp, eventually, notification, sign};

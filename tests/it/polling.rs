@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use fenx_sim::{PollingKnobs, SimConfig, Simulator};
 use fenx_sync::config::Settings;
 use fenx_sync::fenergo::FenergoClient;
 use fenx_sync::outbox::{Outbox, OutboxOptions};
 use fenx_sync::poller::{Polled, Poller};
 use fenx_sync::reconcile::Reconciler;
-use fenx_sync::sim::{PollingKnobs, SimConfig, Simulator};
 use fenx_sync::store::{ReportingStore, RunKind};
 use fenx_sync::telemetry::Metrics;
 use rusqlite::Connection;

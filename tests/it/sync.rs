@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use fenx_sim::{Faults, Lag, SimConfig, Simulator};
 use fenx_sync::config::Settings;
 use fenx_sync::fenergo::FenergoClient;
-use fenx_sync::sim::{Faults, Lag, SimConfig, Simulator};
 use fenx_sync::telemetry::Metrics;
 use fenx_sync::worker::{Step, SyncWorker};
 use rusqlite::Connection;

@@ -5,9 +5,12 @@
 //!
 //! This file owns the handle ([`Simulator`]), its configuration and knobs, and the standalone
 //! entry point. What Fenergo's JSON looks like lives in `entities`, the decisions in `state`,
-//! the polling feeds in `feeds`, HTTP in `routes`, webhook delivery in `webhook`. The simulator must never be used by the
-//! production data path (only tests, benchmarks and the `simulator` subcommand start one), and
-//! it binds only the address it is given (`127.0.0.1:0` from [`Simulator::start`]).
+//! the polling feeds in `feeds`, HTTP in `routes` (served by `server`), webhook delivery and
+//! signing in `webhook`; [`testkit`] (feature `testkit`) holds what tests and benchmarks share.
+//! The simulator must never be used by the production data path (only tests, benchmarks and
+//! fenx-sync's `simulator` and `demo` subcommands start one), it binds only the address it is
+//! given (`127.0.0.1:0` from [`Simulator::start`]), and it must never depend on fenx-sync: it
+//! stands for the outside world, so it shares none of the code it is testing.
 //!
 //! Fenergo behaviour the contract could not confirm (the 2-4-8-16 minute re-delivery, the
 //! meaning of entity `status`, `Retry-After` on tenant-limit 429s, the redelivery of batches
@@ -18,9 +21,10 @@
 mod entities;
 mod feeds;
 mod routes;
+mod server;
 mod state;
-#[cfg(test)]
-mod testkit;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 mod webhook;
 
 use std::future::Future;
@@ -34,25 +38,22 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::http::ConnectionLimits;
-use crate::signature::Recipe;
 pub use state::{CORRELATION_IDS_KEPT, SimStats};
 pub use webhook::{
-    Attempt, DeliveryItemStatus, DeliveryReport, REDELIVERY_MINUTES, Redelivery, WebhookError,
-    WebhookSender, WebhookStatus,
+    Attempt, DeliveryItemStatus, DeliveryReport, REDELIVERY_MINUTES, Redelivery, SIGNATURE_HEADER,
+    WebhookError, WebhookSender, WebhookStatus, sign,
 };
 
 /// The documented example tenant (contract §3), so logs and notifications look real.
 const DEFAULT_TENANT: &str = "45bf62ac-e4b1-4c16-ae32-d774cd18db6d";
 
-/// Generous, because a benchmark that exceeds the simulated concurrency limit must reach the
-/// simulator to be answered 429 rather than wait in its accept queue.
-const SIM_CONNECTION_LIMITS: ConnectionLimits = ConnectionLimits {
-    max_connections: 4096,
-    header_read_timeout: Duration::from_secs(10),
-    // Short, so tests that leave a slow request behind still shut down quickly.
-    shutdown_grace: Duration::from_secs(1),
-};
+/// A reqwest builder on rustls with the ring provider (reqwest is built without a default
+/// provider, to keep aws-lc out of the tree), for every client the simulator's side opens.
+pub(crate) fn client_builder() -> reqwest::ClientBuilder {
+    // A second install (another client in the same process) is refused harmlessly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
 
 /// What the simulated tenant accepts.
 #[derive(Debug, Clone)]
@@ -202,15 +203,10 @@ impl Simulator {
         let state = Arc::new(state::State::new(config));
         let routes = Arc::new(routes::SimRoutes::new(state.clone()));
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(crate::http::serve(
-            listener,
-            routes,
-            SIM_CONNECTION_LIMITS,
-            async {
-                // Either a send or the sender's drop means stop.
-                let _ = stopped.await;
-            },
-        ));
+        let server = tokio::spawn(server::serve(listener, routes, async {
+            // Either a send or the sender's drop means stop.
+            let _ = stopped.await;
+        }));
         Ok(Simulator {
             shared: Arc::new(Shared {
                 state,
@@ -365,9 +361,6 @@ pub struct StandaloneOptions {
 /// The secret `fenx-sync simulator` signs with unless told otherwise.
 pub const STANDALONE_WEBHOOK_SECRET: &str = "sim-webhook-secret";
 
-/// The recipe the standalone sender signs with (one `auto` detection accepts).
-const STANDALONE_RECIPE: &str = "sha256-hex/hex";
-
 /// Deliveries in flight at once; past it the sender waits, so the rate drops instead of memory
 /// growing while the target is down (failed deliveries wait out Fenergo's re-delivery schedule).
 const STANDALONE_IN_FLIGHT: usize = 64;
@@ -441,9 +434,7 @@ pub async fn run_standalone(
     }
     let sender = match &options.send_to {
         Some(url) => {
-            let recipe: Recipe = STANDALONE_RECIPE.parse().expect("a known recipe");
-            let sender =
-                WebhookSender::new(url, &options.webhook_secret, recipe, Redelivery::default())?;
+            let sender = WebhookSender::new(url, &options.webhook_secret, Redelivery::default())?;
             tracing::info!(url = %url, rate = options.rate, count = options.count, "sending signed webhooks");
             Some(tokio::spawn(send_traffic(sim.clone(), sender, options)))
         }
@@ -535,8 +526,8 @@ mod tests {
     use serde_json::{Value, json};
     use tokio::task::JoinSet;
 
-    use super::testkit::Api;
     use super::*;
+    use crate::testkit::Api;
 
     async fn version_read(api: &Api, id: &str) -> Option<i64> {
         let (status, body) = api.entity_json(id).await;

@@ -191,8 +191,8 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::sim::testkit::Api;
-    use crate::sim::{Faults, SimConfig, Simulator};
+    use crate::testkit::Api;
+    use crate::{Faults, SimConfig, Simulator};
 
     const ENTITY_CREATED: &str = "entitydata:created";
 

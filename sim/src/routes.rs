@@ -11,7 +11,6 @@
 //! limit, and never hold the state's lock across an `.await`.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +28,7 @@ use super::entities::{
 };
 use super::feeds::Missing;
 use super::state::{ApiHeaders, Refusal, State, Throttle, TokenRefused, TokenRequest};
-use crate::http::{Routes, json_response};
+use crate::server::{self, Handler};
 
 /// Token requests are a few short form fields.
 const MAX_FORM_BYTES: usize = 16 * 1024;
@@ -193,7 +192,7 @@ impl SimRoutes {
         });
         sleep(self.state.latency()).await;
         match outcome {
-            Ok(issued) => json_response(
+            Ok(issued) => server::json(
                 StatusCode::OK,
                 json!({
                     "access_token": issued.access_token,
@@ -315,12 +314,8 @@ impl SimRoutes {
     }
 }
 
-impl Routes for SimRoutes {
-    async fn route(
-        self: Arc<Self>,
-        request: Request<Incoming>,
-        _peer: SocketAddr,
-    ) -> Response<Full<Bytes>> {
+impl Handler for SimRoutes {
+    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Full<Bytes>> {
         // Splitting on '/' and dropping empty segments tolerates the `//` a careless join of
         // base URL and relativeUrl produces, and a trailing slash.
         let path = request.uri().path().to_owned();
@@ -480,7 +475,7 @@ fn refusal_response(refusal: Refusal) -> Response<Full<Bytes>> {
             );
             response
         }
-        Refusal::MissingTenant => json_response(
+        Refusal::MissingTenant => server::json(
             StatusCode::BAD_REQUEST,
             json!({ "ErrorCode": "MissingTenantHeader" }),
         ),
@@ -509,7 +504,7 @@ fn too_many_requests(throttle: &Throttle) -> Response<Full<Bytes>> {
 }
 
 fn envelope(status: StatusCode, message: &str, kind: &str) -> Response<Full<Bytes>> {
-    json_response(status, error_envelope(message, kind))
+    server::json(status, error_envelope(message, kind))
 }
 
 fn oauth_error(
@@ -523,7 +518,7 @@ fn oauth_error(
         }
         None => json!({ "error": error }),
     };
-    json_response(status, body)
+    server::json(status, body)
 }
 
 fn not_found(missing: Missing) -> Response<Full<Bytes>> {
@@ -572,8 +567,8 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::sim::testkit::{Api, form};
-    use crate::sim::{Faults, SimConfig, Simulator};
+    use crate::testkit::{Api, form};
+    use crate::{Faults, SimConfig, Simulator};
 
     fn with(
         fields: &[(&'static str, String)],
@@ -654,7 +649,7 @@ mod tests {
     #[tokio::test]
     async fn malformed_token_requests_get_400_and_never_panic() {
         let sim = Simulator::start(SimConfig::default()).await;
-        let http = crate::fenergo::client_builder().build().unwrap();
+        let http = crate::client_builder().build().unwrap();
         let form_type = "application/x-www-form-urlencoded";
         for (content_type, body) in [
             (

@@ -710,8 +710,8 @@ fn next_second(now: DateTime<Utc>) -> DateTime<Utc> {
 mod tests {
     use serde_json::{Value, json};
 
-    use crate::sim::testkit::Api;
-    use crate::sim::{Faults, Lag, SimConfig, Simulator};
+    use crate::testkit::Api;
+    use crate::{Faults, Lag, SimConfig, Simulator};
 
     fn page_request(size: Option<i64>, cursor: &Value) -> String {
         json!({ "data": {
@@ -823,7 +823,7 @@ mod tests {
         assert_eq!((first[0].0.as_str(), total), ("a", 3));
         let (_, _, cursor) = page(&api, 2, &cursor).await;
         assert!(cursor.is_null(), "nothing visible after c yet");
-        let after_c = json!(crate::sim::entities::cursor_after("c"));
+        let after_c = json!(crate::entities::cursor_after("c"));
         let (hidden, total, _) = page(&api, 10, &after_c).await;
         assert_eq!(
             (hidden, total),
@@ -867,7 +867,7 @@ mod tests {
             with_pager(json!({ "sortOrder": "desc" })),
             json!({ "data": { "searchAfter": "not a cursor!" } }).to_string(),
             json!({ "data": { "searchAfter": 7 } }).to_string(),
-            "x".repeat(crate::sim::routes::MAX_QUERY_BYTES + 1),
+            "x".repeat(crate::routes::MAX_QUERY_BYTES + 1),
         ] {
             let (status, answer) = api.entity_page(body.clone()).await;
             assert_eq!(status, 400, "{body:.80}");
