@@ -4,8 +4,9 @@
 //! rate-limit knobs, statistics, and a webhook sender that re-delivers the way Fenergo does.
 //!
 //! This file owns the handle ([`Simulator`]), its configuration and knobs, and the standalone
-//! entry point. What Fenergo's JSON looks like lives in `entities`, the decisions in `state`,
-//! the polling feeds in `feeds`, HTTP in `routes` (served by `server`), webhook delivery and
+//! entry point. What Fenergo's JSON looks like lives in `entities`, the decisions in `state`
+//! (with the fault knobs in `faults`, read lag in `lag`, counters in `stats`), the polling
+//! feeds in `feeds`, HTTP in `routes` (served by `server`), webhook delivery and
 //! signing in `webhook`; [`testkit`] (feature `testkit`) holds what tests and benchmarks share.
 //! The simulator must never be used by the production data path (only tests, benchmarks and
 //! fenx-sync's `simulator` and `demo` subcommands start one), it binds only the address it is
@@ -19,10 +20,13 @@
 //! said so where it is modelled.
 
 mod entities;
+mod faults;
 mod feeds;
+mod lag;
 mod routes;
 mod server;
 mod state;
+mod stats;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 mod webhook;
@@ -38,7 +42,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use state::{CORRELATION_IDS_KEPT, SimStats};
+pub use stats::{CORRELATION_IDS_KEPT, SimStats};
 pub use webhook::{
     Attempt, DeliveryItemStatus, DeliveryReport, REDELIVERY_MINUTES, Redelivery, SIGNATURE_HEADER,
     WebhookError, WebhookSender, WebhookStatus, sign,

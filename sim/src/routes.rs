@@ -26,8 +26,9 @@ use super::entities::{
     ZULU_SUFFIX, batch_body, cursor_position, entity_list_body, entity_page_body, error_envelope,
     fenergo_timestamp,
 };
+use super::faults::Throttle;
 use super::feeds::Missing;
-use super::state::{ApiHeaders, Refusal, State, Throttle, TokenRefused, TokenRequest};
+use super::state::{ApiHeaders, Refusal, State, TokenRefused, TokenRequest};
 use crate::server::{self, Handler};
 
 /// Token requests are a few short form fields.

@@ -7,7 +7,7 @@
 //! must never hold its lock across an `.await` or while doing I/O, and never panic on anything
 //! a request carries.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -18,13 +18,12 @@ use http::StatusCode;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::entities::{self, EntityJson, Notification, Snapshot};
+use super::entities::{self, Notification, Snapshot};
+use super::faults::{FaultState, Throttle, next_second};
 use super::feeds::{Feeds, Missing, Served};
+use super::lag::{Pending, Record};
+use super::stats::{CORRELATION_IDS_KEPT, SimStats};
 use super::{Faults, Lag, PollingKnobs, SimConfig, TokenRefusal};
-
-/// How many correlation ids the statistics keep (the most recent ones), so a long-running
-/// standalone simulator does not grow without bound.
-pub const CORRELATION_IDS_KEPT: usize = 10_000;
 
 /// Injected server errors cycle through these, so a client sees every 5xx Fenergo's gateway
 /// and services produce.
@@ -36,68 +35,6 @@ const SERVER_ERRORS: [StatusCode; 3] = [
 
 /// The scope a token carries when the request names none.
 const DEFAULT_SCOPE: &str = "fenx.all";
-
-/// What the simulator has seen, as of [`super::Simulator::stats`].
-#[derive(Debug, Clone, Default)]
-pub struct SimStats {
-    /// Every request to the token endpoint.
-    pub token_requests: u64,
-    pub tokens_issued: u64,
-    /// Token requests answered with an error (bad client, bad grant, or the refusal knob).
-    pub tokens_refused: u64,
-    /// Every request to the API (anything but the token endpoint), whatever its answer.
-    pub api_calls: u64,
-    /// Entity query answers by HTTP status.
-    pub entity_responses: BTreeMap<u16, u64>,
-    /// Entity query requests per requested entity id, whatever their answer.
-    pub fetches_by_entity: HashMap<String, u64>,
-    /// 429s served, forced or from the real limit.
-    pub rate_limited: u64,
-    /// 5xx served by the fault knobs.
-    pub server_errors: u64,
-    /// The most API requests in flight at once (429s included: it measures the client).
-    pub max_in_flight: u32,
-    /// The `x-correlation-id` of API requests, oldest first (the last
-    /// [`CORRELATION_IDS_KEPT`]).
-    pub correlation_ids: VecDeque<String>,
-    pub requests_missing_correlation_id: u64,
-    pub requests_missing_tenant: u64,
-    pub requests_wrong_tenant: u64,
-    /// `next` requests the polling API answered (past the gateway and the fault knobs),
-    /// whatever the answer.
-    pub polls: u64,
-    /// `next` answered 204.
-    pub empty_polls: u64,
-    /// Batches handed out, redeliveries included.
-    pub batches_served: u64,
-    pub batches_completed: u64,
-    /// Batches handed out again after their visibility timeout.
-    pub batches_redelivered: u64,
-    /// Notifications not yet completed (waiting or in flight) per feed, every feed listed.
-    pub feed_depth: BTreeMap<String, usize>,
-    /// Entity list pages served (200s).
-    pub list_pages: u64,
-    /// Bulk reads by id served (200s), and the ids they were asked for.
-    pub bulk_reads: u64,
-    pub bulk_read_ids: u64,
-}
-
-impl SimStats {
-    /// Entity query requests, whatever their answer.
-    pub fn entity_requests(&self) -> u64 {
-        self.entity_responses.values().sum()
-    }
-
-    /// Entity query answers with this status.
-    pub fn responses_with(&self, status: u16) -> u64 {
-        self.entity_responses.get(&status).copied().unwrap_or(0)
-    }
-
-    /// Entity query requests for this entity id.
-    pub fn fetches(&self, entity_id: &str) -> u64 {
-        self.fetches_by_entity.get(entity_id).copied().unwrap_or(0)
-    }
-}
 
 /// The headers of an API request that the simulator judges.
 #[derive(Debug, Default, Clone, Copy)]
@@ -128,13 +65,6 @@ pub(super) enum Refusal {
     MissingTenant,
     WrongTenant,
     Throttled(Throttle),
-}
-
-/// What a 429 tells the client.
-#[derive(Debug)]
-pub(super) struct Throttle {
-    pub reset: DateTime<Utc>,
-    pub retry_after: Option<Duration>,
 }
 
 /// One page of the entity list, as the lag lets it be seen.
@@ -191,122 +121,6 @@ struct Inner {
     in_flight: u32,
     feeds: Feeds,
     stats: SimStats,
-}
-
-/// One entity: its latest version, and what reads see while that version's lag lasts.
-struct Record {
-    version: i64,
-    created: DateTime<Utc>,
-    current: EntityJson,
-    /// The version readers saw before the pending update (`None`: the entity is new).
-    visible: Option<EntityJson>,
-    pending: Option<Pending>,
-}
-
-/// How long the latest update stays invisible.
-enum Pending {
-    Until(Instant),
-    Reads(u32),
-}
-
-impl Pending {
-    fn start(lag: Lag, now: Instant) -> Option<Pending> {
-        match lag {
-            Lag::For(duration) if !duration.is_zero() => Some(Pending::Until(now + duration)),
-            Lag::Reads(reads) if reads > 0 => Some(Pending::Reads(reads)),
-            _ => None,
-        }
-    }
-
-    fn active(&self, now: Instant) -> bool {
-        match *self {
-            Pending::Until(until) => now < until,
-            Pending::Reads(left) => left > 0,
-        }
-    }
-}
-
-impl Record {
-    /// Whether reads still see the version before the latest update (or nothing).
-    fn lagging(&self, now: Instant) -> bool {
-        self.pending.as_ref().is_some_and(|p| p.active(now))
-    }
-
-    /// What a read would get now, without counting as one.
-    fn peek(&self, now: Instant) -> Option<&EntityJson> {
-        if self.lagging(now) {
-            self.visible.as_ref()
-        } else {
-            Some(&self.current)
-        }
-    }
-
-    /// What a read gets now; a read while an update is pending uses up one lagging read.
-    fn read(&mut self, now: Instant) -> Option<EntityJson> {
-        let seen = self.peek(now).cloned();
-        if let Some(Pending::Reads(left)) = &mut self.pending {
-            *left = left.saturating_sub(1);
-        }
-        seen
-    }
-}
-
-/// The fault knobs plus the counters that make them deterministic.
-struct FaultState {
-    faults: Faults,
-    rate_limited_left: u32,
-    rate_limited_until: Option<DateTime<Utc>>,
-    server_errors_left: u32,
-    /// Entity-service requests since the knobs were set (for "every Nth").
-    served: u64,
-}
-
-impl FaultState {
-    fn new(faults: Faults) -> FaultState {
-        FaultState {
-            rate_limited_left: faults.rate_limited_requests,
-            rate_limited_until: faults
-                .rate_limited_for
-                .and_then(|d| chrono::Duration::from_std(d).ok())
-                .map(|d| Utc::now() + d),
-            server_errors_left: faults.server_errors,
-            served: 0,
-            faults,
-        }
-    }
-
-    /// A forced 429 for this request, if the knobs ask for one.
-    fn forced_throttle(&mut self, now: DateTime<Utc>) -> Option<Throttle> {
-        let retry_after = self.faults.retry_after;
-        let reset_after_retry = retry_after
-            .and_then(|d| chrono::Duration::from_std(d).ok())
-            .map(|d| now + d);
-        if self.rate_limited_left > 0 {
-            self.rate_limited_left -= 1;
-            return Some(Throttle {
-                reset: reset_after_retry.unwrap_or_else(|| next_second(now)),
-                retry_after,
-            });
-        }
-        match self.rate_limited_until {
-            Some(until) if now < until => Some(Throttle {
-                reset: reset_after_retry.unwrap_or(until),
-                retry_after,
-            }),
-            _ => None,
-        }
-    }
-
-    /// Whether this entity-service request fails on purpose.
-    fn server_error(&mut self) -> bool {
-        self.served += 1;
-        if self.server_errors_left > 0 {
-            self.server_errors_left -= 1;
-            return true;
-        }
-        let every = u64::from(self.faults.server_error_every);
-        every > 0 && self.served.is_multiple_of(every)
-    }
 }
 
 impl State {
@@ -699,11 +513,6 @@ fn judge_token_request(
         return Err(TokenRefused::UnsupportedGrantType);
     }
     Ok(())
-}
-
-/// The start of the next UNIX second: when the real rate limit's window resets.
-fn next_second(now: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp(now.timestamp() + 1, 0).unwrap_or(now)
 }
 
 #[cfg(test)]
