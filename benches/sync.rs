@@ -46,6 +46,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use fenx_sim::testkit::bench::env_or;
 use fenx_sim::{Lag, SimConfig, Simulator};
 use fenx_sync::config::{FenergoSettings, Settings, SyncSettings};
 use fenx_sync::fenergo::FenergoClient;
@@ -905,11 +906,4 @@ fn upsert_run(samples: &[EntitySnapshot], count: usize) -> StoreOutcome {
         elapsed,
         rows: rows as usize,
     }
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
