@@ -287,6 +287,13 @@ impl Simulator {
         self.state().publish(event_type, entity_id)
     }
 
+    /// Ends the visibility timeout of every batch served and not completed: each is served
+    /// again, whole and under a new id, by the next poll of its feed. Tests use it instead of
+    /// waiting out a short timeout.
+    pub fn expire_batches(&self) {
+        self.state().expire_batches();
+    }
+
     pub fn set_polling(&self, knobs: PollingKnobs) {
         self.state().set_polling(knobs);
     }

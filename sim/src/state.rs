@@ -442,6 +442,10 @@ impl State {
         Ok(())
     }
 
+    pub fn expire_batches(&self) {
+        self.lock().feeds.expire_in_flight(Instant::now());
+    }
+
     pub fn set_polling(&self, knobs: PollingKnobs) {
         self.lock().feeds.set_knobs(knobs);
     }

@@ -90,7 +90,6 @@ async fn a_crash_between_storing_and_acknowledging_redelivers_without_doubling()
     let sim = Simulator::start(sim_config(None)).await;
     sim.set_polling(PollingKnobs {
         batch_size: 10,
-        visibility_timeout: Duration::from_millis(200),
         ..PollingKnobs::default()
     });
     let entities: Vec<String> = (0..5).map(|i| sim.sample_entity(i).0).collect();
@@ -118,7 +117,7 @@ async fn a_crash_between_storing_and_acknowledging_redelivers_without_doubling()
         "the batch is in flight"
     );
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    sim.expire_batches();
     match poller.poll_once("all").await.unwrap() {
         Polled::Batch {
             stored,
