@@ -302,17 +302,19 @@ pub(super) fn error_envelope(message: &str, kind: &str) -> Value {
 }
 
 impl Notification {
-    /// A fresh notification (new id, correlation and causation ids) about `entity_id`.
+    /// A fresh notification (new id, correlation and causation ids) about `entity_id`, saying
+    /// it happened `when`.
     pub(super) fn new(
         rng: &mut fastrand::Rng,
         tenant_id: &str,
         event_type: &str,
         entity_id: &str,
+        when: DateTime<Utc>,
     ) -> Notification {
         Notification {
             id: uuid_v4(rng),
             event_type: event_type.to_owned(),
-            when: fenergo_timestamp(Utc::now(), OFFSET_SUFFIX),
+            when: fenergo_timestamp(when, OFFSET_SUFFIX),
             tenant_id: tenant_id.to_owned(),
             correlation_id: uuid_v4(rng),
             causation_id: uuid_v4(rng),
@@ -672,7 +674,7 @@ mod tests {
     }
 
     fn new_notification(rng: &mut fastrand::Rng, event_type: &str, entity: &str) -> Notification {
-        Notification::new(rng, "tenant-1", event_type, entity)
+        Notification::new(rng, "tenant-1", event_type, entity, Utc::now())
     }
 
     #[test]

@@ -389,7 +389,13 @@ mod tests {
             1,
         );
         let mut rng = fastrand::Rng::with_seed(1);
-        feeds.publish(Notification::new(&mut rng, "tenant-1", ENTITY_CREATED, "e"));
+        feeds.publish(Notification::new(
+            &mut rng,
+            "tenant-1",
+            ENTITY_CREATED,
+            "e",
+            chrono::Utc::now(),
+        ));
         let served_at = Instant::now();
         let first = feeds.next(ALL_FEED, served_at).unwrap().unwrap();
         let just_before = served_at + timeout - Duration::from_millis(1);

@@ -277,7 +277,18 @@ impl Simulator {
 
     /// A webhook body for `entity_id` in Fenergo's PascalCase shape, with a fresh `Id`.
     pub fn notification(&self, event_type: &str, entity_id: &str) -> String {
-        self.state().notification(event_type, entity_id)
+        self.notification_at(event_type, entity_id, chrono::Utc::now())
+    }
+
+    /// [`Simulator::notification`] saying the event happened `when`, for tests that need an
+    /// event known to come before or after something else.
+    pub fn notification_at(
+        &self,
+        event_type: &str,
+        entity_id: &str,
+        when: chrono::DateTime<chrono::Utc>,
+    ) -> String {
+        self.state().notification(event_type, entity_id, when)
     }
 
     /// Raises a notification for `entity_id` (built as [`Simulator::notification`] builds one)

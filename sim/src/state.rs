@@ -391,15 +391,15 @@ impl State {
         self.lock().entities.get(id).map(|r| r.version)
     }
 
-    pub fn notification(&self, event_type: &str, entity_id: &str) -> String {
-        self.new_notification(&mut self.lock(), event_type, entity_id)
+    pub fn notification(&self, event_type: &str, entity_id: &str, when: DateTime<Utc>) -> String {
+        self.new_notification(&mut self.lock(), event_type, entity_id, when)
             .webhook_body()
     }
 
     /// Raises a notification on the polling feeds; returns its id.
     pub fn publish(&self, event_type: &str, entity_id: &str) -> String {
         let mut inner = self.lock();
-        let notification = self.new_notification(&mut inner, event_type, entity_id);
+        let notification = self.new_notification(&mut inner, event_type, entity_id, Utc::now());
         let id = notification.id.clone();
         inner.feeds.publish(notification);
         id
@@ -410,12 +410,14 @@ impl State {
         inner: &mut Inner,
         event_type: &str,
         entity_id: &str,
+        when: DateTime<Utc>,
     ) -> Notification {
         Notification::new(
             &mut inner.rng,
             &self.config.tenant_id,
             event_type,
             entity_id,
+            when,
         )
     }
 

@@ -113,8 +113,7 @@ async fn server_errors_before_a_stale_read_leave_the_stale_budget_intact() {
     h.worker.confirm_due_at(later(31)).await.unwrap();
     h.sim.set_lag(Lag::Reads(1000));
     h.sim.put_entity(&entity, "Company", name("Renamed Ltd"));
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    h.deliver(UPDATED, &entity).await;
+    h.deliver_after_last_write(UPDATED, &entity).await;
     h.sim.set_faults(Faults {
         server_errors: 3,
         ..Faults::default()
