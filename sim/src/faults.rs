@@ -78,3 +78,23 @@ impl FaultState {
 pub(crate) fn next_second(now: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp(now.timestamp() + 1, 0).unwrap_or(now)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_limited_window_ends_when_it_says() {
+        let window = Duration::from_millis(300);
+        let mut faults = FaultState::new(Faults {
+            rate_limited_for: Some(window),
+            ..Faults::default()
+        });
+        let until = faults.rate_limited_until.unwrap();
+        let throttle = faults
+            .forced_throttle(until - chrono::Duration::milliseconds(1))
+            .unwrap();
+        assert_eq!((throttle.reset, throttle.retry_after), (until, None));
+        assert!(faults.forced_throttle(until).is_none());
+    }
+}

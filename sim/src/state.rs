@@ -523,10 +523,95 @@ fn judge_token_request(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use chrono::DateTime;
     use serde_json::{Value, json};
 
+    use super::{ApiHeaders, Refusal, State, TokenRequest};
     use crate::testkit::Api;
     use crate::{Faults, Lag, SimConfig, Simulator};
+
+    fn issue_token(state: &State) -> String {
+        let config = &state.config;
+        let request = TokenRequest {
+            grant_type: Some("client_credentials"),
+            client_id: Some(&config.client_id),
+            client_secret: Some(&config.client_secret),
+            scope: None,
+        };
+        state.issue_token(&request).unwrap().access_token
+    }
+
+    fn version_seen(state: &State, id: &str) -> Option<i64> {
+        let body = state.read_entity(id)?;
+        serde_json::from_slice::<Value>(&body).unwrap()["data"]["version"].as_i64()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_lives_exactly_its_ttl() {
+        let ttl = Duration::from_secs(900);
+        let state = State::new(SimConfig {
+            token_ttl: ttl,
+            ..SimConfig::default()
+        });
+        let token = issue_token(&state);
+        let headers = ApiHeaders {
+            bearer: Some(&token),
+            tenant: Some(&state.config.tenant_id),
+            correlation_id: None,
+        };
+        let live = |state: &State| {
+            let call = state.begin_call(&headers);
+            !matches!(state.gateway(&call, &headers), Err(Refusal::Unauthorized))
+        };
+        assert!(live(&state));
+        tokio::time::advance(ttl - Duration::from_millis(1)).await;
+        assert!(live(&state));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!live(&state), "expired by its TTL");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lag_in_time_hides_an_update_for_exactly_that_long() {
+        let lag = Duration::from_millis(150);
+        let state = State::new(SimConfig::default());
+        state.set_lag(Lag::For(lag));
+        let v1 = state.put_entity("e-1", "Company", &json!({}));
+        assert_eq!(version_seen(&state, "e-1"), None, "new, so missing");
+        tokio::time::advance(lag).await;
+        assert_eq!(version_seen(&state, "e-1"), Some(v1));
+        let v2 = state.put_entity("e-1", "Company", &json!({}));
+        tokio::time::advance(lag - Duration::from_millis(1)).await;
+        assert_eq!(version_seen(&state, "e-1"), Some(v1), "stale");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(version_seen(&state, "e-1"), Some(v2), "fresh");
+    }
+
+    #[test]
+    fn the_real_limits_count_requests_per_unix_second_and_in_flight() {
+        let state = State::new(SimConfig {
+            requests_per_second: Some(5),
+            max_concurrent: Some(2),
+            ..SimConfig::default()
+        });
+        let second = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let at = |ms: i64| second + chrono::Duration::milliseconds(ms);
+        let mut inner = state.lock();
+        let refused: Vec<bool> = (0..7)
+            .map(|i| inner.throttle(&state.config, 1, at(100 * i)).is_some())
+            .collect();
+        assert_eq!(refused, [false, false, false, false, false, true, true]);
+        let throttle = inner.throttle(&state.config, 1, at(900)).unwrap();
+        assert_eq!(throttle.reset, at(1000), "the next window");
+        assert_eq!(throttle.retry_after, None);
+        assert!(inner.throttle(&state.config, 1, at(1000)).is_none());
+        assert!(inner.throttle(&state.config, 2, at(1001)).is_none());
+        assert!(
+            inner.throttle(&state.config, 3, at(1002)).is_some(),
+            "3 in flight"
+        );
+    }
 
     fn page_request(size: Option<i64>, cursor: &Value) -> String {
         json!({ "data": {
