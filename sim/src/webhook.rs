@@ -240,13 +240,13 @@ impl WebhookSender {
 
 /// A failed POST: what kind of failure, then its cause chain (`Connection refused`, …).
 fn describe(error: &reqwest::Error) -> String {
-    let kind = if error.is_connect() {
-        "connection failed"
-    } else if error.is_timeout() {
-        "timed out"
-    } else {
-        "request failed"
-    };
+    let kind = [
+        (error.is_connect(), "connection failed"),
+        (error.is_timeout(), "timed out"),
+    ]
+    .into_iter()
+    .find_map(|(applies, kind)| applies.then_some(kind))
+    .unwrap_or("request failed");
     let causes = std::iter::successors(std::error::Error::source(error), |e| e.source());
     std::iter::once(kind.to_owned())
         .chain(causes.map(ToString::to_string))
