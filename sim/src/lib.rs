@@ -7,7 +7,7 @@
 //! entry point. What Fenergo's JSON looks like lives in `entities`, the decisions in `state`
 //! (with the fault knobs in `faults`, read lag in `lag`, counters in `stats`), the polling
 //! feeds in `feeds`, HTTP in `routes` (served by `server`), webhook delivery and
-//! signing in `webhook`; [`testkit`] (feature `testkit`) holds what tests and benchmarks share.
+//! signing in `webhook`; `testkit` (feature `testkit`) holds what tests and benchmarks share.
 //! The simulator must never be used by the production data path (only tests, benchmarks and
 //! fenx-sync's `simulator` and `demo` subcommands start one), it binds only the address it is
 //! given (`127.0.0.1:0` from [`Simulator::start`]), and it must never depend on fenx-sync: it
