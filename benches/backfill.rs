@@ -13,10 +13,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fenx_sim::testkit::bench::env_or;
+use fenx_sim::{SimConfig, Simulator};
 use fenx_sync::config::Settings;
 use fenx_sync::fenergo::FenergoClient;
 use fenx_sync::reconcile::Reconciler;
-use fenx_sync::sim::{SimConfig, Simulator};
 use fenx_sync::store::RunKind;
 use fenx_sync::telemetry::Metrics;
 
@@ -108,11 +109,4 @@ async fn scenario(
         per_entity(size.bytes_without_history),
     );
     sim.shutdown().await;
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }

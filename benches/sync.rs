@@ -46,13 +46,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use fenx_sim::testkit::bench::env_or;
+use fenx_sim::{Lag, SimConfig, Simulator};
 use fenx_sync::config::{FenergoSettings, Settings, SyncSettings};
 use fenx_sync::fenergo::FenergoClient;
 use fenx_sync::outbox::{
     NewNotification, Outbox, OutboxOptions, RowOutcome, Settlement, Source, WorkQueue,
 };
 use fenx_sync::signature::{DigestEncoding, KeyDerivation, Recipe, RecipeChoice};
-use fenx_sync::sim::{Lag, SimConfig, Simulator};
 use fenx_sync::store::{EntitySnapshot, ReportingStore, SqliteStore, SyncCause, UpsertOutcome};
 use fenx_sync::telemetry::Metrics;
 use tempfile::TempDir;
@@ -898,11 +899,4 @@ async fn upsert_run(samples: &[EntitySnapshot], count: usize) -> StoreOutcome {
         elapsed,
         rows: rows as usize,
     }
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }

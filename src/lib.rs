@@ -19,7 +19,8 @@
 //! - [`health`]: readiness and liveness as cached facts (free space, last durable write, a
 //!   write in progress too long); [`supervisor`]: named tasks whose end stops the process.
 //! - [`telemetry`]: logs and Prometheus metrics; [`systemd`]: notify and watchdog.
-//! - [`sim`]: the Fenergo simulator; [`demo`]: `fenx-sync demo`.
+//! - [`demo`]: `fenx-sync demo` (feature `simulator`), on the Fenergo simulator, which is the
+//!   separate crate `fenx-sim` (`sim/`) so that a production build holds none of it.
 //!
 //! # Invariants
 //! - No code path answers 2xx before the outbox COMMIT returned at `synchronous=FULL`, and no
@@ -46,8 +47,6 @@ pub mod outbox;
 pub mod poller;
 pub mod reconcile;
 pub mod signature;
-#[cfg(feature = "simulator")]
-pub mod sim;
 pub mod sqlite;
 pub mod store;
 pub mod supervisor;

@@ -111,7 +111,7 @@ pub(crate) struct SimulatorArgs {
     #[arg(long, requires = "send_to")]
     pub(crate) count: Option<u64>,
     /// The webhook secret to sign with (and to write into the configuration).
-    #[arg(long, default_value = fenx_sync::sim::STANDALONE_WEBHOOK_SECRET)]
+    #[arg(long, default_value = fenx_sim::STANDALONE_WEBHOOK_SECRET)]
     pub(crate) webhook_secret: String,
 }
 

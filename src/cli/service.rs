@@ -244,7 +244,7 @@ pub fn demo(keep: bool) -> anyhow::Result<ExitCode> {
 #[cfg(feature = "simulator")]
 pub fn simulator(settings: &Settings, args: SimulatorArgs) -> anyhow::Result<ExitCode> {
     telemetry::init(&settings.log)?;
-    let options = fenx_sync::sim::StandaloneOptions {
+    let options = fenx_sim::StandaloneOptions {
         listen: args.listen,
         entities: args.entities,
         webhook_secret: args.webhook_secret,
@@ -254,6 +254,6 @@ pub fn simulator(settings: &Settings, args: SimulatorArgs) -> anyhow::Result<Exi
         count: args.count,
         ..Default::default()
     };
-    runtime()?.block_on(fenx_sync::sim::run_standalone(options, shutdown_signal()))?;
+    runtime()?.block_on(fenx_sim::run_standalone(options, shutdown_signal()))?;
     Ok(ExitCode::SUCCESS)
 }

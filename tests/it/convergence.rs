@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use fenx_sim::{Faults, Lag, SimConfig};
 use fenx_sync::fenergo::FenergoClient;
 use fenx_sync::reconcile::Reconciler;
-use fenx_sync::sim::{Faults, Lag, SimConfig};
 use fenx_sync::store::{RunKind, SqliteStore};
 use fenx_sync::telemetry::Metrics;
 use serde_json::json;
@@ -113,8 +113,7 @@ async fn server_errors_before_a_stale_read_leave_the_stale_budget_intact() {
     h.worker.confirm_due_at(later(31)).await.unwrap();
     h.sim.set_lag(Lag::Reads(1000));
     h.sim.put_entity(&entity, "Company", name("Renamed Ltd"));
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    h.deliver(UPDATED, &entity).await;
+    h.deliver_after_last_write(UPDATED, &entity).await;
     h.sim.set_faults(Faults {
         server_errors: 3,
         ..Faults::default()

@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use fenx_sim::{PollingKnobs, SimConfig, Simulator};
 use fenx_sync::config::Settings;
 use fenx_sync::fenergo::FenergoClient;
 use fenx_sync::outbox::{Outbox, OutboxOptions};
 use fenx_sync::poller::{Polled, Poller};
 use fenx_sync::reconcile::Reconciler;
-use fenx_sync::sim::{PollingKnobs, SimConfig, Simulator};
 use fenx_sync::store::{RunKind, SqliteStore};
 use fenx_sync::telemetry::Metrics;
 use rusqlite::Connection;
@@ -90,7 +90,6 @@ async fn a_crash_between_storing_and_acknowledging_redelivers_without_doubling()
     let sim = Simulator::start(sim_config(None)).await;
     sim.set_polling(PollingKnobs {
         batch_size: 10,
-        visibility_timeout: Duration::from_millis(200),
         ..PollingKnobs::default()
     });
     let entities: Vec<String> = (0..5).map(|i| sim.sample_entity(i).0).collect();
@@ -118,7 +117,7 @@ async fn a_crash_between_storing_and_acknowledging_redelivers_without_doubling()
         "the batch is in flight"
     );
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    sim.expire_batches();
     match poller.poll_once("all").await.unwrap() {
         Polled::Batch {
             stored,
