@@ -5,12 +5,13 @@
 --   reporting.db  the entities synced from Fenergo, for analysts (added by the sync worker).
 --
 -- Each file's section starts with a `-- section: NAME version: N` line. fenx-sync applies a
--- section idempotently at start-up (and with `fenx-sync migrate`), records the version in
+-- section at start-up (and with `fenx-sync migrate`) in one transaction, records the version in
 -- `schema_version`, and refuses to open a file recorded with a newer version than it knows.
--- A section ends with its upgrade blocks (a line `-- upgrade` + `: N`), each run once on a file
--- recorded below version N (and on a new file), so existing stores upgrade in place.
+-- What precedes a section's first numbered block is idempotent and runs every time; each block
+-- (a line `-- upgrade` + `: N`) runs once, in order, on a file recorded below version N and on a
+-- new file, so existing stores upgrade in place.
 -- Times are UTC text in RFC 3339 with milliseconds ('2026-11-23T15:16:59.123Z'), so they sort
--- and compare as text.
+-- and compare as text (src/time.rs writes them all).
 
 -- section: outbox version: 2
 
@@ -93,24 +94,25 @@ CREATE TABLE IF NOT EXISTS entity_lease (
 -- their own budget (sync.stale_retries), apart from `attempts` (404s, 5xx, timeouts).
 ALTER TABLE notification ADD COLUMN stale_reads INTEGER NOT NULL DEFAULT 0;
 
--- section: reporting version: 2
+-- section: reporting version: 3
 
 -- reporting.db: the latest verified copy of every entity fetched from Fenergo, its history, and
--- a log of the notifications that caused each fetch. Written only by the sync worker; analysts
--- read it with plain SQL. It can always be rebuilt by re-fetching, so it trades power-loss
--- durability for speed (synchronous=NORMAL).
+-- a log of the notifications that caused each fetch. Written only by fenx-sync; analysts read it
+-- with plain SQL. It can always be rebuilt by re-fetching, so it trades power-loss durability for
+-- speed (synchronous=NORMAL). The PostgreSQL store (schema.postgres.sql) has the same tables,
+-- columns and views, so one SQL cookbook serves both.
 --
--- Value conventions: property values are TEXT. Strings are stored as sent, JSON null as SQL NULL,
--- and numbers, booleans, arrays and objects as their JSON text ('42', 'true', '["a","b"]').
--- Times written by fenx-sync (synced_at, stored_at, processed_at, received_at) are UTC
--- RFC 3339 with milliseconds; times copied from Fenergo (created, event_when) are kept exactly as
--- sent (often 7 fractional digits and a '+00:00' offset): wrap them in julianday() to compute.
+-- Its shape is built by the numbered blocks below, applied in order, once each, in one
+-- transaction: a new file gets all of them, an older file those above its recorded version.
+-- Block 3 holds the current shape and documents it; blocks 1 and 2 are how older files looked.
 
 CREATE TABLE IF NOT EXISTS schema_version (
     version     INTEGER NOT NULL PRIMARY KEY,
     applied_at  TEXT    NOT NULL
 );
 
+-- upgrade: 1
+-- Version 1 (history: block 3 rebuilds every table).
 -- One row per entity: its latest version only. A row is replaced only by a strictly higher
 -- version, never by an older or equal one.
 CREATE TABLE IF NOT EXISTS entity (
@@ -330,5 +332,306 @@ ALTER TABLE entity ADD COLUMN last_listed_run INTEGER; -- the last reconcile_run
 -- Entities Fenergo's list no longer returns: kept, never deleted, for an analyst to look into.
 CREATE VIEW IF NOT EXISTS absent_entity AS
 SELECT entity_id, entity_type, version, status, absent_since, synced_at, confirmed_at
+FROM entity
+WHERE absent_since IS NOT NULL;
+
+-- upgrade: 3
+-- The current shape.
+--
+-- Keys: every table starts its key with tenant_id (Fenergo's tenant, `fenergo.tenant_id`), so one
+-- store can hold several tenants, as a shared PostgreSQL store does; an instance reads and writes
+-- only its own tenant's rows.
+-- Times: every time column is UTC RFC 3339 text with exactly three fractional digits and 'Z'
+-- ('2026-11-23T15:16:59.123Z'), so times compare and sort as text; julianday() computes with
+-- them. Times Fenergo sent (created, event_when) are converted to that form; its original
+-- strings are kept only in the stored JSON (and the outbox's raw notification).
+-- Values: property values are TEXT as sent (JSON null as SQL NULL; numbers, booleans, arrays and
+-- objects as their JSON text, e.g. '42', 'true', '["a","b"]'), and also typed where they read as
+-- a type: value_number (REAL), value_bool (0/1) and value_date ('YYYY-MM-DD'); NULL otherwise.
+-- Version 2 files are rebuilt in place: rows keep their data under the configured tenant, times
+-- are converted, and property and data group rows are flattened again from entity.json.
+
+DROP VIEW IF EXISTS current_entity;
+DROP VIEW IF EXISTS sync_lag;
+DROP VIEW IF EXISTS absent_entity;
+ALTER TABLE entity RENAME TO v2_entity;
+ALTER TABLE entity_version RENAME TO v2_entity_version;
+ALTER TABLE sync_log RENAME TO v2_sync_log;
+ALTER TABLE reconcile_run RENAME TO v2_reconcile_run;
+ALTER TABLE sync_state RENAME TO v2_sync_state;
+ALTER TABLE entity_confirmation RENAME TO v2_entity_confirmation;
+-- Derived from entity.json: fenx-sync flattens every entity again after this block.
+DROP TABLE entity_property;
+DROP TABLE entity_collection;
+
+-- One row per entity: its latest version only. A row is replaced only by a strictly higher
+-- version, never by an older or equal one.
+CREATE TABLE entity (
+    tenant_id            TEXT    NOT NULL,             -- Fenergo tenant id
+    entity_id            TEXT    NOT NULL,             -- Fenergo entity id; case-sensitive
+    entity_type          TEXT,                         -- e.g. 'Individual', 'Company'
+    version              INTEGER NOT NULL,             -- Fenergo's version number of this entity
+    status               TEXT,                         -- Fenergo's status, as sent (e.g. '1')
+    created              TEXT,                         -- when Fenergo created the entity
+    json                 TEXT    NOT NULL,             -- the full EntityDto (the response's
+                                                       -- `data` object) as JSON text: use
+                                                       -- json_extract(json, '$.risk.riskLevel')
+    last_notification_id TEXT,                         -- the notification that caused this version
+    last_event_type      TEXT,                         -- its event type
+    last_event_when      TEXT,                         -- its `When`
+    synced_at            TEXT    NOT NULL,             -- when fenx-sync wrote this version
+    confirmed_at         TEXT,                         -- when a read once sync.confirm_after had
+                                                       -- passed last returned it (NULL: not yet)
+    absent_since         TEXT,                         -- when a reconciliation first found
+                                                       -- Fenergo's list no longer returns it
+    last_listed_run      INTEGER,                      -- the last reconcile_run that listed it
+    PRIMARY KEY (tenant_id, entity_id)
+);
+
+-- The entity's Single and Custom property values of its current version, one row per property.
+-- Properties nested in a Custom property have dotted names ('registeredAddress.city'); the
+-- Custom property's own value, when it has one, is under its plain name. Data groups
+-- (Collection properties) are in entity_collection instead.
+CREATE TABLE entity_property (
+    tenant_id    TEXT NOT NULL,
+    entity_id    TEXT NOT NULL,            -- entity.entity_id
+    name         TEXT NOT NULL,            -- property name, e.g. 'legalEntityName'
+    value        TEXT,                     -- as sent (see Values above); NULL when null
+    value_type   TEXT NOT NULL             -- 'Single'; 'Custom' for a Custom property's own value
+                 CHECK (value_type IN ('Single', 'Custom')),
+    value_number REAL,                     -- the value as a number, when it is one
+    value_bool   INTEGER,                  -- 1/0 when the value is true/false (any case)
+    value_date   TEXT,                     -- 'YYYY-MM-DD' when the value is a date or date-time
+    PRIMARY KEY (tenant_id, entity_id, name)
+) WITHOUT ROWID;
+
+-- Data group (Collection property) rows of the entity's current version, flattened: one row
+-- per field of each data group row.
+CREATE TABLE entity_collection (
+    tenant_id    TEXT NOT NULL,
+    entity_id    TEXT NOT NULL,            -- entity.entity_id
+    property     TEXT NOT NULL,            -- data group property name (dotted when nested)
+    row_id       TEXT NOT NULL,            -- the data group row's key in Fenergo
+    field        TEXT NOT NULL,            -- field name within the row
+    value        TEXT,                     -- as sent (see Values above); NULL when null
+    value_number REAL,
+    value_bool   INTEGER,
+    value_date   TEXT,
+    PRIMARY KEY (tenant_id, entity_id, property, row_id, field)
+) WITHOUT ROWID;
+
+-- Every version of every entity fenx-sync has stored, append-only (store.history_retention, when
+-- set, prunes old versions but never an entity's current one). Versions that happened in Fenergo
+-- between two fetches are absent: this is what we saw, not Fenergo's full audit trail.
+CREATE TABLE entity_version (
+    tenant_id       TEXT    NOT NULL,
+    entity_id       TEXT    NOT NULL,      -- entity.entity_id
+    version         INTEGER NOT NULL,      -- Fenergo's version number
+    json            TEXT    NOT NULL,      -- the full EntityDto of this version, as in entity.json
+    stored_at       TEXT    NOT NULL,      -- when fenx-sync stored it
+    notification_id TEXT,                  -- the notification that caused the fetch
+    event_type      TEXT,                  -- its event type
+    PRIMARY KEY (tenant_id, entity_id, version)
+);
+
+-- One row per notification the sync worker finished with (a replay after a crash, or the same
+-- notification delivered to another instance, replaces it).
+CREATE TABLE sync_log (
+    tenant_id       TEXT    NOT NULL,
+    notification_id TEXT    NOT NULL,      -- Fenergo's notification id; case-sensitive
+    event_type      TEXT,                  -- e.g. 'entitydata:draftverified'; NULL if absent
+    entity_id       TEXT,                  -- the entity it concerned, when known
+    outcome         TEXT    NOT NULL,      -- 'synced' (a new version was stored), 'unchanged'
+                                           -- (we already had that version), 'older-ignored'
+                                           -- (Fenergo returned an older version than ours),
+                                           -- 'stale-accepted' (still not newer after retries),
+                                           -- 'confirmation-pending' (served by the entity's
+                                           -- pending confirmation read, not a fetch),
+                                           -- 'confirmed-changed' (a confirmation read found a
+                                           -- newer version; notification_id 'confirm:…'),
+                                           -- 'ignored' (event type not synced), 'dead' (gave up)
+    attempts        INTEGER NOT NULL,      -- processing attempts, the last one included
+    received_at     TEXT    NOT NULL,      -- when the webhook arrived
+    event_when      TEXT,                  -- the notification's `When` (NULL if unreadable)
+    processed_at    TEXT    NOT NULL,      -- when the worker finished with it
+    detail          TEXT,                  -- why, for dead letters
+    PRIMARY KEY (tenant_id, notification_id)
+);
+
+-- Backfill and reconciliation runs: each pass over Fenergo's paged entity list, what it found
+-- missing or behind in this store and repaired, and (while running) the cursor to resume from.
+CREATE TABLE reconcile_run (
+    run_id        INTEGER PRIMARY KEY,
+    tenant_id     TEXT    NOT NULL,
+    kind          TEXT    NOT NULL CHECK (kind IN ('backfill', 'reconcile')),
+    status        TEXT    NOT NULL CHECK (status IN ('running', 'finished')),
+    started_at    TEXT    NOT NULL,
+    updated_at    TEXT    NOT NULL,
+    finished_at   TEXT,
+    cursor        TEXT,                 -- the list's searchAfter cursor after the last stored page
+    total_items   INTEGER,              -- what Fenergo said the list holds
+    seen          INTEGER NOT NULL DEFAULT 0, -- entities read from the list
+    added         INTEGER NOT NULL DEFAULT 0, -- missing from the store, now stored
+    updated       INTEGER NOT NULL DEFAULT 0, -- stored at an older version, now current
+    unchanged     INTEGER NOT NULL DEFAULT 0  -- already current
+);
+
+-- Small facts the service records for operators and for itself, one row per key: today
+-- 'fenergo.credentials_refused' (value: the reason; since: when the identity service first
+-- refused; `fenx-sync status` prints it) and 'reconcile.next_due_at' (value: when the next
+-- scheduled reconciliation is due, so a restart does not start a full pass).
+CREATE TABLE sync_state (
+    tenant_id   TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    value       TEXT NOT NULL,
+    since       TEXT NOT NULL,         -- when this value was first recorded
+    updated_at  TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, key)
+) WITHOUT ROWID;
+
+-- Confirmation reads waiting to be made. A read taken less than sync.confirm_after after the
+-- newest notification it served was received is provisional (Fenergo may not have caught up):
+-- it is stored at once and the entity is read again once due_at has passed. One row per entity;
+-- a later provisional read moves due_at forward instead of adding a second read.
+CREATE TABLE entity_confirmation (
+    tenant_id        TEXT    NOT NULL,
+    entity_id        TEXT    NOT NULL,
+    due_at           TEXT    NOT NULL,    -- newest served notification's received_at + confirm_after
+    read_version     INTEGER NOT NULL,    -- the version the provisional read returned
+    notification_id  TEXT    NOT NULL,    -- the newest notification it served (the write's cause)
+    event_type       TEXT,
+    event_when       TEXT,
+    received_at      TEXT    NOT NULL,    -- when that notification arrived
+    attempts         INTEGER NOT NULL DEFAULT 0, -- failed confirmation reads so far
+    requested_at     TEXT    NOT NULL,    -- when the provisional read was taken
+    PRIMARY KEY (tenant_id, entity_id)
+) WITHOUT ROWID;
+
+-- Version 2 rows, under the tenant fenx-sync is configured with (temp.migration_tenant).
+INSERT INTO entity
+SELECT (SELECT tenant_id FROM migration_tenant), entity_id, entity_type, version, status,
+       strftime('%Y-%m-%dT%H:%M:%fZ', upper(trim(created))), json, last_notification_id,
+       last_event_type, strftime('%Y-%m-%dT%H:%M:%fZ', upper(trim(last_event_when))),
+       strftime('%Y-%m-%dT%H:%M:%fZ', synced_at), strftime('%Y-%m-%dT%H:%M:%fZ', confirmed_at),
+       strftime('%Y-%m-%dT%H:%M:%fZ', absent_since), last_listed_run
+  FROM v2_entity;
+INSERT INTO entity_version
+SELECT (SELECT tenant_id FROM migration_tenant), entity_id, version, json,
+       strftime('%Y-%m-%dT%H:%M:%fZ', stored_at), notification_id, event_type
+  FROM v2_entity_version;
+INSERT INTO sync_log
+SELECT (SELECT tenant_id FROM migration_tenant), notification_id, event_type, entity_id, outcome,
+       attempts, strftime('%Y-%m-%dT%H:%M:%fZ', received_at),
+       strftime('%Y-%m-%dT%H:%M:%fZ', upper(trim(event_when))),
+       strftime('%Y-%m-%dT%H:%M:%fZ', processed_at), detail
+  FROM v2_sync_log;
+INSERT INTO reconcile_run
+SELECT run_id, (SELECT tenant_id FROM migration_tenant), kind, status, started_at, updated_at,
+       finished_at, cursor, total_items, seen, added, updated, unchanged
+  FROM v2_reconcile_run;
+INSERT INTO sync_state
+SELECT (SELECT tenant_id FROM migration_tenant), key, value, since, updated_at FROM v2_sync_state;
+INSERT INTO entity_confirmation
+SELECT (SELECT tenant_id FROM migration_tenant), entity_id, due_at, read_version,
+       notification_id, event_type, strftime('%Y-%m-%dT%H:%M:%fZ', upper(trim(event_when))),
+       received_at, attempts, requested_at
+  FROM v2_entity_confirmation;
+DROP TABLE v2_entity;
+DROP TABLE v2_entity_version;
+DROP TABLE v2_sync_log;
+DROP TABLE v2_reconcile_run;
+DROP TABLE v2_sync_state;
+DROP TABLE v2_entity_confirmation;
+
+-- Indexes back the README cookbook; the primary keys serve lookups per entity.
+CREATE INDEX entity_by_type ON entity (tenant_id, entity_type);
+CREATE INDEX entity_by_last_event_when ON entity (tenant_id, last_event_when);
+-- "Which entities have property X = Y".
+CREATE INDEX entity_property_by_value ON entity_property (name, value);
+CREATE INDEX entity_collection_by_value ON entity_collection (property, field, value);
+CREATE INDEX entity_version_by_stored_at ON entity_version (stored_at);
+CREATE INDEX sync_log_by_event_type ON sync_log (event_type, processed_at);
+CREATE INDEX sync_log_by_outcome ON sync_log (outcome, processed_at);
+CREATE INDEX sync_log_by_entity ON sync_log (entity_id);
+CREATE INDEX entity_confirmation_by_due ON entity_confirmation (tenant_id, due_at);
+
+-- Current entities with the most used properties as columns (NULL where an entity does not
+-- have the property). Every other property is in entity_property, or entity.json.
+CREATE VIEW current_entity AS
+SELECT
+    tenant_id,
+    entity_id,
+    entity_type,
+    version,
+    status,
+    created,
+    coalesce(legal_entity_name,
+             nullif(trim(coalesce(first_name, '') || ' ' || coalesce(last_name, '')), ''))
+        AS name,                    -- legal entity name, else first and last name
+    legal_entity_name,              -- property legalEntityName
+    country_of_incorporation,       -- property countryOfIncorporation
+    registration_number,            -- property registrationNumber
+    first_name,                     -- property firstName
+    last_name,                      -- property lastName
+    date_of_birth,                  -- property dateOfBirth, as a date ('YYYY-MM-DD')
+    entity_status,                  -- property entityStatus
+    risk_category,                  -- the entity's risk.riskCategory
+    risk_level,                     -- the entity's risk.riskLevel
+    last_event_type,
+    last_event_when,
+    synced_at
+FROM (
+    -- One primary-key lookup per column: cheap per entity, and a filter on entity_id stays an
+    -- index lookup instead of aggregating the whole property table.
+    SELECT
+        e.*,
+        (SELECT value FROM entity_property AS p WHERE p.tenant_id = e.tenant_id
+            AND p.entity_id = e.entity_id AND p.name = 'legalEntityName') AS legal_entity_name,
+        (SELECT value FROM entity_property AS p WHERE p.tenant_id = e.tenant_id
+            AND p.entity_id = e.entity_id AND p.name = 'countryOfIncorporation')
+            AS country_of_incorporation,
+        (SELECT value FROM entity_property AS p WHERE p.tenant_id = e.tenant_id
+            AND p.entity_id = e.entity_id AND p.name = 'registrationNumber')
+            AS registration_number,
+        (SELECT value FROM entity_property AS p WHERE p.tenant_id = e.tenant_id
+            AND p.entity_id = e.entity_id AND p.name = 'firstName') AS first_name,
+        (SELECT value FROM entity_property AS p WHERE p.tenant_id = e.tenant_id
+            AND p.entity_id = e.entity_id AND p.name = 'lastName') AS last_name,
+        (SELECT value_date FROM entity_property AS p WHERE p.tenant_id = e.tenant_id
+            AND p.entity_id = e.entity_id AND p.name = 'dateOfBirth') AS date_of_birth,
+        (SELECT value FROM entity_property AS p WHERE p.tenant_id = e.tenant_id
+            AND p.entity_id = e.entity_id AND p.name = 'entityStatus') AS entity_status,
+        json_extract(e.json, '$.risk.riskCategory') AS risk_category,
+        json_extract(e.json, '$.risk.riskLevel') AS risk_level
+    FROM entity AS e
+);
+
+-- Per tenant and event type: how many notifications were processed and how long, in seconds,
+-- from the notification's `When` to the end of its processing. The lag covers notifications that
+-- were not dead-lettered and whose `When` was readable; `events` counts them all.
+CREATE VIEW sync_lag AS
+SELECT
+    tenant_id,
+    event_type,
+    count(*) AS events,
+    count(lag_seconds) AS timed_events,
+    sum(outcome = 'dead') AS dead,
+    round(avg(lag_seconds), 3) AS avg_lag_seconds,
+    round(max(lag_seconds), 3) AS max_lag_seconds
+FROM (
+    SELECT
+        tenant_id,
+        event_type,
+        outcome,
+        CASE WHEN outcome <> 'dead' THEN
+            (julianday(processed_at) - julianday(event_when)) * 86400.0
+        END AS lag_seconds
+    FROM sync_log
+)
+GROUP BY tenant_id, event_type;
+
+-- Entities Fenergo's list no longer returns: kept, never deleted, for an analyst to look into.
+CREATE VIEW absent_entity AS
+SELECT tenant_id, entity_id, entity_type, version, status, absent_since, synced_at, confirmed_at
 FROM entity
 WHERE absent_since IS NOT NULL;

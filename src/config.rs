@@ -178,6 +178,10 @@ pub struct StoreSettings {
     /// `done` and `ignored` outbox rows processed longer ago than this are pruned.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// Entity versions (`entity_version`) stored longer ago than this are pruned, except each
+    /// entity's current one; unset (the default) keeps every version.
+    #[serde(with = "humantime_serde")]
+    pub history_retention: Option<Duration>,
 }
 
 impl StoreSettings {
@@ -200,6 +204,7 @@ impl Default for StoreSettings {
             probe_interval: Duration::from_secs(2),
             wedged_after: Duration::from_secs(30),
             retention: Duration::from_secs(90 * 24 * 3600),
+            history_retention: None,
         }
     }
 }

@@ -157,25 +157,29 @@ pub async fn run(
             [] => {
                 let client = Arc::new(FenergoClient::new(&settings.fenergo, metrics.clone())?);
                 let mut store = None;
-                if settings.sync.enabled {
-                    let worker =
-                        Arc::new(SyncWorker::new(&settings, client.clone(), metrics.clone())?);
+                if settings.sync.enabled || settings.reconcile.schedule().is_some() {
+                    let opened = store::open(&settings).await?;
+                    tracing::info!(store = %opened.describe(), "reporting store open");
+                    store = Some(opened);
+                }
+                if let (true, Some(store)) = (settings.sync.enabled, &store) {
+                    let worker = Arc::new(SyncWorker::new(
+                        &settings,
+                        store.clone(),
+                        client.clone(),
+                        metrics.clone(),
+                    )?);
                     tracing::info!(workers = settings.sync.workers, api = %settings.fenergo.api_base, "sync worker started");
-                    store = Some(worker.store());
                     tasks.spawn(
                         "sync worker pool",
                         worker.run(outbox.new_work(), stopping.clone()),
                     );
                 }
                 let reconcile_now = Arc::new(Notify::new());
-                if let Some(every) = settings.reconcile.schedule() {
-                    let store = match &store {
-                        Some(store) => store.clone(),
-                        None => Arc::new(ReportingStore::open(&settings.store.reporting_path())?),
-                    };
+                if let (Some(every), Some(store)) = (settings.reconcile.schedule(), &store) {
                     let reconciler = reconcile::Reconciler::new(
                         client.clone(),
-                        store,
+                        store.clone(),
                         settings.reconcile.page_size,
                     )
                     .with_metrics(metrics.clone());
@@ -191,6 +195,7 @@ pub async fn run(
                         watch_reporting_store(
                             ReportingStoreWatch {
                                 store,
+                                history_retention: settings.store.history_retention,
                                 outbox_dir: settings.store.dir.clone(),
                                 busy_timeout: settings.store.busy_timeout,
                                 every: settings.store.probe_interval,
@@ -276,7 +281,8 @@ pub enum RunError {
 
 /// What the reporting store watch needs.
 struct ReportingStoreWatch {
-    store: Arc<ReportingStore>,
+    store: Arc<dyn ReportingStore>,
+    history_retention: Option<Duration>,
     outbox_dir: PathBuf,
     busy_timeout: Duration,
     every: Duration,
@@ -284,21 +290,49 @@ struct ReportingStoreWatch {
     metrics: Arc<telemetry::Metrics>,
 }
 
-/// Every `every`, makes the store check that `reporting.db` is still the file it opened
-/// (the worker's writes check too). After it was reopened, queues a re-fetch of every entity
+/// Every `every`, checks that the reporting store answers (and, for SQLite, that `reporting.db`
+/// is still the file it opened; the worker's writes check too), saying loudly when it does not
+/// and when it is back. After the store was found replaced, queues a re-fetch of every entity
 /// synced before and starts a reconciliation if one is scheduled, so the store is whole again.
+/// Prunes history older than `store.history_retention`, when set.
 async fn watch_reporting_store(watch: ReportingStoreWatch, mut stopping: watch::Receiver<bool>) {
-    let mut seen = watch.store.reopened();
+    let mut seen = 0;
     let mut resync_owed = false;
+    let mut available = true;
+    let mut last_prune: Option<std::time::Instant> = None;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(watch.every) => {}
-            _ = stopping.wait_for(|stop| *stop) => return,
-        }
-        let store = watch.store.clone();
-        let Ok(reopened) = tokio::task::spawn_blocking(move || store.ensure_present()).await else {
-            continue;
+        let reopened = match watch.store.check().await {
+            Ok(check) => {
+                if !available {
+                    tracing::warn!(store = %watch.store.describe(), "the reporting store answers again; sync resumes");
+                }
+                available = true;
+                watch.metrics.reporting_store_up.set(1);
+                check.reopened
+            }
+            Err(error) => {
+                if available {
+                    tracing::error!(%error, store = %watch.store.describe(), "the reporting store is unavailable; notifications stay pending and ingest continues");
+                }
+                available = false;
+                watch.metrics.reporting_store_up.set(0);
+                seen
+            }
         };
+        if let Some(retention) = watch.history_retention
+            && available
+            && last_prune.is_none_or(|at| at.elapsed() >= HISTORY_PRUNE_EVERY)
+        {
+            last_prune = Some(std::time::Instant::now());
+            let before = chrono::Utc::now() - worker::policy::to_chrono(retention);
+            match watch.store.prune_history(before).await {
+                Ok(0) => {}
+                Ok(pruned) => {
+                    tracing::info!(pruned, "pruned entity history past store.history_retention")
+                }
+                Err(error) => tracing::error!(%error, "cannot prune entity history"),
+            }
+        }
         if reopened > seen {
             watch
                 .metrics
@@ -328,8 +362,15 @@ async fn watch_reporting_store(watch: ReportingStoreWatch, mut stopping: watch::
                 Err(error) => tracing::error!(%error, "reporting store re-sync task failed"),
             }
         }
+        tokio::select! {
+            _ = tokio::time::sleep(watch.every) => {}
+            _ = stopping.wait_for(|stop| *stop) => return,
+        }
     }
 }
+
+/// How often history past `store.history_retention` is pruned.
+const HISTORY_PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 fn health_rules(settings: &Settings) -> HealthRules {
     let store = &settings.store;

@@ -226,14 +226,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 fenx_sync::outbox::Durability::Full,
                 settings.store.busy_timeout,
             )?;
-            fenx_sync::store::ReportingStore::open(&settings.store.reporting_path())?;
+            let reporting = runtime()?.block_on(fenx_sync::store::open(&settings))?;
             println!(
-                "{} is at the current schema",
+                "{} and the reporting store ({}) are at the current schema",
                 settings
                     .store
                     .dir
                     .join(fenx_sync::outbox::FILE_NAME)
-                    .display()
+                    .display(),
+                reporting.describe()
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -360,15 +361,16 @@ fn backfill(
     let client = fenx_sync::fenergo::FenergoClient::new(&settings.fenergo, metrics)?;
     // A refusal ends the backfill with one line (below), not a log line as well.
     client.log_refusals(false);
-    let store = fenx_sync::store::ReportingStore::open(&settings.store.reporting_path())?;
+    let runtime = runtime()?;
+    let store = runtime.block_on(fenx_sync::store::open(&settings))?;
     // Entities a resumed run already counted: the rate and ETA cover this run's work only.
-    let resumed_from = match store.running_reconcile(RunKind::Backfill)? {
+    let resumed_from = match runtime.block_on(store.running_reconcile(RunKind::Backfill))? {
         Some(run) if !restart => run.counts.seen,
         _ => 0,
     };
     let reconciler = fenx_sync::reconcile::Reconciler::new(
         std::sync::Arc::new(client),
-        std::sync::Arc::new(store),
+        store,
         page_size.unwrap_or(settings.reconcile.page_size),
     );
     // A bar on a terminal; one log line per page elsewhere (hidden bar).
@@ -413,7 +415,7 @@ fn backfill(
             );
         }
     });
-    let run = runtime()?.block_on(async {
+    let run = runtime.block_on(async {
         tokio::select! {
             run = walk => Some(run),
             _ = stop_requested() => None,
@@ -662,8 +664,9 @@ fn credentials_refused(
     if !path.exists() {
         return Ok(None);
     }
-    Ok(fenx_sync::store::ReportingStore::open(&path)?
-        .state(fenx_sync::store::StateKey::CredentialsRefused)?)
+    let runtime = runtime()?;
+    let store = runtime.block_on(fenx_sync::store::open(settings))?;
+    Ok(runtime.block_on(store.state(fenx_sync::store::StateKey::CredentialsRefused))?)
 }
 
 fn print_dead_letters(rows: &[NotificationRow]) {

@@ -22,10 +22,10 @@ use tokio::sync::{Notify, watch};
 use crate::fenergo::token::TokenError;
 use crate::fenergo::{FenergoClient, FetchError, Page};
 use crate::store::{
-    ReconcileRun, ReportingStore, RunKind, StateKey, StoreError, SyncCause, UpsertOutcome,
+    EntitySnapshot, ReconcileRun, ReportingStore, RunKind, StateKey, StoreError, SyncCause,
+    UpsertOutcome,
 };
 use crate::telemetry::{KindLabel, Metrics};
-use crate::worker::snapshot;
 
 /// Attempts at one page before the run stops (it can be resumed).
 const PAGE_ATTEMPTS: usize = 6;
@@ -42,13 +42,11 @@ pub enum ReconcileError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("a blocking store task failed: {0}")]
-    Blocking(#[from] tokio::task::JoinError),
 }
 
 pub struct Reconciler {
     client: Arc<FenergoClient>,
-    store: Arc<ReportingStore>,
+    store: Arc<dyn ReportingStore>,
     page_size: usize,
     metrics: Option<Arc<Metrics>>,
 }
@@ -56,7 +54,7 @@ pub struct Reconciler {
 impl Reconciler {
     pub fn new(
         client: Arc<FenergoClient>,
-        store: Arc<ReportingStore>,
+        store: Arc<dyn ReportingStore>,
         page_size: usize,
     ) -> Reconciler {
         Reconciler {
@@ -122,14 +120,10 @@ impl Reconciler {
         resume: bool,
         mut on_page: impl FnMut(&ReconcileRun),
     ) -> Result<ReconcileRun, ReconcileError> {
-        let store = self.store.clone();
-        let mut run = tokio::task::spawn_blocking(move || -> Result<ReconcileRun, StoreError> {
-            match store.running_reconcile(kind)? {
-                Some(run) if resume => Ok(run),
-                _ => store.start_reconcile(kind),
-            }
-        })
-        .await??;
+        let mut run = match self.store.running_reconcile(kind).await? {
+            Some(run) if resume => run,
+            _ => self.store.start_reconcile(kind).await?,
+        };
         if run.cursor.is_some() {
             tracing::info!(
                 run = run.run_id,
@@ -149,18 +143,12 @@ impl Reconciler {
                 event_type: Some(format!("fenx-sync:{}", kind.as_str())),
                 event_when: None,
             };
-            let store = self.store.clone();
-            let snapshots: Vec<_> = page.entities.iter().map(snapshot).collect();
-            let run_id = run.run_id;
-            let outcomes = tokio::task::spawn_blocking(move || {
-                let outcomes = store.upsert_entities(&snapshots, &cause)?;
-                if kind == RunKind::Reconcile {
-                    let ids: Vec<String> = snapshots.into_iter().map(|s| s.entity_id).collect();
-                    store.mark_listed(run_id, &ids)?;
-                }
-                Ok::<_, StoreError>(outcomes)
-            })
-            .await??;
+            let snapshots: Vec<_> = page.entities.iter().map(EntitySnapshot::from).collect();
+            let outcomes = self.store.upsert_entities(&snapshots, &cause).await?;
+            if kind == RunKind::Reconcile {
+                let ids: Vec<String> = snapshots.into_iter().map(|s| s.entity_id).collect();
+                self.store.mark_listed(run.run_id, &ids).await?;
+            }
             for outcome in outcomes {
                 let counts = &mut run.counts;
                 counts.seen += 1;
@@ -172,15 +160,11 @@ impl Reconciler {
             }
             run.cursor = page.search_after;
             run.total_items = page.total_items.or(run.total_items);
-            let (store, saved) = (self.store.clone(), run.clone());
-            let absent = tokio::task::spawn_blocking(move || {
-                store.save_reconcile(&saved, last)?;
-                match (last, kind) {
-                    (true, RunKind::Reconcile) => store.mark_absent(saved.run_id),
-                    _ => Ok(0),
-                }
-            })
-            .await??;
+            self.store.save_reconcile(&run, last).await?;
+            let absent = match (last, kind) {
+                (true, RunKind::Reconcile) => self.store.mark_absent(run.run_id).await?,
+                _ => 0,
+            };
             if absent > 0 {
                 tracing::warn!(
                     run = run.run_id,
@@ -289,41 +273,23 @@ impl Reconciler {
     /// The recorded next due time; else the last run's start + `every`; else now + `every`
     /// (recorded, so restarts keep counting from the first start).
     async fn next_due(&self, every: Duration) -> Result<DateTime<Utc>, ReconcileError> {
-        let store = self.store.clone();
-        let due = tokio::task::spawn_blocking(move || -> Result<DateTime<Utc>, StoreError> {
-            if let Some(recorded) = store.state(StateKey::ReconcileNextDue)?
-                && let Some(due) = crate::time::parse(&recorded.value)
-            {
-                return Ok(due);
-            }
-            let due = after(
-                store
-                    .last_run_started(RunKind::Reconcile)?
-                    .unwrap_or_else(Utc::now),
-                every,
-            );
-            store.put_state(
-                StateKey::ReconcileNextDue,
-                &crate::time::format(due),
-                Utc::now(),
-            )?;
-            Ok(due)
-        })
-        .await??;
+        if let Some(recorded) = self.store.state(StateKey::ReconcileNextDue).await?
+            && let Some(due) = crate::time::parse(&recorded.value)
+        {
+            return Ok(due);
+        }
+        let last = self.store.last_run_started(RunKind::Reconcile).await?;
+        let due = after(last.unwrap_or_else(Utc::now), every);
+        self.save_next_due(due).await?;
         Ok(due)
     }
 
     async fn save_next_due(&self, due: DateTime<Utc>) -> Result<(), ReconcileError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            store.put_state(
-                StateKey::ReconcileNextDue,
-                &crate::time::format(due),
-                Utc::now(),
-            )
-        })
-        .await??;
-        Ok(())
+        let due = crate::time::format(due);
+        Ok(self
+            .store
+            .put_state(StateKey::ReconcileNextDue, &due, Utc::now())
+            .await?)
     }
 }
 

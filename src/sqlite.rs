@@ -97,6 +97,17 @@ pub fn apply_schema(
     path: &Path,
     section: &'static str,
 ) -> Result<i64, DbError> {
+    apply_schema_then(conn, path, section, |_, _| Ok(()))
+}
+
+/// [`apply_schema`], then `then` in the same transaction with the version the file was recorded
+/// at before (`None`: a new file), for the owner's own upgrade steps that SQL cannot express.
+pub fn apply_schema_then(
+    conn: &mut Connection,
+    path: &Path,
+    section: &'static str,
+    then: impl FnOnce(&rusqlite::Transaction<'_>, Option<i64>) -> rusqlite::Result<()>,
+) -> Result<i64, DbError> {
     let (version, sql) = schema_section(section).ok_or(DbError::NoSection(section))?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let has_table: bool = tx.query_row(
@@ -127,6 +138,7 @@ pub fn apply_schema(
             tx.execute_batch(upgrade)?;
         }
     }
+    then(&tx, found)?;
     tx.execute(
         "INSERT OR IGNORE INTO schema_version (version, applied_at) VALUES (?1, ?2)",
         (version, crate::time::now()),

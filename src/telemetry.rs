@@ -253,6 +253,8 @@ pub struct Metrics {
     pub outbox_pruned: Counter,
     /// Times `reporting.db` was found deleted or replaced and was reopened.
     pub reporting_store_reopened: Counter,
+    /// 1 while the reporting store answers (checked every `store.probe_interval`), else 0.
+    pub reporting_store_up: Gauge,
     /// 1 while Fenergo's identity service refuses our client credentials, else 0.
     pub credentials_refused: Gauge,
     /// Confirmation reads by result (`changed`: a newer version was found, `unchanged`).
@@ -302,6 +304,7 @@ impl Metrics {
             store_free_bytes: Gauge::default(),
             outbox_pruned: Counter::default(),
             reporting_store_reopened: Counter::default(),
+            reporting_store_up: Gauge::default(),
             credentials_refused: Gauge::default(),
             confirmations: Family::default(),
         };
@@ -464,6 +467,11 @@ impl Metrics {
             "reporting_store_reopened",
             "Times reporting.db was found deleted or replaced, reopened and re-synced",
             metrics.reporting_store_reopened.clone(),
+        );
+        r.register(
+            "reporting_store_up",
+            "1 while the reporting store (SQLite or PostgreSQL) answers, 0 while it is unavailable",
+            metrics.reporting_store_up.clone(),
         );
         r.register(
             "fenergo_credentials_refused",

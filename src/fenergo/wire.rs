@@ -1,11 +1,14 @@
 //! Fenergo's wire format for the entity query API: the `{"data": …, "messages": …}` envelope
 //! and the few EntityDto fields the sync worker needs to reason about.
 //!
-//! These are Fenergo's types, kept apart from what we store (`crate::store`); the full `data`
-//! object is carried along untouched so nothing Fenergo sends is lost.
+//! These are Fenergo's types, kept apart from what we store (`crate::store`), and this is where
+//! one becomes the other; the full `data` object is carried along untouched so nothing Fenergo
+//! sends is lost.
 
 use serde::Deserialize;
 use serde_json::Value;
+
+use crate::store::EntitySnapshot;
 
 #[derive(Debug, Deserialize)]
 pub struct Envelope {
@@ -25,6 +28,19 @@ pub struct Entity {
     pub created: Option<String>,
     /// The whole `data` object as received.
     pub data: Value,
+}
+
+impl From<&Entity> for EntitySnapshot {
+    fn from(entity: &Entity) -> EntitySnapshot {
+        EntitySnapshot {
+            entity_id: entity.id.clone(),
+            entity_type: entity.entity_type.clone(),
+            version: entity.version,
+            status: entity.status.clone(),
+            created: entity.created.as_deref().and_then(crate::time::parse),
+            json: entity.data.clone(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,19 +1,64 @@
 //! Flattening of an EntityDto's `properties` map into the rows of `entity_property` and
 //! `entity_collection`, so analysts can filter on property values without JSON functions.
 //!
+//! Each value is kept as text and, where it reads as one, also as a number, a boolean and a
+//! date ([`Typed`]), so analysts compare and sum without CAST.
+//!
 //! Pure: it never touches the database, never fails, never panics and never discards an entity.
 //! Shapes it does not recognise are flattened by what they look like; the full JSON is kept in
 //! `entity.json` regardless, so nothing is lost when a guess is imperfect.
 
+use chrono::NaiveDate;
 use serde_json::{Map, Value};
 
 /// One `entity_property` row.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PropertyRow {
     /// Dotted path for properties nested in Custom properties: `registeredAddress.city`.
     pub name: String,
     pub value: Option<String>,
+    pub typed: Typed,
     pub value_type: ValueType,
+}
+
+/// A value's typed readings (`value_number`, `value_bool`, `value_date`); `None` where the value
+/// does not read as that type.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Typed {
+    /// A JSON number, or text that is one (`"42"`, `"1.5e3"`; not `"00123"`, which JSON
+    /// forbids, so registration numbers stay text).
+    pub number: Option<f64>,
+    /// A JSON boolean, or the text `true`/`false` in any case (.NET writes `True`).
+    pub boolean: Option<bool>,
+    /// A date (`1980-03-04`) or a date and time (`1980-03-04T00:00:00Z`): the date as written.
+    pub date: Option<NaiveDate>,
+}
+
+impl Typed {
+    /// The typed readings of a stored text value (see [`text`]).
+    pub fn of(text: Option<&str>) -> Typed {
+        let Some(text) = text.map(str::trim) else {
+            return Typed::default();
+        };
+        let number = serde_json::from_str::<serde_json::Number>(text)
+            .ok()
+            .and_then(|n| n.as_f64())
+            .filter(|n| n.is_finite());
+        let boolean = match text.to_ascii_lowercase().as_str() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        };
+        let date = text
+            .get(..10)
+            .filter(|_| text.len() == 10 || crate::time::parse(text).is_some())
+            .and_then(|day| NaiveDate::parse_from_str(day, "%Y-%m-%d").ok());
+        Typed {
+            number,
+            boolean,
+            date,
+        }
+    }
 }
 
 /// Which kind of property a `PropertyRow` came from.
@@ -34,13 +79,25 @@ impl ValueType {
 }
 
 /// One `entity_collection` row: one field of one data group row.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CollectionRow {
     /// The data group property name, dotted when nested in a Custom property.
     pub property: String,
     pub row_id: String,
     pub field: String,
     pub value: Option<String>,
+    pub typed: Typed,
+}
+
+impl PropertyRow {
+    fn new(name: String, value: Option<String>, value_type: ValueType) -> PropertyRow {
+        PropertyRow {
+            typed: Typed::of(value.as_deref()),
+            name,
+            value,
+            value_type,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,28 +125,25 @@ fn flatten_into(
         let name = format!("{prefix}{key}");
         // A bare value where a PropertyDto was expected is still the property's value.
         let Value::Object(dto) = property else {
-            rows.0.push(PropertyRow {
-                name,
-                value: text(property),
-                value_type: ValueType::Single,
-            });
+            rows.0
+                .push(PropertyRow::new(name, text(property), ValueType::Single));
             continue;
         };
         match kind(dto) {
-            Kind::Single => rows.0.push(PropertyRow {
-                value: dto.get("value").and_then(text),
+            Kind::Single => rows.0.push(PropertyRow::new(
                 name,
-                value_type: ValueType::Single,
-            }),
+                dto.get("value").and_then(text),
+                ValueType::Single,
+            )),
             Kind::Custom => {
                 // Custom properties usually carry `"value": null` next to their children; a row
                 // for every such null would only be noise.
                 if let Some(value) = dto.get("value").and_then(text) {
-                    rows.0.push(PropertyRow {
-                        name: name.clone(),
-                        value: Some(value),
-                        value_type: ValueType::Custom,
-                    });
+                    rows.0.push(PropertyRow::new(
+                        name.clone(),
+                        Some(value),
+                        ValueType::Custom,
+                    ));
                 }
                 if let Some(Value::Object(children)) = dto.get("properties") {
                     flatten_into(children, &format!("{name}."), rows);
@@ -140,11 +194,15 @@ fn collection_rows(property: &str, collections: Option<&Value>, out: &mut Vec<Co
             Some(Value::Object(fields)) => fields,
             _ => row,
         };
-        out.extend(fields.iter().map(|(field, value)| CollectionRow {
-            property: property.to_owned(),
-            row_id: row_id.clone(),
-            field: field.clone(),
-            value: text(value),
+        out.extend(fields.iter().map(|(field, value)| {
+            let value = text(value);
+            CollectionRow {
+                property: property.to_owned(),
+                row_id: row_id.clone(),
+                field: field.clone(),
+                typed: Typed::of(value.as_deref()),
+                value,
+            }
         }));
     }
 }
@@ -163,12 +221,34 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn prop(name: &str, value: Option<&str>, value_type: ValueType) -> PropertyRow {
-        PropertyRow {
-            name: name.into(),
-            value: value.map(str::to_owned),
-            value_type,
+    #[test]
+    fn values_are_also_read_as_numbers_booleans_and_dates_where_they_parse() {
+        let date = |d: &str| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok();
+        let cases = [
+            ("42", Some(42.0), None, None),
+            (" -1.5e3 ", Some(-1500.0), None, None),
+            ("00123", None, None, None),
+            ("True", None, Some(true), None),
+            ("false", None, Some(false), None),
+            ("1980-03-04", None, None, date("1980-03-04")),
+            ("1980-03-04T00:00:00+02:00", None, None, date("1980-03-04")),
+            ("1980-03-04 is a date", None, None, None),
+            ("1980-02-30", None, None, None),
+            ("GB", None, None, None),
+        ];
+        for (text, number, boolean, day) in cases {
+            let typed = Typed::of(Some(text));
+            assert_eq!(
+                (typed.number, typed.boolean, typed.date),
+                (number, boolean, day),
+                "{text}"
+            );
         }
+        assert_eq!(Typed::of(None), Typed::default());
+    }
+
+    fn prop(name: &str, value: Option<&str>, value_type: ValueType) -> PropertyRow {
+        PropertyRow::new(name.into(), value.map(str::to_owned), value_type)
     }
 
     fn cell(property: &str, row_id: &str, field: &str, value: Option<&str>) -> CollectionRow {
@@ -177,6 +257,7 @@ mod tests {
             row_id: row_id.into(),
             field: field.into(),
             value: value.map(str::to_owned),
+            typed: Typed::of(value),
         }
     }
 

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
-use super::{SyncWorker, WorkerError, policy, snapshot};
+use super::{SyncWorker, WorkerError, policy};
 use crate::fenergo::{Entity, FetchError, token::TokenError};
 use crate::store::{
-    EntitySnapshot, PendingConfirmation, ProcessedNotification, StateKey, UpsertOutcome,
+    EntitySnapshot, PendingConfirmation, ProcessedNotification, StateKey, SyncOutcome,
 };
 use crate::telemetry::ResultLabel;
 
@@ -92,8 +92,7 @@ impl SyncWorker {
 
     /// Pending confirmations, due or not.
     pub async fn pending_confirmations(&self) -> Result<i64, WorkerError> {
-        let store = self.store.clone();
-        Ok(tokio::task::spawn_blocking(move || store.pending_confirmations()).await??)
+        Ok(self.store.pending_confirmations().await?)
     }
 
     pub(super) async fn confirm_loop(&self, mut shutdown: watch::Receiver<bool>) {
@@ -125,9 +124,7 @@ impl SyncWorker {
     ) -> Result<ConfirmReport, WorkerError> {
         let mut report = ConfirmReport::default();
         while self.client.credentials_usable() {
-            let store = self.store.clone();
-            let due =
-                tokio::task::spawn_blocking(move || store.due_confirmations(now, BATCH)).await??;
+            let due = self.store.due_confirmations(now, BATCH).await?;
             let full = due.len() == BATCH;
             let waited = due
                 .first()
@@ -176,18 +173,16 @@ impl SyncWorker {
         let mut reads: Vec<(PendingConfirmation, EntitySnapshot)> = Vec::new();
         for (index, pending) in batch.iter().enumerate() {
             if let Some(entity) = found.remove(&pending.entity_id) {
-                reads.push((pending.clone(), snapshot(&entity)));
+                reads.push((pending.clone(), EntitySnapshot::from(&entity)));
                 continue;
             }
             report.single_reads += 1;
             let path = format!("entitydataquery/api/entity/{}", pending.entity_id);
             match self.client.get_entity(&path, &correlation_id).await {
-                Ok(entity) => reads.push((pending.clone(), snapshot(&entity))),
+                Ok(entity) => reads.push((pending.clone(), EntitySnapshot::from(&entity))),
                 Err(FetchError::NotFound) => {
                     tracing::warn!(entity = %pending.entity_id, "entity no longer readable; its confirmation is dropped (reconciliation will mark it if Fenergo no longer lists it)");
-                    let (store, pending) = (self.store.clone(), pending.clone());
-                    tokio::task::spawn_blocking(move || store.drop_confirmation(&pending))
-                        .await??;
+                    self.store.drop_confirmation(pending).await?;
                 }
                 Err(error) => {
                     // A refusal stops the pass; the rest stay due for when it lifts.
@@ -216,17 +211,10 @@ impl SyncWorker {
         if reads.is_empty() {
             return Ok(());
         }
-        let store = self.store.clone();
-        let (reads, outcomes) = tokio::task::spawn_blocking(move || {
-            store.confirm(&reads, now).map(|outcomes| (reads, outcomes))
-        })
-        .await??;
+        let outcomes = self.store.confirm(&reads, now).await?;
         let mut log = Vec::new();
         for ((pending, entity), outcome) in reads.iter().zip(outcomes) {
-            let changed = matches!(
-                outcome,
-                UpsertOutcome::Inserted | UpsertOutcome::Updated { .. }
-            );
+            let changed = outcome.wrote();
             let result = if changed { "changed" } else { "unchanged" };
             self.metrics
                 .confirmations
@@ -246,10 +234,10 @@ impl SyncWorker {
                     ),
                     event_type: Some(CONFIRMATION_EVENT_TYPE.into()),
                     entity_id: Some(entity.entity_id.clone()),
-                    outcome: "confirmed-changed".into(),
+                    outcome: SyncOutcome::ConfirmedChanged,
                     attempts: pending.attempts + 1,
-                    received_at: pending.received_at.clone(),
-                    event_when: pending.cause.event_when.clone(),
+                    received_at: pending.received_at,
+                    event_when: pending.cause.event_when,
                     detail: Some(format!(
                         "provisional read had version {}, confirmation read version {}",
                         pending.read_version, entity.version
@@ -257,10 +245,7 @@ impl SyncWorker {
                 });
             }
         }
-        if !log.is_empty() {
-            let store = self.store.clone();
-            tokio::task::spawn_blocking(move || store.record_processed(&log)).await??;
-        }
+        self.store.record_processed(&log).await?;
         Ok(())
     }
 
@@ -273,25 +258,18 @@ impl SyncWorker {
         now: DateTime<Utc>,
     ) -> Result<(), WorkerError> {
         let refused = matches!(error, FetchError::Token(TokenError::Refused { .. }));
-        let (store, policy) = (self.store.clone(), self.policy.clone());
-        let pending = pending.to_vec();
-        let error = error.to_string();
-        tokio::task::spawn_blocking(move || {
-            for p in &pending {
-                if refused {
-                    continue;
-                }
-                if p.attempts + 1 >= i64::from(policy.max_attempts) {
-                    tracing::warn!(entity = %p.entity_id, %error, attempts = p.attempts + 1, "confirmation read given up; reconciliation will catch what it missed");
-                    store.drop_confirmation(p)?;
-                } else {
-                    let retry_at = now + policy::to_chrono(policy.backoff(p.attempts));
-                    store.postpone_confirmation(p, retry_at)?;
-                }
+        if refused {
+            return Ok(());
+        }
+        for p in pending {
+            if p.attempts + 1 >= i64::from(self.policy.max_attempts) {
+                tracing::warn!(entity = %p.entity_id, %error, attempts = p.attempts + 1, "confirmation read given up; reconciliation will catch what it missed");
+                self.store.drop_confirmation(p).await?;
+            } else {
+                let retry_at = now + policy::to_chrono(self.policy.backoff(p.attempts));
+                self.store.postpone_confirmation(p, retry_at).await?;
             }
-            Ok::<_, crate::store::StoreError>(())
-        })
-        .await??;
+        }
         Ok(())
     }
 
@@ -317,12 +295,14 @@ impl SyncWorker {
         if unchanged {
             return Ok(());
         }
-        let (store, state) = (self.store.clone(), current.clone());
-        tokio::task::spawn_blocking(move || match &state {
-            Some((since, reason)) => store.put_state(StateKey::CredentialsRefused, reason, *since),
-            None => store.clear_state(StateKey::CredentialsRefused),
-        })
-        .await??;
+        match &current {
+            Some((since, reason)) => {
+                self.store
+                    .put_state(StateKey::CredentialsRefused, reason, *since)
+                    .await?
+            }
+            None => self.store.clear_state(StateKey::CredentialsRefused).await?,
+        }
         *self
             .confirmer
             .recorded_refusal

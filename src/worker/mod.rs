@@ -28,7 +28,7 @@ use crate::notification::entity_id;
 use crate::outbox::{Claim, Claimed, OutboxError, RowOutcome, Settlement, WorkQueue};
 use crate::store::{
     EntitySnapshot, ProcessedNotification, ReadFollowUp, ReportingStore, StoreError, SyncCause,
-    UpsertOutcome,
+    SyncOutcome, UpsertOutcome,
 };
 use crate::supervisor::Supervisor;
 use crate::telemetry::Metrics;
@@ -57,7 +57,7 @@ pub enum Step {
 
 pub struct SyncWorker {
     queue: Arc<WorkQueue>,
-    store: Arc<ReportingStore>,
+    store: Arc<dyn ReportingStore>,
     client: Arc<FenergoClient>,
     router: Router,
     policy: RetryPolicy,
@@ -73,10 +73,11 @@ pub struct SyncWorker {
 const LOCAL_RETRY: Duration = Duration::from_secs(2);
 
 impl SyncWorker {
-    /// Opens the outbox (worker side) and the reporting store; calls Fenergo through `client`
+    /// Opens the outbox (worker side); writes to `store`; calls Fenergo through `client`
     /// (shared with the poller, so both stay under one rate limit and one token).
     pub fn new(
         settings: &Settings,
+        store: Arc<dyn ReportingStore>,
         client: Arc<FenergoClient>,
         metrics: Arc<Metrics>,
     ) -> Result<SyncWorker, WorkerError> {
@@ -85,7 +86,7 @@ impl SyncWorker {
                 &settings.store.dir,
                 settings.store.busy_timeout,
             )?),
-            store: Arc::new(ReportingStore::open(&settings.store.reporting_path())?),
+            store,
             client,
             router: Router::new(&settings.sync.routes),
             policy: RetryPolicy::new(&settings.sync),
@@ -100,7 +101,7 @@ impl SyncWorker {
 
     /// The reporting store the worker writes to (shared with reconciliation and the store watch,
     /// so that a deleted file is reopened once).
-    pub fn store(&self) -> Arc<ReportingStore> {
+    pub fn store(&self) -> Arc<dyn ReportingStore> {
         self.store.clone()
     }
 
@@ -182,7 +183,7 @@ impl SyncWorker {
                     work.dead(row, "no relativeUrl to follow".into(), None);
                 }
                 (RouteAction::Ignore, _) => {
-                    work.settle(row, RowOutcome::Ignored, Some("ignored"), None)
+                    work.settle(row, RowOutcome::Ignored, Some(SyncOutcome::Ignored), None)
                 }
             }
         }
@@ -218,21 +219,13 @@ impl SyncWorker {
         else {
             return false;
         };
-        let cause = SyncCause {
-            notification_id: newest.id.clone(),
-            event_type: newest.event_type.clone(),
-            event_when: newest.event_when.clone(),
-        };
         let read_after = now
             .checked_sub_signed(policy::to_chrono(self.confirm_after))
             .unwrap_or(DateTime::<Utc>::MIN_UTC);
-        let (store, entity_key) = (self.store.clone(), entity.to_owned());
-        let deferred = tokio::task::spawn_blocking(move || {
-            store.defer_to_confirmation(&entity_key, read_after, due_at, &cause, &received_at)
-        })
-        .await
-        .map_err(WorkerError::from)
-        .and_then(|deferred| deferred.map_err(WorkerError::from));
+        let deferred = self
+            .store
+            .defer_to_confirmation(entity, read_after, due_at, &cause(newest), received_at)
+            .await;
         match deferred {
             Ok(true) => {
                 tracing::info!(entity, notifications = rows.len(), due = %due_at.to_rfc3339(), "served by the pending confirmation read");
@@ -240,7 +233,7 @@ impl SyncWorker {
                     work.settle(
                         row,
                         RowOutcome::Done { status: None },
-                        Some("confirmation-pending"),
+                        Some(SyncOutcome::ConfirmationPending),
                         Some(entity.to_owned()),
                     );
                 }
@@ -304,13 +297,11 @@ impl SyncWorker {
         work: &mut Work,
     ) -> Result<(), WorkerError> {
         let newest = rows.last().expect("called with at least one row");
-        let store = self.store.clone();
-        let id = entity.id.clone();
-        let state = tokio::task::spawn_blocking(move || store.stored_state(&id)).await??;
+        let state = self.store.stored_state(&entity.id).await?;
         // Stale: not newer than what we hold, although the event is newer than our last sync.
         let stale = state.as_ref().is_some_and(|s| {
             entity.version <= s.version
-                && rows.iter().any(|r| event_after_last_write(r, &s.synced_at))
+                && rows.iter().any(|r| event_after_last_write(r, s.synced_at))
         });
         // The budget is the group's: a notification arriving later must not restart it. It is
         // the stored stale counter, so 404s and 5xx before this read do not use it up.
@@ -330,27 +321,25 @@ impl SyncWorker {
             }
             return Ok(());
         }
-        let snapshot = snapshot(&entity);
-        let cause = SyncCause {
-            notification_id: newest.id.clone(),
-            event_type: newest.event_type.clone(),
-            event_when: newest.event_when.clone(),
-        };
         let follow_up = self.follow_up(newest, now);
         let provisional = matches!(follow_up, Some(ReadFollowUp::Confirm { .. }));
-        let store = self.store.clone();
-        let upsert = tokio::task::spawn_blocking(move || match follow_up {
-            Some(follow_up) => store.store_read(&snapshot, &cause, &follow_up),
-            None => store.upsert_entity(&snapshot, &cause),
-        })
-        .await??;
+        let upsert = self
+            .store
+            .store_read(
+                &EntitySnapshot::from(&entity),
+                &cause(newest),
+                follow_up.as_ref(),
+            )
+            .await?;
         let label = match upsert {
-            UpsertOutcome::Inserted | UpsertOutcome::Updated { .. } => "synced",
-            UpsertOutcome::Unchanged | UpsertOutcome::Older { .. } if stale => "stale-accepted",
-            UpsertOutcome::Unchanged => "unchanged",
-            UpsertOutcome::Older { .. } => "older-ignored",
+            UpsertOutcome::Inserted | UpsertOutcome::Updated { .. } => SyncOutcome::Synced,
+            UpsertOutcome::Unchanged | UpsertOutcome::Older { .. } if stale => {
+                SyncOutcome::StaleAccepted
+            }
+            UpsertOutcome::Unchanged => SyncOutcome::Unchanged,
+            UpsertOutcome::Older { .. } => SyncOutcome::OlderIgnored,
         };
-        tracing::info!(entity = %entity.id, version = entity.version, outcome = label, provisional, notifications = rows.len(), "entity synced");
+        tracing::info!(entity = %entity.id, version = entity.version, outcome = %label, provisional, notifications = rows.len(), "entity synced");
         for row in rows {
             work.settle(
                 row,
@@ -369,15 +358,14 @@ impl SyncWorker {
         if self.confirm_after.is_zero() {
             return None;
         }
-        // An unreadable receive time is treated as just now: confirming costs little.
-        let received = crate::time::parse(&newest.received_at).unwrap_or(now);
+        let received = received_at(newest, now);
         let due_at = received
             .checked_add_signed(policy::to_chrono(self.confirm_after))
             .unwrap_or(DateTime::<Utc>::MAX_UTC);
         Some(if now < due_at {
             ReadFollowUp::Confirm {
                 due_at,
-                received_at: newest.received_at.clone(),
+                received_at: received,
                 read_at: now,
             }
         } else {
@@ -391,22 +379,19 @@ impl SyncWorker {
             Metrics::count_event(
                 &self.metrics.notifications_processed,
                 p.event_type.as_deref(),
-                &p.outcome,
+                p.outcome.as_str(),
             );
-            match p.outcome.as_str() {
-                "dead" => {
+            match p.outcome {
+                SyncOutcome::Dead => {
                     self.metrics.dead_letters.inc();
                 }
-                "synced" => {
-                    let when = p.event_when.as_deref().and_then(crate::time::parse);
-                    if let Some(lag) = when.and_then(|w| (now - w).to_std().ok()) {
+                SyncOutcome::Synced => {
+                    if let Some(lag) = p.event_when.and_then(|w| (now - w).to_std().ok()) {
                         self.metrics.sync_lag_seconds.observe(lag.as_secs_f64());
                     }
-                    if let Some(received) = crate::time::parse(&p.received_at) {
-                        let age = now - received;
-                        let seconds = age.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
-                        self.metrics.freshness_seconds.observe(seconds);
-                    }
+                    let age = now - p.received_at;
+                    let seconds = age.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+                    self.metrics.freshness_seconds.observe(seconds);
                 }
                 _ => {}
             }
@@ -417,15 +402,9 @@ impl SyncWorker {
     /// crash between the two replays the claim after the lease expires, which the idempotent
     /// upsert and log make harmless.
     async fn finish(&self, claim: Claim, owner: &str, mut work: Work) -> Result<(), WorkerError> {
-        let store = self.store.clone();
         let log = std::mem::take(&mut work.log);
-        let logged = if log.is_empty() {
-            Ok(log)
-        } else {
-            tokio::task::spawn_blocking(move || store.record_processed(&log).map(|()| log)).await?
-        };
-        match logged {
-            Ok(log) => self.record_metrics(&log),
+        match self.store.record_processed(&log).await {
+            Ok(()) => self.record_metrics(&log),
             // Nothing is settled without its log entry: the rows come back shortly, and the
             // idempotent upsert makes the repeat harmless.
             Err(error) => {
@@ -455,7 +434,7 @@ impl Work {
         &mut self,
         row: &Claimed,
         outcome: RowOutcome,
-        logged: Option<&str>,
+        logged: Option<SyncOutcome>,
         entity_id: Option<String>,
     ) {
         if let Some(label) = logged {
@@ -485,7 +464,7 @@ impl Work {
         tracing::warn!(notification_id = %row.id, entity = row.entity_key.as_deref(), %reason, "notification dead-lettered");
         self.log.push(processed(
             row,
-            "dead",
+            SyncOutcome::Dead,
             row.entity_key.clone(),
             Some(reason.clone()),
         ));
@@ -498,7 +477,7 @@ impl Work {
 
 fn processed(
     row: &Claimed,
-    outcome: &str,
+    outcome: SyncOutcome,
     entity_id: Option<String>,
     detail: Option<String>,
 ) -> ProcessedNotification {
@@ -506,38 +485,40 @@ fn processed(
         notification_id: row.id.clone(),
         event_type: row.event_type.clone(),
         entity_id,
-        outcome: outcome.to_owned(),
+        outcome,
         attempts: row.attempts + 1,
-        received_at: row.received_at.clone(),
-        event_when: row.event_when.clone(),
+        received_at: received_at(row, Utc::now()),
+        event_when: row.event_when.as_deref().and_then(crate::time::parse),
         detail,
     }
+}
+
+/// The notification `row` as the cause of a write.
+fn cause(row: &Claimed) -> SyncCause {
+    SyncCause {
+        notification_id: row.id.clone(),
+        event_type: row.event_type.clone(),
+        event_when: row.event_when.as_deref().and_then(crate::time::parse),
+    }
+}
+
+/// When `row` arrived. An unreadable receive time is taken as `now`: confirming costs little.
+fn received_at(row: &Claimed, now: DateTime<Utc>) -> DateTime<Utc> {
+    crate::time::parse(&row.received_at).unwrap_or(now)
 }
 
 /// Whether `row`'s event happened after we last wrote the entity (`synced_at`): only then can a
 /// read that is not newer be stale. An event from before that write was already covered by it
 /// (so a late duplicate costs no re-fetch). Uses the event's `When` where readable, else our
 /// receive time.
-fn event_after_last_write(row: &Claimed, synced_at: &str) -> bool {
+fn event_after_last_write(row: &Claimed, synced_at: DateTime<Utc>) -> bool {
     let parse = crate::time::parse;
     let event = row
         .event_when
         .as_deref()
         .and_then(parse)
         .or_else(|| parse(&row.received_at));
-    matches!((event, parse(synced_at)), (Some(event), Some(written)) if event > written)
-}
-
-/// Fenergo's wire entity in the store's terms.
-pub(crate) fn snapshot(entity: &Entity) -> EntitySnapshot {
-    EntitySnapshot {
-        entity_id: entity.id.clone(),
-        entity_type: entity.entity_type.clone(),
-        version: entity.version,
-        status: entity.status.clone(),
-        created: entity.created.clone(),
-        json: entity.data.clone(),
-    }
+    event.is_some_and(|event| event > synced_at)
 }
 
 #[cfg(test)]
@@ -560,7 +541,7 @@ mod tests {
 
     #[test]
     fn only_events_after_our_last_write_make_a_read_stale() {
-        let written = "2021-05-05T10:19:17.500Z";
+        let written = crate::time::parse("2021-05-05T10:19:17.500Z").unwrap();
         let after = row(
             Some("2021-05-05T10:19:17.5000001+00:00"),
             "2021-05-05T10:19:18.000Z",
