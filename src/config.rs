@@ -25,9 +25,10 @@ const ENV_PREFIX: &str = "FENX_";
 
 /// Keys whose environment values are taken verbatim: figment would otherwise turn a secret such
 /// as `0123` into the number 123 or strip quotes from `"abc"`.
-const VERBATIM_ENV_KEYS: [(&str, &str); 2] = [
+const VERBATIM_ENV_KEYS: [(&str, &str); 3] = [
     ("webhook.secrets", "FENX_WEBHOOK__SECRETS"),
     ("fenergo.client_secret", "FENX_FENERGO__CLIENT_SECRET"),
+    ("store.reporting_url", "FENX_STORE__REPORTING_URL"),
 ];
 
 /// The whole configuration. Every field has a default, so an empty file is valid.
@@ -182,6 +183,66 @@ pub struct StoreSettings {
     /// entity's current one; unset (the default) keeps every version.
     #[serde(with = "humantime_serde")]
     pub history_retention: Option<Duration>,
+    /// A PostgreSQL URL: when set, the reporting store lives there and no `reporting.db` is
+    /// written (the outbox stays in `dir`).
+    pub reporting_url: Option<DatabaseUrl>,
+    /// The PostgreSQL password, when the URL has none (before the systemd credential
+    /// `reporting-db-password`).
+    pub reporting_password_file: Option<PathBuf>,
+    /// PEM trust anchors for `sslmode=verify-ca`/`verify-full`; default the system's.
+    pub reporting_ca_file: Option<PathBuf>,
+    /// Most connections to PostgreSQL at once.
+    pub reporting_pool_size: usize,
+    /// From `reporting_password_file` or the credential; never serialised.
+    #[serde(skip)]
+    pub reporting_password: Option<SecretString>,
+}
+
+/// A PostgreSQL URL, which may carry a password: `Debug` and serialisation show it redacted.
+#[derive(Clone, Deserialize)]
+#[serde(from = "String")]
+pub struct DatabaseUrl(SecretString);
+
+impl DatabaseUrl {
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+
+    /// Whether the URL itself carries a password.
+    fn has_password(&self) -> bool {
+        url::Url::parse(self.expose()).is_ok_and(|u| u.password().is_some())
+    }
+
+    /// The URL with its password replaced by `[redacted]`; text that is no URL is withheld.
+    pub fn redacted(&self) -> String {
+        match url::Url::parse(self.expose()) {
+            Ok(mut url) => {
+                if url.password().is_some() {
+                    let _ = url.set_password(Some("REDACTED"));
+                }
+                url.to_string().replacen(":REDACTED@", ":[redacted]@", 1)
+            }
+            Err(_) => "[not a URL: withheld]".to_owned(),
+        }
+    }
+}
+
+impl From<String> for DatabaseUrl {
+    fn from(url: String) -> DatabaseUrl {
+        DatabaseUrl(SecretString::from(url))
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for DatabaseUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
 }
 
 impl StoreSettings {
@@ -205,6 +266,11 @@ impl Default for StoreSettings {
             wedged_after: Duration::from_secs(30),
             retention: Duration::from_secs(90 * 24 * 3600),
             history_retention: None,
+            reporting_url: None,
+            reporting_password_file: None,
+            reporting_ca_file: None,
+            reporting_pool_size: 8,
+            reporting_password: None,
         }
     }
 }
@@ -536,6 +602,22 @@ impl Settings {
         if let Some(secret) = client.into_iter().next() {
             self.fenergo.client_secret = Some(secret);
         }
+        // The URL's own password wins; the file before the credential.
+        if self
+            .store
+            .reporting_url
+            .as_ref()
+            .is_some_and(|u| !u.has_password())
+        {
+            self.store.reporting_password = secrets_from_files(
+                "store.reporting_password_file",
+                self.store.reporting_password_file.as_ref(),
+                credentials_dir.as_ref(),
+                "reporting-db-password",
+            )?
+            .into_iter()
+            .next();
+        }
         Ok(())
     }
 
@@ -581,6 +663,9 @@ impl Settings {
         }
         if self.polling.enabled && self.polling.feeds.is_empty() {
             return rule("polling.feeds", "name at least one feed (or \"all\")");
+        }
+        if self.store.reporting_pool_size == 0 {
+            return rule("store.reporting_pool_size", "must be at least 1");
         }
         if self.store.probe_interval.is_zero() {
             return rule("store.probe_interval", "must be greater than 0");

@@ -21,10 +21,12 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 mod flatten;
+pub mod postgres;
 pub mod sqlite;
 
 use crate::config::Settings;
 use crate::sqlite::DbError;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// The default reporting file inside `store.dir`.
@@ -298,6 +300,8 @@ pub enum StoreError {
     },
     #[error("a blocking store task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Postgres(#[from] postgres::PgError),
 }
 
 /// The reporting store's interface. Every method is one transaction (or none).
@@ -437,6 +441,10 @@ pub trait ReportingStore: Send + Sync {
 /// Opens the reporting store the settings name (PostgreSQL when `store.reporting_url` is set,
 /// else the SQLite file), creating or migrating its schema.
 pub async fn open(settings: &Settings) -> Result<Arc<dyn ReportingStore>, StoreError> {
+    if let Some(target) = postgres::Target::of(&settings.store) {
+        let store = PostgresStore::open(&target, &settings.fenergo.tenant_id).await?;
+        return Ok(Arc::new(store));
+    }
     let tenant = settings.fenergo.tenant_id.clone();
     let path = settings.store.reporting_path();
     let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path, &tenant)).await??;

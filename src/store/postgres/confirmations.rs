@@ -72,7 +72,8 @@ pub(super) async fn follow_up(
                       WHERE tenant_id = $1 AND entity_id = $2 AND due_at <= $3",
                 )
                 .await?;
-            tx.execute(&delete, &[&tenant, &entity.entity_id, at]).await?;
+            tx.execute(&delete, &[&tenant, &entity.entity_id, at])
+                .await?;
             mark_confirmed(tx, tenant, &[entity.entity_id.as_str()], *at).await?;
         }
     }
@@ -208,7 +209,9 @@ pub(super) async fn mark_confirmed(
               WHERE tenant_id = $1 AND entity_id = ANY($2)",
         )
         .await?;
-    client.execute(&update, &[&tenant, &entity_ids, &at]).await?;
+    client
+        .execute(&update, &[&tenant, &entity_ids, &at])
+        .await?;
     Ok(())
 }
 

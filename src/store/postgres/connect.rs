@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -22,6 +22,7 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::PgError;
+use crate::config::{DatabaseUrl, StoreSettings};
 
 /// How long opening a connection (TCP, TLS, authentication) may take.
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -30,7 +31,7 @@ pub(super) const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What `store.*` says about the PostgreSQL store.
 pub struct Target {
-    pub url: SecretString,
+    pub url: DatabaseUrl,
     /// `store.reporting_password_file` or the `reporting-db-password` credential; the URL's own
     /// password wins.
     pub password: Option<SecretString>,
@@ -40,23 +41,25 @@ pub struct Target {
 }
 
 impl Target {
+    /// The PostgreSQL store `store.*` names, if `store.reporting_url` is set.
+    pub fn of(store: &StoreSettings) -> Option<Target> {
+        Some(Target {
+            url: store.reporting_url.clone()?,
+            password: store.reporting_password.clone(),
+            ca_file: store.reporting_ca_file.clone(),
+            pool_size: store.reporting_pool_size,
+        })
+    }
+
     /// The URL without its password, for logs and `fenx-sync status`.
     pub fn describe(&self) -> String {
-        redact(self.url.expose_secret())
+        self.url.redacted()
     }
 }
 
-/// `url` with any password replaced by `[redacted]` (unparsable text is withheld whole).
-pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) => {
-            if parsed.password().is_some() {
-                let _ = parsed.set_password(Some("[redacted]"));
-            }
-            parsed.to_string()
-        }
-        Err(_) => "[unparsable URL withheld]".to_owned(),
-    }
+/// `url` with any password replaced, for errors.
+fn redact(url: &str) -> String {
+    DatabaseUrl::from(url.to_owned()).redacted()
 }
 
 /// libpq's `sslmode` values. `prefer` and `require` encrypt without checking who answers (as
@@ -91,7 +94,7 @@ impl FromStr for TlsMode {
 
 /// The pool for `target`. No connection is opened yet: the first use (the migration) does.
 pub(super) fn pool(target: &Target) -> Result<Pool, PgError> {
-    let (mut config, mode, root_cert) = parse(target.url.expose_secret())?;
+    let (mut config, mode, root_cert) = parse(target.url.expose())?;
     if config.get_password().is_none()
         && let Some(password) = &target.password
     {
@@ -137,8 +140,8 @@ pub(super) fn pool(target: &Target) -> Result<Pool, PgError> {
 /// The URL as tokio-postgres reads it, once the libpq parameters it does not know (`sslmode`'s
 /// verify values, `sslrootcert`) are taken out.
 fn parse(url: &str) -> Result<(tokio_postgres::Config, TlsMode, Option<PathBuf>), PgError> {
-    let mut parsed = url::Url::parse(url)
-        .map_err(|e| PgError::Url(format!("{}: {e}", redact(url))))?;
+    let mut parsed =
+        url::Url::parse(url).map_err(|e| PgError::Url(format!("{}: {e}", redact(url))))?;
     if !["postgres", "postgresql"].contains(&parsed.scheme()) {
         return Err(PgError::Url(format!(
             "{}: the scheme must be postgresql://",
@@ -147,18 +150,23 @@ fn parse(url: &str) -> Result<(tokio_postgres::Config, TlsMode, Option<PathBuf>)
     }
     let mut mode = TlsMode::Prefer;
     let mut root_cert = None;
+    // Raw segments are kept as written: tokio-postgres percent-decodes but reads '+' as itself.
     let mut kept = Vec::new();
-    for (key, value) in parsed.query_pairs() {
+    for segment in parsed.query().unwrap_or_default().split('&') {
+        let Some((key, value)) = url::form_urlencoded::parse(segment.as_bytes()).next() else {
+            continue;
+        };
         match key.as_ref() {
             "sslmode" => mode = value.parse()?,
             "sslrootcert" => root_cert = Some(PathBuf::from(value.as_ref())),
-            _ => kept.push((key.into_owned(), value.into_owned())),
+            _ => kept.push(segment.to_owned()),
         }
     }
-    parsed.set_query(None);
-    if !kept.is_empty() {
-        parsed.query_pairs_mut().extend_pairs(kept);
-    }
+    parsed.set_query(
+        Some(&kept.join("&"))
+            .filter(|q| !q.is_empty())
+            .map(String::as_str),
+    );
     let config = tokio_postgres::Config::from_str(parsed.as_str())
         .map_err(|e| PgError::Url(format!("{}: {e}", redact(url))))?;
     Ok((config, mode, root_cert))
@@ -198,7 +206,9 @@ fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, PgError> {
     let certificates: Vec<CertificateDer<'static>> = match ca_file {
         Some(path) => CertificateDer::pem_file_iter(path)
             .and_then(|certs| certs.collect())
-            .map_err(|e| PgError::Tls(format!("cannot read the CA file {}: {e}", path.display())))?,
+            .map_err(|e| {
+                PgError::Tls(format!("cannot read the CA file {}: {e}", path.display()))
+            })?,
         None => {
             let found = rustls_native_certs::load_native_certs();
             if let Some(error) = found.errors.first() {
@@ -315,7 +325,10 @@ mod tests {
         let url = "postgresql://fenx:s3cret@db.internal:5432/fenx_reporting?sslmode=verify-full&application_name=fenx";
         let shown = redact(url);
         assert!(!shown.contains("s3cret"), "{shown}");
-        assert!(shown.contains("[redacted]") && shown.contains("db.internal"), "{shown}");
+        assert!(
+            shown.contains("[redacted]") && shown.contains("db.internal"),
+            "{shown}"
+        );
         let (config, mode, root) = parse(url).unwrap();
         assert_eq!(mode, TlsMode::VerifyFull);
         assert_eq!(root, None);

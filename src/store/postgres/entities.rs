@@ -49,8 +49,10 @@ impl<'a> Prepared<'a> {
     }
 }
 
-/// Inserts or locks every entity row in order, writing those whose version is newer; RETURNING
-/// names the rows written, and `prior` what they held when the statement began.
+/// Inserts or locks every entity row in order, writing those whose version is newer; it returns
+/// the rows written, whether each was new, and (`prior`) the version each held when the
+/// statement began: a write that waited for another instance's may have replaced a version
+/// newer than that, so `previous_version` is a lower bound then (nothing reads it for more).
 const UPSERT: &str = "
 WITH input AS (
     SELECT * FROM unnest($2::text[], $3::text[], $4::bigint[], $5::text[], $6::timestamptz[],
@@ -74,15 +76,8 @@ written AS (
         last_event_type = EXCLUDED.last_event_type, last_event_when = EXCLUDED.last_event_when,
         synced_at = EXCLUDED.synced_at, absent_since = NULL
     WHERE e.version < EXCLUDED.version
-    RETURNING e.entity_id
-),
-dropped_properties AS (
-    DELETE FROM entity_property AS p USING written AS w
-     WHERE p.tenant_id = $1 AND p.entity_id = w.entity_id
-),
-dropped_collections AS (
-    DELETE FROM entity_collection AS c USING written AS w
-     WHERE c.tenant_id = $1 AND c.entity_id = w.entity_id
+    -- xmax is 0 only on a row this statement inserted (an updated row carries its lock).
+    RETURNING e.entity_id, e.xmax = 0 AS inserted
 ),
 history AS (
     INSERT INTO entity_version (tenant_id, entity_id, version, json, stored_at, notification_id,
@@ -91,9 +86,17 @@ history AS (
       FROM input AS i JOIN written AS w USING (entity_id)
     ON CONFLICT DO NOTHING
 )
-SELECT w.entity_id, p.version FROM written AS w LEFT JOIN prior AS p USING (entity_id)";
+SELECT w.entity_id, w.inserted, p.version FROM written AS w LEFT JOIN prior AS p USING (entity_id)";
 
-/// The rows of the entities just written (their old rows were deleted by [`UPSERT`]).
+/// The old rows of the entities just written. A statement of its own: the upsert's snapshot may
+/// predate the rows a concurrent writer committed while the upsert waited for its row lock.
+const DELETE_ROWS: &str = "
+WITH properties AS (
+    DELETE FROM entity_property WHERE tenant_id = $1 AND entity_id = ANY($2)
+)
+DELETE FROM entity_collection WHERE tenant_id = $1 AND entity_id = ANY($2)";
+
+/// The rows of the entities just written, once [`DELETE_ROWS`] made room.
 const INSERT_ROWS: &str = "
 WITH properties AS (
     INSERT INTO entity_property (tenant_id, entity_id, name, value, value_type, value_number,
@@ -150,9 +153,16 @@ async fn write_round(
 ) -> Result<Vec<(usize, UpsertOutcome)>, tokio_postgres::Error> {
     let items: Vec<&Prepared> = round.iter().map(|&i| &batch[i]).collect();
     let ids: Vec<&str> = items.iter().map(|p| p.id()).collect();
-    let entity = |p: &&Prepared<'_>| p.write.entity;
-    let cause = |p: &&Prepared<'_>| p.write.cause;
-    let types: Vec<Option<&str>> = items.iter().map(|p| entity(p).entity_type.as_deref()).collect();
+    fn entity<'p>(p: &&Prepared<'p>) -> &'p EntitySnapshot {
+        p.write.entity
+    }
+    fn cause<'p>(p: &&Prepared<'p>) -> &'p SyncCause {
+        p.write.cause
+    }
+    let types: Vec<Option<&str>> = items
+        .iter()
+        .map(|p| entity(p).entity_type.as_deref())
+        .collect();
     let versions: Vec<i64> = items.iter().map(|p| entity(p).version).collect();
     let statuses: Vec<Option<&str>> = items.iter().map(|p| entity(p).status.as_deref()).collect();
     let created: Vec<Option<DateTime<Utc>>> = items.iter().map(|p| entity(p).created).collect();
@@ -161,7 +171,10 @@ async fn write_round(
         .iter()
         .map(|p| cause(p).notification_id.as_str())
         .collect();
-    let events: Vec<Option<&str>> = items.iter().map(|p| cause(p).event_type.as_deref()).collect();
+    let events: Vec<Option<&str>> = items
+        .iter()
+        .map(|p| cause(p).event_type.as_deref())
+        .collect();
     let whens: Vec<Option<DateTime<Utc>>> = items.iter().map(|p| cause(p).event_when).collect();
     let upsert = tx.prepare_cached(UPSERT).await?;
     let rows = tx
@@ -182,14 +195,30 @@ async fn write_round(
             ],
         )
         .await?;
-    let written: HashMap<String, Option<i64>> =
-        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    insert_rows(
-        tx,
-        tenant,
-        items.iter().filter(|p| written.contains_key(p.id())),
-    )
-    .await?;
+    let written: HashMap<String, Option<i64>> = rows
+        .iter()
+        .map(|r| {
+            let inserted: bool = r.get(1);
+            // Not inserted yet unseen: another instance inserted it while this one waited.
+            let prior: Option<i64> = r.get(2);
+            (r.get(0), (!inserted).then(|| prior.unwrap_or(0)))
+        })
+        .collect();
+    let written_ids: Vec<&str> = ids
+        .iter()
+        .copied()
+        .filter(|id| written.contains_key(*id))
+        .collect();
+    if !written_ids.is_empty() {
+        let delete = tx.prepare_cached(DELETE_ROWS).await?;
+        tx.execute(&delete, &[&tenant, &written_ids]).await?;
+        insert_rows(
+            tx,
+            tenant,
+            items.iter().filter(|p| written.contains_key(p.id())),
+        )
+        .await?;
+    }
     // Rows not written are locked by the upsert now, so their versions stay as read here.
     let unwritten: Vec<&str> = ids
         .iter()
@@ -245,13 +274,28 @@ async fn insert_rows<'p>(
         let id = p.id();
         for row in p.properties.iter().rev() {
             if seen_properties.insert((id, row.name.as_str())) {
-                properties.push(id, [&row.name, row.value_type.as_str()], &row.value, row.typed);
+                properties.push(
+                    id,
+                    [&row.name, row.value_type.as_str()],
+                    &row.value,
+                    row.typed,
+                );
             }
         }
         for row in p.collections.iter().rev() {
-            let key = (id, row.property.as_str(), row.row_id.as_str(), row.field.as_str());
+            let key = (
+                id,
+                row.property.as_str(),
+                row.row_id.as_str(),
+                row.field.as_str(),
+            );
             if seen_fields.insert(key) {
-                collections.push(id, [&row.property, &row.row_id, &row.field], &row.value, row.typed);
+                collections.push(
+                    id,
+                    [&row.property, &row.row_id, &row.field],
+                    &row.value,
+                    row.typed,
+                );
             }
         }
     }

@@ -23,7 +23,7 @@ mod entities;
 mod migrate;
 mod records;
 
-pub use connect::{Target, redact};
+pub use connect::Target;
 use entities::{Prepared, Write};
 
 use super::{
@@ -221,7 +221,12 @@ impl ReportingStore for PostgresStore {
         let writes = [Write { entity, cause }];
         let outcomes = self
             .write(
-                || format!("store entity {} version {}", entity.entity_id, entity.version),
+                || {
+                    format!(
+                        "store entity {} version {}",
+                        entity.entity_id, entity.version
+                    )
+                },
                 &writes,
                 follow_up.map_or(After::Nothing, |f| After::Read(entity, cause, f)),
             )
@@ -237,7 +242,10 @@ impl ReportingStore for PostgresStore {
         if entities.is_empty() {
             return Ok(Vec::new());
         }
-        let writes: Vec<Write> = entities.iter().map(|entity| Write { entity, cause }).collect();
+        let writes: Vec<Write> = entities
+            .iter()
+            .map(|entity| Write { entity, cause })
+            .collect();
         self.write(
             || format!("store {} entities", entities.len()),
             &writes,
@@ -247,24 +255,23 @@ impl ReportingStore for PostgresStore {
     }
 
     async fn stored_state(&self, entity_id: &str) -> Result<Option<StoredState>, StoreError> {
-        self.run(
-            || format!("read entity {entity_id}"),
-            async {
-                let client = self.client().await?;
-                let select = client
-                    .prepare_cached(
-                        "SELECT version, last_event_when, synced_at FROM entity
+        self.run(|| format!("read entity {entity_id}"), async {
+            let client = self.client().await?;
+            let select = client
+                .prepare_cached(
+                    "SELECT version, last_event_when, synced_at FROM entity
                           WHERE tenant_id = $1 AND entity_id = $2",
-                    )
-                    .await?;
-                let row = client.query_opt(&select, &[&self.tenant, &entity_id]).await?;
-                Ok(row.map(|r| StoredState {
-                    version: r.get(0),
-                    last_event_when: r.get(1),
-                    synced_at: r.get(2),
-                }))
-            },
-        )
+                )
+                .await?;
+            let row = client
+                .query_opt(&select, &[&self.tenant, &entity_id])
+                .await?;
+            Ok(row.map(|r| StoredState {
+                version: r.get(0),
+                last_event_when: r.get(1),
+                synced_at: r.get(2),
+            }))
+        })
         .await
     }
 
@@ -312,13 +319,10 @@ impl ReportingStore for PostgresStore {
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<PendingConfirmation>, StoreError> {
-        self.run(
-            || "read due confirmations".into(),
-            async {
-                let client = self.client().await?;
-                confirmations::due(&client, &self.tenant, now, limit).await
-            },
-        )
+        self.run(|| "read due confirmations".into(), async {
+            let client = self.client().await?;
+            confirmations::due(&client, &self.tenant, now, limit).await
+        })
         .await
     }
 
@@ -326,13 +330,10 @@ impl ReportingStore for PostgresStore {
         &self,
         now: DateTime<Utc>,
     ) -> Result<ConfirmationBacklog, StoreError> {
-        self.run(
-            || "count due confirmations".into(),
-            async {
-                let client = self.client().await?;
-                confirmations::backlog(&client, &self.tenant, now).await
-            },
-        )
+        self.run(|| "count due confirmations".into(), async {
+            let client = self.client().await?;
+            confirmations::backlog(&client, &self.tenant, now).await
+        })
         .await
     }
 
@@ -379,20 +380,17 @@ impl ReportingStore for PostgresStore {
             || format!("drop the confirmation of {}", pending.entity_id),
             async {
                 let client = self.client().await?;
-                confirmations::close(&**client, &self.tenant, &[pending]).await
+                confirmations::close(&client, &self.tenant, &[pending]).await
             },
         )
         .await
     }
 
     async fn pending_confirmations(&self) -> Result<i64, StoreError> {
-        self.run(
-            || "count confirmations".into(),
-            async {
-                let client = self.client().await?;
-                confirmations::pending(&client, &self.tenant).await
-            },
-        )
+        self.run(|| "count confirmations".into(), async {
+            let client = self.client().await?;
+            confirmations::pending(&client, &self.tenant).await
+        })
         .await
     }
 
@@ -402,35 +400,26 @@ impl ReportingStore for PostgresStore {
         value: &str,
         since: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        self.run(
-            || format!("record {}", key.as_str()),
-            async {
-                let client = self.client().await?;
-                records::put_state(&client, &self.tenant, key, value, since).await
-            },
-        )
+        self.run(|| format!("record {}", key.as_str()), async {
+            let client = self.client().await?;
+            records::put_state(&client, &self.tenant, key, value, since).await
+        })
         .await
     }
 
     async fn clear_state(&self, key: StateKey) -> Result<(), StoreError> {
-        self.run(
-            || format!("clear {}", key.as_str()),
-            async {
-                let client = self.client().await?;
-                records::clear_state(&client, &self.tenant, key).await
-            },
-        )
+        self.run(|| format!("clear {}", key.as_str()), async {
+            let client = self.client().await?;
+            records::clear_state(&client, &self.tenant, key).await
+        })
         .await
     }
 
     async fn state(&self, key: StateKey) -> Result<Option<StateEntry>, StoreError> {
-        self.run(
-            || format!("read {}", key.as_str()),
-            async {
-                let client = self.client().await?;
-                records::state(&client, &self.tenant, key).await
-            },
-        )
+        self.run(|| format!("read {}", key.as_str()), async {
+            let client = self.client().await?;
+            records::state(&client, &self.tenant, key).await
+        })
         .await
     }
 
@@ -446,24 +435,18 @@ impl ReportingStore for PostgresStore {
     }
 
     async fn start_reconcile(&self, kind: RunKind) -> Result<ReconcileRun, StoreError> {
-        self.run(
-            || format!("start a {} run", kind.as_str()),
-            async {
-                let mut client = self.client().await?;
-                records::start_run(&mut client, &self.tenant, kind, Utc::now()).await
-            },
-        )
+        self.run(|| format!("start a {} run", kind.as_str()), async {
+            let mut client = self.client().await?;
+            records::start_run(&mut client, &self.tenant, kind, Utc::now()).await
+        })
         .await
     }
 
     async fn save_reconcile(&self, run: &ReconcileRun, finished: bool) -> Result<(), StoreError> {
-        self.run(
-            || format!("save run {}", run.run_id),
-            async {
-                let client = self.client().await?;
-                records::save_run(&client, &self.tenant, run, finished, Utc::now()).await
-            },
-        )
+        self.run(|| format!("save run {}", run.run_id), async {
+            let client = self.client().await?;
+            records::save_run(&client, &self.tenant, run, finished, Utc::now()).await
+        })
         .await
     }
 
@@ -471,13 +454,10 @@ impl ReportingStore for PostgresStore {
         if entity_ids.is_empty() {
             return Ok(());
         }
-        self.run(
-            || format!("mark run {run_id}'s entities listed"),
-            async {
-                let client = self.client().await?;
-                records::mark_listed(&client, &self.tenant, run_id, entity_ids).await
-            },
-        )
+        self.run(|| format!("mark run {run_id}'s entities listed"), async {
+            let client = self.client().await?;
+            records::mark_listed(&client, &self.tenant, run_id, entity_ids).await
+        })
         .await
     }
 
@@ -493,58 +473,43 @@ impl ReportingStore for PostgresStore {
     }
 
     async fn last_run_started(&self, kind: RunKind) -> Result<Option<DateTime<Utc>>, StoreError> {
-        self.run(
-            || format!("read the last {} run", kind.as_str()),
-            async {
-                let client = self.client().await?;
-                records::last_run_started(&client, &self.tenant, kind).await
-            },
-        )
+        self.run(|| format!("read the last {} run", kind.as_str()), async {
+            let client = self.client().await?;
+            records::last_run_started(&client, &self.tenant, kind).await
+        })
         .await
     }
 
     async fn prune_history(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
-        self.run(
-            || "prune entity history".into(),
-            async {
-                let client = self.client().await?;
-                records::prune_history(&client, &self.tenant, before).await
-            },
-        )
+        self.run(|| "prune entity history".into(), async {
+            let client = self.client().await?;
+            records::prune_history(&client, &self.tenant, before).await
+        })
         .await
     }
 
     async fn check(&self) -> Result<StoreCheck, StoreError> {
-        self.run(
-            || "answer a trivial query".into(),
-            async {
-                let client = self.client().await?;
-                client.simple_query("SELECT 1").await?;
-                Ok(StoreCheck::default())
-            },
-        )
+        self.run(|| "answer a trivial query".into(), async {
+            let client = self.client().await?;
+            client.simple_query("SELECT 1").await?;
+            Ok(StoreCheck::default())
+        })
         .await
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
-        self.run(
-            || "measure the store".into(),
-            async {
-                let client = self.client().await?;
-                records::stats(&client, &self.tenant).await
-            },
-        )
+        self.run(|| "measure the store".into(), async {
+            let client = self.client().await?;
+            records::stats(&client, &self.tenant).await
+        })
         .await
     }
 
     async fn grant_read(&self, role: &str) -> Result<(), StoreError> {
-        self.run(
-            || format!("grant read access to {role}"),
-            async {
-                let mut client = self.client().await?;
-                records::grant_read(&mut client, role).await
-            },
-        )
+        self.run(|| format!("grant read access to {role}"), async {
+            let mut client = self.client().await?;
+            records::grant_read(&mut client, role).await
+        })
         .await
     }
 }

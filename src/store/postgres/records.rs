@@ -135,7 +135,9 @@ pub(super) async fn running_run(
               ORDER BY run_id DESC LIMIT 1",
         )
         .await?;
-    let row = client.query_opt(&select, &[&tenant, &kind.as_str()]).await?;
+    let row = client
+        .query_opt(&select, &[&tenant, &kind.as_str()])
+        .await?;
     Ok(row.map(|r| ReconcileRun {
         run_id: r.get(0),
         cursor: r.get(1),
@@ -309,7 +311,10 @@ const TABLES: [&str; 9] = [
     "schema_version",
 ];
 
-pub(super) async fn stats(client: &impl GenericClient, tenant: &str) -> Result<StoreStats, Failure> {
+pub(super) async fn stats(
+    client: &impl GenericClient,
+    tenant: &str,
+) -> Result<StoreStats, Failure> {
     let select = client
         .prepare_cached(
             "SELECT (SELECT count(*) FROM entity WHERE tenant_id = $1),

@@ -1,0 +1,606 @@
+//! Tests of the PostgreSQL store against a real server: `FENX_TEST_POSTGRES_URL` names a database
+//! (`.ci/run` creates a fresh one); without it each test prints a "skipped" line and passes.
+//!
+//! Each test works in a schema of its own, so tests run in parallel and never see each other's
+//! rows; the schema is dropped when the test ends well.
+
+use std::io::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use tokio_postgres::NoTls;
+
+use super::*;
+use crate::config::DatabaseUrl;
+
+const URL_VAR: &str = "FENX_TEST_POSTGRES_URL";
+
+/// A schema of the test database for one test.
+struct Schema {
+    base_url: String,
+    name: String,
+    admin: tokio_postgres::Client,
+}
+
+impl Schema {
+    /// A new empty schema, or `None` (saying so) when no test database is configured.
+    async fn fresh(test: &str) -> Option<Schema> {
+        let Ok(base_url) = std::env::var(URL_VAR) else {
+            // Straight to stderr: libtest would hide a print from a passing test.
+            let _ = writeln!(std::io::stderr(), "{test}: skipped: {URL_VAR} not set");
+            return None;
+        };
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "fenx_test_{}_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            fastrand::u32(..)
+        );
+        let (admin, connection) = tokio_postgres::connect(&base_url, NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("{URL_VAR}={base_url}: {e}"));
+        tokio::spawn(connection);
+        admin
+            .batch_execute(&format!("CREATE SCHEMA {name}"))
+            .await
+            .unwrap();
+        Some(Schema {
+            base_url,
+            name,
+            admin,
+        })
+    }
+
+    /// The URL of this schema (its tables are created there).
+    fn url(&self) -> String {
+        let separator = if self.base_url.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        format!(
+            "{}{separator}options=-c%20search_path%3D{}",
+            self.base_url, self.name
+        )
+    }
+
+    fn target(&self) -> Target {
+        Target {
+            url: DatabaseUrl::from(self.url()),
+            password: None,
+            ca_file: None,
+            pool_size: 4,
+        }
+    }
+
+    async fn open(&self, tenant: &str) -> PostgresStore {
+        PostgresStore::open(&self.target(), tenant).await.unwrap()
+    }
+
+    /// Every row of `sql` (run in this schema), each as its columns' text joined by `|`.
+    async fn rows(&self, sql: &str) -> Vec<String> {
+        let sql = format!("SET search_path = {}; {sql}", self.name);
+        let mut rows = Vec::new();
+        for message in self.admin.simple_query(&sql).await.unwrap() {
+            if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+                let columns: Vec<&str> = (0..row.len())
+                    .map(|i| row.get(i).unwrap_or("NULL"))
+                    .collect();
+                rows.push(columns.join("|"));
+            }
+        }
+        rows
+    }
+
+    async fn drop(self) {
+        self.admin
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name))
+            .await
+            .unwrap();
+    }
+}
+
+fn entity(id: &str, version: i64, properties: Value) -> EntitySnapshot {
+    EntitySnapshot {
+        entity_id: id.into(),
+        entity_type: Some("Company".into()),
+        version,
+        status: Some("1".into()),
+        created: crate::time::parse("2024-01-01T09:00:00.1234567+00:00"),
+        json: json!({
+            "id": id,
+            "version": version,
+            "risk": {"riskCategory": "High", "riskLevel": 3},
+            "properties": properties,
+        }),
+    }
+}
+
+fn cause(notification_id: &str) -> SyncCause {
+    SyncCause {
+        notification_id: notification_id.into(),
+        event_type: Some("entitydata:draftverified".into()),
+        event_when: crate::time::parse("2024-01-01T10:00:00Z"),
+    }
+}
+
+fn company(name: &str) -> Value {
+    json!({
+        "legalEntityName": {"type": "Single", "value": name},
+        "employees": {"type": "Single", "value": 42},
+        "dateOfBirth": {"type": "Single", "value": "1980-03-04T00:00:00Z"},
+        "listed": {"type": "Single", "value": "True"},
+    })
+}
+
+fn at(text: &str) -> DateTime<Utc> {
+    crate::time::parse(text).unwrap()
+}
+
+#[tokio::test]
+async fn upserts_are_monotonic_and_values_typed() {
+    let Some(schema) = Schema::fresh("upserts_are_monotonic_and_values_typed").await else {
+        return;
+    };
+    let store = schema.open("t1").await;
+    let v2 = entity("e-1", 2, company("Acme"));
+    assert_eq!(
+        store.upsert_entity(&v2, &cause("n-1")).await.unwrap(),
+        UpsertOutcome::Inserted
+    );
+    let v1 = entity("e-1", 1, company("Old"));
+    assert_eq!(
+        store.upsert_entity(&v1, &cause("n-0")).await.unwrap(),
+        UpsertOutcome::Older { stored_version: 2 }
+    );
+    assert_eq!(
+        store.upsert_entity(&v2, &cause("n-2")).await.unwrap(),
+        UpsertOutcome::Unchanged
+    );
+    let v3 = entity("e-1", 3, company("Acme Ltd"));
+    assert_eq!(
+        store.upsert_entity(&v3, &cause("n-3")).await.unwrap(),
+        UpsertOutcome::Updated {
+            previous_version: 2
+        }
+    );
+    assert_eq!(
+        schema
+            .rows(
+                "SELECT name, value, value_number, value_bool, value_date FROM entity_property
+                  ORDER BY name"
+            )
+            .await,
+        [
+            "dateOfBirth|1980-03-04T00:00:00Z|NULL|NULL|1980-03-04",
+            "employees|42|42|NULL|NULL",
+            "legalEntityName|Acme Ltd|NULL|NULL|NULL",
+            "listed|True|NULL|t|NULL",
+        ]
+    );
+    assert_eq!(
+        schema
+            .rows(
+                "SELECT tenant_id, name, date_of_birth, risk_category, last_event_when
+                   FROM current_entity"
+            )
+            .await,
+        ["t1|Acme Ltd|1980-03-04|High|2024-01-01 10:00:00+00"]
+    );
+    assert_eq!(
+        schema
+            .rows("SELECT version, notification_id FROM entity_version ORDER BY version")
+            .await,
+        ["2|n-1", "3|n-3"]
+    );
+    let state = store.stored_state("e-1").await.unwrap().unwrap();
+    assert_eq!(state.version, 3);
+    assert_eq!(state.last_event_when, Some(at("2024-01-01T10:00:00Z")));
+    schema.drop().await;
+}
+
+#[tokio::test]
+async fn a_batch_is_written_in_one_go_and_a_repeated_entity_in_order() {
+    let Some(schema) = Schema::fresh("a_batch_is_written_in_one_go").await else {
+        return;
+    };
+    let store = schema.open("t1").await;
+    store
+        .upsert_entity(&entity("b", 5, company("B")), &cause("n-0"))
+        .await
+        .unwrap();
+    let page = [
+        entity("c", 1, company("C")),
+        entity("b", 4, company("B-old")),
+        entity("a", 1, company("A")),
+        entity("a", 2, company("A2")),
+        entity("b", 6, company("B6")),
+    ];
+    assert_eq!(
+        store
+            .upsert_entities(&page, &cause("backfill"))
+            .await
+            .unwrap(),
+        [
+            UpsertOutcome::Inserted,
+            UpsertOutcome::Older { stored_version: 5 },
+            UpsertOutcome::Inserted,
+            UpsertOutcome::Updated {
+                previous_version: 1
+            },
+            UpsertOutcome::Updated {
+                previous_version: 5
+            },
+        ]
+    );
+    assert_eq!(
+        schema
+            .rows(
+                "SELECT entity_id, version, value FROM entity JOIN entity_property
+                  USING (tenant_id, entity_id) WHERE name = 'legalEntityName' ORDER BY entity_id"
+            )
+            .await,
+        ["a|2|A2", "b|6|B6", "c|1|C"]
+    );
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.entities, stats.versions), (3, 5));
+    assert!(stats.bytes > stats.bytes_without_history && stats.bytes_without_history > 0);
+    schema.drop().await;
+}
+
+#[tokio::test]
+async fn the_migration_is_recorded_and_a_newer_database_refused() {
+    let Some(schema) = Schema::fresh("the_migration_is_recorded").await else {
+        return;
+    };
+    let store = schema.open("t1").await;
+    assert_eq!(store.migrate().await.unwrap(), migrate::latest());
+    assert_eq!(
+        schema.rows("SELECT version FROM schema_version").await,
+        (1..=migrate::latest())
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+    );
+    let newer = migrate::latest() + 1;
+    schema
+        .rows(&format!(
+            "INSERT INTO schema_version VALUES ({newer}, now())"
+        ))
+        .await;
+    let refused = PostgresStore::open(&schema.target(), "t1")
+        .await
+        .err()
+        .expect("a newer schema must be refused");
+    assert!(
+        matches!(
+            refused,
+            StoreError::Postgres(PgError::SchemaTooNew { found, .. }) if found == newer
+        ),
+        "{refused}"
+    );
+    schema.drop().await;
+}
+
+#[tokio::test]
+async fn two_instances_writing_the_same_entities_never_regress_nor_repeat_history() {
+    let Some(schema) = Schema::fresh("two_instances_writing_the_same_entities").await else {
+        return;
+    };
+    let a = Arc::new(schema.open("t1").await);
+    let b = Arc::new(schema.open("t1").await);
+    const ENTITIES: usize = 20;
+    const VERSIONS: i64 = 15;
+    // Each instance writes every version of every entity, in its own order (one newest first,
+    // the other oldest first, pages of opposite entity order): both race for every row.
+    let writer = |store: Arc<PostgresStore>, reverse: bool| {
+        tokio::spawn(async move {
+            let mut versions: Vec<i64> = (1..=VERSIONS).collect();
+            if reverse {
+                versions.reverse();
+            }
+            let mut outcomes = Vec::new();
+            for version in versions {
+                let mut page: Vec<EntitySnapshot> = (0..ENTITIES)
+                    .map(|i| entity(&format!("e-{i:02}"), version, company("x")))
+                    .collect();
+                if reverse {
+                    page.reverse();
+                }
+                let written = store
+                    .upsert_entities(&page, &cause(&format!("n-{version}")))
+                    .await
+                    .unwrap();
+                outcomes.extend(written.into_iter().map(|o| (version, o)));
+                let one = &page[version as usize % ENTITIES];
+                let written = store.upsert_entity(one, &cause("single")).await.unwrap();
+                outcomes.push((version, written));
+            }
+            outcomes
+        })
+    };
+    // A reader watches throughout: no entity's version may ever be seen going down.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let done = done.clone();
+        let url = schema.url();
+        tokio::spawn(async move {
+            let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+            tokio::spawn(connection);
+            let mut seen = std::collections::HashMap::<String, i64>::new();
+            let mut reads = 0;
+            while !done.load(Ordering::Relaxed) || reads == 0 {
+                for row in client
+                    .query("SELECT entity_id, version FROM entity", &[])
+                    .await
+                    .unwrap()
+                {
+                    let (id, version): (String, i64) = (row.get(0), row.get(1));
+                    let before = seen.insert(id.clone(), version).unwrap_or(0);
+                    assert!(
+                        version >= before,
+                        "{id} went from {before} down to {version}"
+                    );
+                }
+                reads += 1;
+            }
+        })
+    };
+    let (one, two) = tokio::join!(writer(a.clone(), false), writer(b, true));
+    done.store(true, Ordering::Relaxed);
+    watcher.await.unwrap();
+    let outcomes: Vec<(i64, UpsertOutcome)> =
+        one.unwrap().into_iter().chain(two.unwrap()).collect();
+    let inserted = outcomes
+        .iter()
+        .filter(|(_, o)| *o == UpsertOutcome::Inserted)
+        .count();
+    assert_eq!(
+        inserted, ENTITIES,
+        "each entity is inserted once, by one of them"
+    );
+    for (version, outcome) in &outcomes {
+        match outcome {
+            UpsertOutcome::Updated { previous_version } => assert!(previous_version < version),
+            UpsertOutcome::Older { stored_version } => assert!(stored_version > version),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        schema.rows("SELECT DISTINCT version FROM entity").await,
+        [VERSIONS.to_string()]
+    );
+    // Every version stored at most once, and exactly as many history rows as writes.
+    assert_eq!(
+        schema
+            .rows(
+                "SELECT count(*) FROM entity_version
+                  GROUP BY entity_id, version HAVING count(*) > 1"
+            )
+            .await,
+        Vec::<String>::new()
+    );
+    let wrote = outcomes.iter().filter(|(_, o)| o.wrote()).count();
+    assert_eq!(
+        schema.rows("SELECT count(*) FROM entity_version").await,
+        [wrote.to_string()]
+    );
+    assert_eq!(
+        schema
+            .rows("SELECT count(DISTINCT entity_id) FROM entity_property")
+            .await,
+        [ENTITIES.to_string()]
+    );
+    schema.drop().await;
+}
+
+#[tokio::test]
+async fn tenants_sharing_a_database_never_see_each_other() {
+    let Some(schema) = Schema::fresh("tenants_sharing_a_database").await else {
+        return;
+    };
+    let one = schema.open("tenant-1").await;
+    let two = schema.open("tenant-2").await;
+    one.upsert_entity(&entity("e-1", 5, company("One")), &cause("n-1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        two.upsert_entity(&entity("e-1", 1, company("Two")), &cause("n-1"))
+            .await
+            .unwrap(),
+        UpsertOutcome::Inserted
+    );
+    assert_eq!(two.stored_state("e-1").await.unwrap().unwrap().version, 1);
+    one.put_state(
+        StateKey::CredentialsRefused,
+        "401",
+        at("2024-01-01T00:00:00Z"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(two.state(StateKey::CredentialsRefused).await.unwrap(), None);
+    // Tenant 2's run lists nothing: only its own entity is absent.
+    let run = two.start_reconcile(RunKind::Reconcile).await.unwrap();
+    assert_eq!(two.mark_absent(run.run_id).await.unwrap(), 1);
+    assert_eq!(
+        one.running_reconcile(RunKind::Reconcile).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        schema
+            .rows(
+                "SELECT tenant_id, version, absent_since IS NULL, value FROM entity
+                   JOIN entity_property USING (tenant_id, entity_id)
+                  WHERE name = 'legalEntityName' ORDER BY tenant_id"
+            )
+            .await,
+        ["tenant-1|5|t|One", "tenant-2|1|f|Two"]
+    );
+    assert_eq!(
+        (
+            one.stats().await.unwrap().entities,
+            two.stats().await.unwrap().entities
+        ),
+        (1, 1)
+    );
+    schema.drop().await;
+}
+
+#[tokio::test]
+async fn confirmations_follow_reads_and_close_when_made() {
+    let Some(schema) = Schema::fresh("confirmations_follow_reads").await else {
+        return;
+    };
+    let store = schema.open("t1").await;
+    let read = entity("e-1", 1, company("A"));
+    let follow_up = ReadFollowUp::Confirm {
+        due_at: at("2024-01-01T10:05:00Z"),
+        received_at: at("2024-01-01T10:00:00Z"),
+        read_at: at("2024-01-01T10:00:01Z"),
+    };
+    store
+        .store_read(&read, &cause("n-1"), Some(&follow_up))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .defer_to_confirmation(
+                "e-1",
+                at("2024-01-01T10:00:00Z"),
+                at("2024-01-01T10:06:00Z"),
+                &cause("n-2"),
+                at("2024-01-01T10:01:00Z"),
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .due_confirmations(at("2024-01-01T10:05:30Z"), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let due = store
+        .due_confirmations(at("2024-01-01T10:07:00Z"), 10)
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].cause.notification_id, "n-2");
+    let backlog = store
+        .confirmation_backlog(at("2024-01-01T10:07:00Z"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (backlog.due, backlog.oldest_due),
+        (1, Some(at("2024-01-01T10:06:00Z")))
+    );
+    let outcomes = store
+        .confirm(
+            &[(due[0].clone(), entity("e-1", 2, company("B")))],
+            at("2024-01-01T10:07:00Z"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        [UpsertOutcome::Updated {
+            previous_version: 1
+        }]
+    );
+    assert_eq!(store.pending_confirmations().await.unwrap(), 0);
+    assert_eq!(
+        schema
+            .rows("SELECT last_notification_id, confirmed_at IS NOT NULL FROM entity")
+            .await,
+        ["n-2|t"]
+    );
+    schema.drop().await;
+}
+
+#[tokio::test]
+async fn grant_read_lets_a_role_select_but_not_write() {
+    let Some(schema) = Schema::fresh("grant_read_lets_a_role_select").await else {
+        return;
+    };
+    let store = schema.open("t1").await;
+    store
+        .upsert_entity(&entity("e-1", 1, company("A")), &cause("n-1"))
+        .await
+        .unwrap();
+    let role = format!("{}_reader", schema.name);
+    schema
+        .admin
+        .batch_execute(&format!("CREATE ROLE \"{role}\" NOLOGIN"))
+        .await
+        .unwrap();
+    store.grant_read(&role).await.unwrap();
+    let as_role = |sql: &str| {
+        format!(
+            "BEGIN; SET LOCAL ROLE \"{role}\"; SET LOCAL search_path = {}; {sql}; COMMIT",
+            schema.name
+        )
+    };
+    let read = schema
+        .admin
+        .simple_query(&as_role("SELECT count(*) FROM current_entity"))
+        .await;
+    assert!(read.is_ok(), "{read:?}");
+    let write = schema
+        .admin
+        .simple_query(&as_role(
+            "INSERT INTO sync_state VALUES ('t', 'k', 'v', now(), now())",
+        ))
+        .await;
+    assert!(
+        write
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("permission denied")
+                || e.as_db_error()
+                    .is_some_and(|d| d.message().contains("permission denied"))),
+        "{write:?}"
+    );
+    schema.admin.batch_execute("ROLLBACK").await.unwrap();
+    assert!(matches!(
+        store.grant_read("").await,
+        Err(StoreError::Postgres(PgError::BadRole(_)))
+    ));
+    schema.drop().await;
+    schema_cleanup_role(&role).await;
+}
+
+/// Drops a role a test created (roles belong to the cluster, not the schema).
+async fn schema_cleanup_role(role: &str) {
+    let url = std::env::var(URL_VAR).unwrap();
+    let (admin, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    admin
+        .batch_execute(&format!("DROP ROLE \"{role}\""))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_prompt_error() {
+    // A port that was just free: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let target = Target {
+        url: DatabaseUrl::from(format!("postgresql://fenx:pw@127.0.0.1:{port}/db")),
+        password: None,
+        ca_file: None,
+        pool_size: 1,
+    };
+    let error = PostgresStore::open(&target, "t1")
+        .await
+        .err()
+        .expect("nothing listens")
+        .to_string();
+    assert!(error.contains("migrate"), "{error}");
+    assert!(!error.contains(":pw@"), "{error}");
+}
