@@ -57,8 +57,12 @@ enum Command {
         #[arg(long)]
         page_size: Option<usize>,
     },
-    /// Create or upgrade the database files in store.dir, then exit.
-    Migrate,
+    /// Create or upgrade the outbox and the reporting store, then exit.
+    Migrate {
+        /// Also let this PostgreSQL role read every reporting table and view (analysts' role).
+        #[arg(long, value_name = "ROLE")]
+        grant_read: Option<String>,
+    },
     /// Exit 0 if the running service answers /readyz with 200, else 1 (for container health checks).
     Health {
         /// Address to probe (default: server.listen, with 0.0.0.0 taken as 127.0.0.1).
@@ -219,14 +223,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("queued {} entity fetch(es): {}", ids.len(), ids.join(", "));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Migrate => {
+        Command::Migrate { grant_read } => {
             let settings = Settings::load(&sources)?;
             fenx_sync::outbox::open_connection(
                 &settings.store.dir,
                 fenx_sync::outbox::Durability::Full,
                 settings.store.busy_timeout,
             )?;
-            let reporting = runtime()?.block_on(fenx_sync::store::open(&settings))?;
+            let runtime = runtime()?;
+            let reporting = runtime.block_on(fenx_sync::store::open(&settings))?;
+            if let Some(role) = grant_read {
+                runtime.block_on(reporting.grant_read(&role))?;
+                println!("{role} may now read every reporting table and view");
+            }
             println!(
                 "{} and the reporting store ({}) are at the current schema",
                 settings
@@ -645,7 +654,9 @@ fn print_store_space(settings: &Settings) {
         Err(error) => println!("free space:          unknown ({error})"),
     }
     let reporting = store.reporting_path();
-    if reporting.exists() {
+    if let Some(url) = &store.reporting_url {
+        println!("reporting store:     PostgreSQL {}", url.redacted());
+    } else if reporting.exists() {
         println!("reporting store:     {}", reporting.display());
     } else {
         println!(
@@ -661,7 +672,7 @@ fn credentials_refused(
     settings: &Settings,
 ) -> anyhow::Result<Option<fenx_sync::store::StateEntry>> {
     let path = settings.store.reporting_path();
-    if !path.exists() {
+    if settings.store.reporting_url.is_none() && !path.exists() {
         return Ok(None);
     }
     let runtime = runtime()?;
