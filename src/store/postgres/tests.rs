@@ -604,3 +604,45 @@ async fn an_unreachable_server_is_a_prompt_error() {
     assert!(error.contains("migrate"), "{error}");
     assert!(!error.contains(":pw@"), "{error}");
 }
+
+#[tokio::test]
+async fn sslmode_require_encrypts_and_verify_full_checks_the_certificate() {
+    let Some(schema) = Schema::fresh("sslmode_require_encrypts").await else {
+        return;
+    };
+    let server_ssl = schema.rows("SHOW ssl").await;
+    if server_ssl != ["on"] {
+        let _ = writeln!(
+            std::io::stderr(),
+            "sslmode test: skipped: the server has ssl off"
+        );
+        schema.drop().await;
+        return;
+    }
+    let with_mode = |mode: &str| Target {
+        url: DatabaseUrl::from(format!("{}&sslmode={mode}", schema.url())),
+        ..schema.target()
+    };
+    let store = PostgresStore::open(&with_mode("require"), "t1")
+        .await
+        .unwrap();
+    let client = store.pool.get().await.unwrap();
+    let encrypted: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted);
+    drop(client);
+    // This server's certificate is self-signed (Debian's snakeoil): never trusted by default.
+    let refused = PostgresStore::open(&with_mode("verify-full"), "t1")
+        .await
+        .err()
+        .expect("an untrusted certificate must be refused")
+        .to_string();
+    assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+    schema.drop().await;
+}
