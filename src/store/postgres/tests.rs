@@ -62,8 +62,8 @@ impl Schema {
             '?'
         };
         format!(
-            "{}{separator}options=-c%20search_path%3D{}",
-            self.base_url, self.name
+            "{}{separator}options=-c%20search_path%3D{}&application_name={}",
+            self.base_url, self.name, self.name
         )
     }
 
@@ -644,5 +644,34 @@ async fn sslmode_require_encrypts_and_verify_full_checks_the_certificate() {
         .expect("an untrusted certificate must be refused")
         .to_string();
     assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+    schema.drop().await;
+}
+
+#[tokio::test]
+async fn connections_the_server_dropped_are_replaced() {
+    let Some(schema) = Schema::fresh("connections_the_server_dropped_are_replaced").await else {
+        return;
+    };
+    let store = schema.open("t1").await;
+    store.check().await.unwrap();
+    // What a server restart does to every open connection.
+    let killed = schema
+        .rows(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE application_name = '{}'",
+            schema.name
+        ))
+        .await;
+    assert!(
+        !killed.is_empty(),
+        "the store's connection was found and terminated"
+    );
+    assert_eq!(
+        store
+            .upsert_entity(&entity("e-1", 1, company("A")), &cause("n-1"))
+            .await
+            .unwrap(),
+        UpsertOutcome::Inserted
+    );
     schema.drop().await;
 }
