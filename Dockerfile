@@ -15,12 +15,15 @@ WORKDIR /src
 # The production binary: no simulator, no demo (--no-default-features), stripped (profile dist).
 ARG CARGO_FLAGS="--profile dist --locked --no-default-features --bin fenx-sync"
 # Dependencies first, against placeholder sources, so a source change rebuilds only fenx-sync
-# (this layer stays cached until Cargo.toml or Cargo.lock changes).
+# (this layer stays cached until a Cargo.toml or Cargo.lock changes). The simulator crate
+# (sim/) is a workspace member, so its manifest must be here, but the build without the
+# `simulator` feature compiles none of it: a placeholder library stands in for its sources.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src benches tests/it \
+COPY sim/Cargo.toml ./sim/
+RUN mkdir -p src sim/src benches tests/it \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs tests/it/main.rs \
-    && for bench in ingest sync backfill; do echo 'fn main() {}' > "benches/$bench.rs"; done \
+    && touch src/lib.rs sim/src/lib.rs tests/it/main.rs \
+    && for bench in ingest sync backfill hostile faults; do echo 'fn main() {}' > "benches/$bench.rs"; done \
     && cargo build $CARGO_FLAGS \
     && rm -rf src
 COPY schema.sql ./

@@ -2,8 +2,9 @@
 //!
 //! Fills an empty reporting store from the simulator's paged entity list, at a given API latency
 //! and tenant rate limit, and prints entities per second, pages and API calls made, 429s served,
-//! and the achieved call rate as a share of the limit. A second scenario with no rate limit shows
-//! what the store itself sustains.
+//! and the achieved call rate as a share of the limit, and the store's size per entity (all of
+//! it, and without the history table). A second scenario with no rate limit shows what the store
+//! itself sustains.
 //!
 //! Knobs: FENX_BENCH_ENTITIES (default 5000), FENX_BENCH_LATENCY_MS (default 20),
 //! FENX_BENCH_RPS (the tenant limit, default 50 as on a Fenergo SDLC tenant),
@@ -12,11 +13,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fenx_sim::testkit::bench::env_or;
+use fenx_sim::{SimConfig, Simulator};
 use fenx_sync::config::Settings;
 use fenx_sync::fenergo::FenergoClient;
 use fenx_sync::reconcile::Reconciler;
-use fenx_sync::sim::{SimConfig, Simulator};
-use fenx_sync::store::{ReportingStore, RunKind};
+use fenx_sync::store::RunKind;
 use fenx_sync::telemetry::Metrics;
 
 fn main() {
@@ -30,8 +32,15 @@ fn main() {
         .unwrap();
     println!("backfill of {entities} entities, {page_size} per page, API latency {latency:?}\n");
     println!(
-        "{:<22} {:>10} {:>8} {:>10} {:>8} {:>12}",
-        "scenario", "entities/s", "pages", "API calls", "429s", "calls/s"
+        "{:<22} {:>10} {:>8} {:>10} {:>8} {:>12} {:>14} {:>16}",
+        "scenario",
+        "entities/s",
+        "pages",
+        "API calls",
+        "429s",
+        "calls/s",
+        "bytes/entity",
+        "w/o history"
     );
     for (name, limit) in [
         (format!("tenant limit {rps} rps"), Some(rps)),
@@ -68,8 +77,8 @@ async fn scenario(
     f.client_secret = Some(config.client_secret.clone().into());
     f.requests_per_second = rps.unwrap_or(10_000);
     let client = Arc::new(FenergoClient::new(&settings.fenergo, Arc::new(Metrics::new())).unwrap());
-    let store = Arc::new(ReportingStore::open(&settings.store.reporting_path()).unwrap());
-    let reconciler = Reconciler::new(client, store, page_size);
+    let store = fenx_sync::store::open(&settings).await.unwrap();
+    let reconciler = Reconciler::new(client, store.clone(), page_size);
     let before = sim.stats();
     let started = Instant::now();
     let run = reconciler
@@ -86,21 +95,18 @@ async fn scenario(
             100.0 * calls as f64 / elapsed / f64::from(r)
         )
     });
+    let size = store.stats().await.unwrap();
+    let per_entity = |bytes: i64| bytes / size.entities.max(1);
     println!(
-        "{:<22} {:>10.0} {:>8} {:>10} {:>8} {:>8.1}{share}",
+        "{:<22} {:>10.0} {:>8} {:>10} {:>8} {:>8.1}{share} {:>14} {:>16}",
         name,
         entities as f64 / elapsed,
         stats.list_pages - before.list_pages,
         calls,
         stats.rate_limited - before.rate_limited,
         calls as f64 / elapsed,
+        per_entity(size.bytes),
+        per_entity(size.bytes_without_history),
     );
     sim.shutdown().await;
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }

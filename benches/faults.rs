@@ -13,16 +13,18 @@
 //! scenario is bounded in time and requests.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fenx_sim::testkit;
+use fenx_sim::testkit::service::{AfterStart, Log, serve_command};
+use fenx_sim::{SimConfig, Simulator};
 use fenx_sync::signature::Recipe;
-use fenx_sync::sim::{SimConfig, Simulator};
 
 const SECRET: &str = "fault-run-secret";
 const TENANT: &str = "45bf62ac-e4b1-4c16-ae32-d774cd18db6d";
@@ -55,48 +57,22 @@ fn main() {
 struct Service {
     child: Child,
     addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Log,
 }
 
 impl Service {
     fn start(bin: &Path, store: &Path, env: &[(&str, String)]) -> Service {
-        let mut command = Command::new(bin);
+        let mut command = serve_command(bin, store, SECRET);
         command
-            .arg("serve")
-            .current_dir(store)
-            .env_remove("FENX_CONFIG")
-            .env_remove("RUST_LOG")
-            .env("FENX_SERVER__LISTEN", "127.0.0.1:0")
-            .env("FENX_ADMIN__LISTEN", "127.0.0.1:0")
-            .env("FENX_WEBHOOK__SECRETS", SECRET)
-            .env("FENX_STORE__DIR", store)
-            .env("FENX_LOG__FORMAT", "json")
             .env("FENX_LOG__LEVEL", "warn,fenx_sync=info")
             .env("FENX_SYNC__ENABLED", "false")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (key, value) in env {
-            command.env(key, value);
+            .envs(env.iter().map(|(key, value)| (key, value)));
+        let spawned = testkit::service::Service::spawn(command, AfterStart::Keep);
+        Service {
+            child: spawned.child,
+            addr: spawned.addr,
+            log: spawned.log,
         }
-        let mut child = command.spawn().unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines.next().expect("fenx-sync logs its address").unwrap();
-            if let Some(listen) = serde_json::from_str::<serde_json::Value>(&line)
-                .ok()
-                .and_then(|v| v["listen"].as_str().map(str::to_owned))
-            {
-                break listen.parse().unwrap();
-            }
-        };
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Service { child, addr, log }
     }
 
     /// ERROR lines logged so far (their message), skipping per-request lines.

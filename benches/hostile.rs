@@ -17,12 +17,13 @@
 //! Knobs: FENX_BENCH_SECONDS (per attack phase, default 20), FENX_BENCH_ATTACKERS (default 1024).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fenx_sim::testkit::bench::{env_or, ms};
+use fenx_sim::testkit::service::{AfterStart, Service, serve_command};
 use fenx_sync::signature::Recipe;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -66,7 +67,7 @@ type Tally = Arc<Mutex<BTreeMap<String, usize>>>;
 
 fn run_phase(name: &str, length: Duration, attack: Option<Attack>) {
     let store = tempfile::tempdir().unwrap();
-    let server = Server::start(store.path());
+    let server = start_server(store.path());
     let (stop, stopping) = watch::channel(false);
     let tally: Tally = Arc::default();
     // The attack runs on its own runtime threads, so it cannot delay the senders' timers.
@@ -99,7 +100,7 @@ fn run_phase(name: &str, length: Duration, attack: Option<Attack>) {
     if let Some(thread) = attack_thread {
         thread.join().unwrap();
     }
-    let rss_kib = server.stop();
+    let rss_kib = stop_server(server);
     let stored = count_rows(&store.path().join("outbox.db"));
     assert!(
         stored >= deliveries.ok(),
@@ -335,59 +336,19 @@ async fn deliver(addr: SocketAddr, length: Duration) -> Deliveries {
     deliveries
 }
 
-/// The real binary on 127.0.0.1:0 with a temp store.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
+/// The real binary on 127.0.0.1:0 with a temp store, its log (a line per delivery) dropped.
+fn start_server(store: &std::path::Path) -> Service {
+    let mut command = serve_command(Path::new(env!("CARGO_BIN_EXE_fenx-sync")), store, SECRET);
+    command.env("FENX_LOG__LEVEL", "warn,fenx_sync=info");
+    Service::spawn(command, AfterStart::Discard)
 }
 
-impl Server {
-    fn start(store: &std::path::Path) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fenx-sync"))
-            .arg("serve")
-            .env_remove("FENX_CONFIG")
-            .env_remove("RUST_LOG")
-            .env("FENX_SERVER__LISTEN", "127.0.0.1:0")
-            .env("FENX_ADMIN__LISTEN", "127.0.0.1:0")
-            .env("FENX_WEBHOOK__SECRETS", SECRET)
-            .env("FENX_STORE__DIR", store)
-            .env("FENX_LOG__FORMAT", "json")
-            .env("FENX_LOG__LEVEL", "warn,fenx_sync=info")
-            .current_dir(store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the fenx-sync binary starts");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("fenx-sync exited before logging its address")
-                .unwrap();
-            let listen = serde_json::from_str::<serde_json::Value>(&line)
-                .ok()
-                .and_then(|v| v["listen"].as_str().map(str::to_owned));
-            if let Some(listen) = listen {
-                break listen.parse().unwrap();
-            }
-        };
-        // Drain the log (one request line per delivery) so the server never blocks on the pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Server { child, addr }
-    }
-
-    /// Stops the server and returns its peak RSS in KiB.
-    fn stop(mut self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    }
+/// Stops the server and returns its peak RSS in KiB.
+fn stop_server(mut server: Service) -> u64 {
+    let rss = server.peak_rss_kib();
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    rss
 }
 
 fn count_rows(path: &std::path::Path) -> usize {
@@ -398,15 +359,4 @@ fn count_rows(path: &std::path::Path) -> usize {
             })
         })
         .map_or(0, |n| n as usize)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }

@@ -33,11 +33,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fenx_sync::http::{ConnectionLimits, Routes, json_response};
+use fenx_sim::testkit::bench::{env_or, ms};
+use fenx_sim::testkit::service::peak_rss_kib;
+use fenx_sync::http::{ConnectionLimits, RequestBody, Routes, json_response};
 use fenx_sync::signature::{DigestEncoding, KeyDerivation, Recipe};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -626,11 +627,7 @@ impl Server {
         let proc = |file: &str| {
             std::fs::read_to_string(format!("/proc/{}/{file}", self.child.id())).unwrap_or_default()
         };
-        let peak_rss_kib = proc("status")
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0);
+        let peak_rss_kib = peak_rss_kib(self.child.id());
         // utime and stime, fields 14 and 15, in USER_HZ (100 per second on Linux).
         let stat = proc("stat");
         let ticks: u64 = stat
@@ -706,9 +703,9 @@ fn strip_ansi(text: &str) -> String {
 struct Bare;
 
 impl Routes for Bare {
-    async fn route(
+    async fn route<B: RequestBody>(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        request: Request<B>,
         _: SocketAddr,
     ) -> Response<Full<Bytes>> {
         let _ = request.into_body().collect().await;
@@ -751,15 +748,4 @@ fn fdatasync_median(dir: &Path) -> Duration {
     let _ = std::fs::remove_file(dir.join("probe"));
     samples.sort();
     samples[samples.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }

@@ -46,14 +46,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use fenx_sim::testkit::bench::env_or;
+use fenx_sim::{Lag, SimConfig, Simulator};
 use fenx_sync::config::{FenergoSettings, Settings, SyncSettings};
 use fenx_sync::fenergo::FenergoClient;
 use fenx_sync::outbox::{
     NewNotification, Outbox, OutboxOptions, RowOutcome, Settlement, Source, WorkQueue,
 };
 use fenx_sync::signature::{DigestEncoding, KeyDerivation, Recipe, RecipeChoice};
-use fenx_sync::sim::{Lag, SimConfig, Simulator};
-use fenx_sync::store::{EntitySnapshot, ReportingStore, SyncCause, UpsertOutcome};
+use fenx_sync::store::{EntitySnapshot, ReportingStore, SqliteStore, SyncCause, UpsertOutcome};
 use fenx_sync::telemetry::Metrics;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -258,7 +259,7 @@ fn main() {
         knobs.claims,
     );
     let samples = runtime.block_on(fetched_samples(STORE_SAMPLES));
-    let store = upsert_run(&samples, knobs.upserts);
+    let store = runtime.block_on(upsert_run(&samples, knobs.upserts));
     let secs = store.elapsed.as_secs_f64();
     println!(
         "store: {} upserts in {secs:.2} s: {:.0} entities/s, {:.0} property+collection rows/s \
@@ -776,14 +777,7 @@ async fn fetched_samples(count: usize) -> Vec<EntitySnapshot> {
             )
             .await
             .expect("the simulator serves its sample entity");
-        samples.push(EntitySnapshot {
-            entity_id: entity.id,
-            entity_type: entity.entity_type,
-            version: entity.version,
-            status: entity.status,
-            created: entity.created,
-            json: entity.data,
-        });
+        samples.push(EntitySnapshot::from(&entity));
     }
     sim.shutdown().await;
     samples
@@ -867,10 +861,10 @@ struct StoreOutcome {
 
 /// Upserts `count` distinct entities (the samples under new ids) into a fresh reporting store,
 /// one transaction each, as the worker does.
-fn upsert_run(samples: &[EntitySnapshot], count: usize) -> StoreOutcome {
+async fn upsert_run(samples: &[EntitySnapshot], count: usize) -> StoreOutcome {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(fenx_sync::store::FILE_NAME);
-    let store = ReportingStore::open(&path).unwrap();
+    let store = SqliteStore::open(&path, "bench").unwrap();
     // Prepared before the clock starts, so only the store's work is timed.
     let snapshots: Vec<EntitySnapshot> = (0..count)
         .map(|i| {
@@ -887,7 +881,7 @@ fn upsert_run(samples: &[EntitySnapshot], count: usize) -> StoreOutcome {
     let started = Instant::now();
     for snapshot in &snapshots {
         assert_eq!(
-            store.upsert_entity(snapshot, &cause).unwrap(),
+            store.upsert_entity(snapshot, &cause).await.unwrap(),
             UpsertOutcome::Inserted
         );
     }
@@ -905,11 +899,4 @@ fn upsert_run(samples: &[EntitySnapshot], count: usize) -> StoreOutcome {
         elapsed,
         rows: rows as usize,
     }
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }

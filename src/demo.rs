@@ -10,14 +10,14 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use fenx_sim::{DeliveryReport, Faults, Lag, Redelivery, SimConfig, Simulator, WebhookSender};
 use rusqlite::Connection;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::config::Settings;
-use crate::outbox::admin::OutboxAdmin;
-use crate::signature::Recipe;
-use crate::sim::{Faults, Lag, Redelivery, SimConfig, Simulator, WebhookSender};
+use crate::outbox::NotificationStatus;
+use crate::outbox::admin::{OutboxAdmin, Status};
 
 const SECRET: &str = "demo-webhook-secret";
 const ENTITIES: usize = 24;
@@ -29,9 +29,9 @@ pub enum DemoError {
     #[error("demo I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
-    Sim(#[from] crate::sim::SimError),
+    Sim(#[from] fenx_sim::SimError),
     #[error(transparent)]
-    Webhook(#[from] crate::sim::WebhookError),
+    Webhook(#[from] fenx_sim::WebhookError),
     #[error(transparent)]
     Run(#[from] crate::RunError),
     #[error(transparent)]
@@ -62,56 +62,174 @@ pub async fn run(keep: bool, out: &mut (dyn Write + Send)) -> Result<DemoReport,
     let store_dir = tempfile::Builder::new()
         .prefix("fenx-sync-demo-")
         .tempdir()?;
-    let sim = Simulator::start(SimConfig::default()).await;
-    let settings = demo_settings(&sim, store_dir.path().to_owned());
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let webhook_url = format!("http://{}{}", listener.local_addr()?, settings.webhook.path);
-    writeln!(out, "fenx-sync demo")?;
-    writeln!(out, "  Fenergo simulator  {}", sim.api_base())?;
-    writeln!(out, "  webhook receiver   {webhook_url}")?;
-    writeln!(out, "  store              {}", store_dir.path().display())?;
-
-    let (stop, stopped) = oneshot::channel::<()>();
-    let service = tokio::spawn(crate::run(
-        settings.clone(),
-        crate::Listeners {
-            webhook: Some(listener),
-            admin: None,
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let sender = WebhookSender::new(
-        &webhook_url,
-        SECRET,
-        "sha256-hex/hex".parse::<Recipe>().expect("a known recipe"),
-        Redelivery::default(),
+    let demo = Demo::start(store_dir.path().to_owned(), out).await?;
+    let entities: Vec<String> = (0..ENTITIES).map(|i| demo.sim.sample_entity(i).0).collect();
+    let first = demo.sync_then_lag_behind(&entities[0]).await?;
+    let bodies = burst_bodies(&demo.sim, &entities);
+    let reports = demo.sender.burst(bodies, 8).await;
+    let delivered = reports
+        .iter()
+        .chain([&first])
+        .filter(|r| r.delivered())
+        .count();
+    writeln!(
+        out,
+        "\nsent {} notifications: {ENTITIES} verified entities, 5 duplicate deliveries, 4 more events for \
+         entities already queued, 4 event types no rule covers; 1 entity stale at first; 2 API failures",
+        reports.len() + 1
     )?;
 
-    // One entity is synced first, then updated while Fenergo's read side lags behind: its
-    // verification arrives while a read still returns the old version.
-    let entities: Vec<String> = (0..ENTITIES).map(|i| sim.sample_entity(i).0).collect();
-    let stale = &entities[0];
-    let first = sender
-        .deliver(sim.notification("entitydata:created", stale))
-        .await;
-    wait_settled(&settings, SETTLE_TIMEOUT).await?;
-    sim.set_lag_for(stale, Lag::Reads(1));
-    sim.put_entity(
-        stale,
-        "Company",
-        serde_json::json!({
-            "legalEntityName": {"type": "Single", "value": "Renamed After Review Ltd"},
-            "countryOfIncorporation": {"type": "Single", "value": "Ireland"}
-        }),
-    );
-    // Fenergo has a bad moment: the next two reads fail with 5xx.
-    sim.set_faults(Faults {
-        server_errors: 2,
-        ..Faults::default()
-    });
+    let status = wait_settled(&demo.settings, SETTLE_TIMEOUT).await?;
+    writeln!(
+        out,
+        "\nall settled in {:.1} s",
+        started.elapsed().as_secs_f64()
+    )?;
+    let summary = summarise(&demo, &status, &entities[0], out)?;
+    demo.stop().await;
+    Ok(DemoReport {
+        store_dir: keep_or_remove(store_dir, keep, out)?,
+        delivered,
+        done: summary.done,
+        ignored: summary.ignored,
+        dead: summary.dead,
+        entities: summary.entities,
+        api_calls: summary.api_calls,
+        elapsed: started.elapsed(),
+    })
+}
 
+/// What the settled run left, as [`summarise`] printed it.
+struct Summary {
+    done: i64,
+    ignored: i64,
+    dead: i64,
+    entities: i64,
+    api_calls: u64,
+}
+
+/// Prints what the outbox, the Fenergo API and the store show once everything settled (the
+/// `stale` entity's name proves the newer version won), then two cookbook queries.
+fn summarise(
+    demo: &Demo,
+    status: &Status,
+    stale: &str,
+    out: &mut (dyn Write + Send),
+) -> Result<Summary, DemoError> {
+    let stats = demo.sim.stats();
+    let reporting = Connection::open(demo.settings.store.reporting_path())?;
+    let entities_stored: i64 =
+        reporting.query_row("SELECT count(*) FROM entity", [], |r| r.get(0))?;
+    let renamed: String = reporting.query_row(
+        "SELECT legal_entity_name FROM current_entity WHERE entity_id = ?1",
+        [stale],
+        |r| r.get(0),
+    )?;
+    writeln!(
+        out,
+        "  outbox: {} done, {} ignored, {} dead; {} duplicate deliveries recognised",
+        status.count(NotificationStatus::Done),
+        status.count(NotificationStatus::Ignored),
+        status.count(NotificationStatus::Dead),
+        status.duplicates_received
+    )?;
+    writeln!(
+        out,
+        "  Fenergo API: {} entity reads for {entities_stored} entities ({} answered 5xx), {} token request(s)",
+        stats.entity_requests(),
+        stats.server_errors,
+        stats.token_requests
+    )?;
+    writeln!(
+        out,
+        "  the stale entity now reads {renamed:?} (the newer version won)"
+    )?;
+    print_cookbook(&reporting, out)?;
+    Ok(Summary {
+        done: status.count(NotificationStatus::Done),
+        ignored: status.count(NotificationStatus::Ignored),
+        dead: status.count(NotificationStatus::Dead),
+        entities: entities_stored,
+        api_calls: stats.entity_requests(),
+    })
+}
+
+/// The simulator, the service in this process, and a webhook sender pointed at it.
+struct Demo {
+    sim: Simulator,
+    settings: Settings,
+    sender: WebhookSender,
+    stop: oneshot::Sender<()>,
+    service: tokio::task::JoinHandle<Result<(), crate::RunError>>,
+}
+
+impl Demo {
+    /// Starts everything on loopback with its store in `store_dir`, and says where.
+    async fn start(store_dir: PathBuf, out: &mut (dyn Write + Send)) -> Result<Demo, DemoError> {
+        let sim = Simulator::start(SimConfig::default()).await;
+        let settings = demo_settings(&sim, store_dir);
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let webhook_url = format!("http://{}{}", listener.local_addr()?, settings.webhook.path);
+        writeln!(out, "fenx-sync demo")?;
+        writeln!(out, "  Fenergo simulator  {}", sim.api_base())?;
+        writeln!(out, "  webhook receiver   {webhook_url}")?;
+        writeln!(out, "  store              {}", settings.store.dir.display())?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let service = tokio::spawn(crate::run(
+            settings.clone(),
+            crate::Listeners {
+                webhook: Some(listener),
+                admin: None,
+            },
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let sender = WebhookSender::new(&webhook_url, SECRET, Redelivery::default())?;
+        Ok(Demo {
+            sim,
+            settings,
+            sender,
+            stop,
+            service,
+        })
+    }
+
+    /// Syncs `stale` once, then updates it while Fenergo's read side lags behind, so that its
+    /// next notification arrives while a read still returns the old version; and makes the next
+    /// two reads fail with 5xx (Fenergo has a bad moment).
+    async fn sync_then_lag_behind(&self, stale: &str) -> Result<DeliveryReport, DemoError> {
+        let first = self
+            .sender
+            .deliver(self.sim.notification("entitydata:created", stale))
+            .await;
+        wait_settled(&self.settings, SETTLE_TIMEOUT).await?;
+        self.sim.set_lag_for(stale, Lag::Reads(1));
+        self.sim.put_entity(
+            stale,
+            "Company",
+            serde_json::json!({
+                "legalEntityName": {"type": "Single", "value": "Renamed After Review Ltd"},
+                "countryOfIncorporation": {"type": "Single", "value": "Ireland"}
+            }),
+        );
+        self.sim.set_faults(Faults {
+            server_errors: 2,
+            ..Faults::default()
+        });
+        Ok(first)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.service.await;
+        self.sim.shutdown().await;
+    }
+}
+
+/// The burst: a verification per entity, five of them delivered twice, more events for entities
+/// already queued, and event types no routing rule covers.
+fn burst_bodies(sim: &Simulator, entities: &[String]) -> Vec<String> {
     let mut bodies: Vec<String> = entities
         .iter()
         .map(|id| sim.notification("entitydata:draftverified", id))
@@ -131,67 +249,17 @@ pub async fn run(keep: bool, out: &mut (dyn Write + Send)) -> Result<DemoReport,
             .map(|id| sim.notification("journey:taskcompleted", id)),
     );
     bodies.push(sim.notification("brandnewdomain:somethinghappened", &entities[1]));
-    let reports = sender.burst(bodies, 8).await;
-    let delivered = reports
-        .iter()
-        .chain([&first])
-        .filter(|r| r.delivered())
-        .count();
-    writeln!(
-        out,
-        "\nsent {} notifications: {ENTITIES} verified entities, 5 duplicate deliveries, 4 more events for \
-         entities already queued, 4 event types no rule covers; 1 entity stale at first; 2 API failures",
-        reports.len() + 1
-    )?;
+    bodies
+}
 
-    let status = wait_settled(&settings, SETTLE_TIMEOUT).await?;
-    let count = |name: &str| {
-        status
-            .by_status
-            .iter()
-            .find(|(s, _)| s == name)
-            .map_or(0, |(_, n)| *n)
-    };
-    let stats = sim.stats();
-    let reporting = Connection::open(settings.store.reporting_path())?;
-    let entities_stored: i64 =
-        reporting.query_row("SELECT count(*) FROM entity", [], |r| r.get(0))?;
-    let renamed: String = reporting.query_row(
-        "SELECT legal_entity_name FROM current_entity WHERE entity_id = ?1",
-        [stale],
-        |r| r.get(0),
-    )?;
-    writeln!(
-        out,
-        "\nall settled in {:.1} s",
-        started.elapsed().as_secs_f64()
-    )?;
-    writeln!(
-        out,
-        "  outbox: {} done, {} ignored, {} dead; {} duplicate deliveries recognised",
-        count("done"),
-        count("ignored"),
-        count("dead"),
-        status.duplicates_received
-    )?;
-    writeln!(
-        out,
-        "  Fenergo API: {} entity reads for {entities_stored} entities ({} answered 5xx), {} token request(s)",
-        stats.entity_requests(),
-        stats.server_errors,
-        stats.token_requests
-    )?;
-    writeln!(
-        out,
-        "  the stale entity now reads {renamed:?} (the newer version won)"
-    )?;
-
+/// Two README cookbook queries over the demo's store.
+fn print_cookbook(reporting: &Connection, out: &mut (dyn Write + Send)) -> Result<(), DemoError> {
     writeln!(
         out,
         "\n-- entities by country of incorporation (README cookbook)"
     )?;
     print_query(
-        &reporting,
+        reporting,
         "SELECT country_of_incorporation AS country, count(*) AS companies
            FROM current_entity WHERE entity_type = 'Company'
           GROUP BY country ORDER BY companies DESC, country",
@@ -199,35 +267,28 @@ pub async fn run(keep: bool, out: &mut (dyn Write + Send)) -> Result<DemoReport,
     )?;
     writeln!(out, "\n-- sync lag per event type (README cookbook)")?;
     print_query(
-        &reporting,
+        reporting,
         "SELECT event_type, events, avg_lag_seconds, max_lag_seconds FROM sync_lag ORDER BY events DESC",
         out,
-    )?;
+    )
+}
 
-    let _ = stop.send(());
-    let _ = service.await;
-    sim.shutdown().await;
-    let store_path = if keep {
-        let kept = store_dir.keep();
-        writeln!(
-            out,
-            "\nstore kept for exploring: sqlite3 {}/reporting.db",
-            kept.display()
-        )?;
-        kept
-    } else {
-        store_dir.path().to_owned()
-    };
-    Ok(DemoReport {
-        store_dir: store_path,
-        delivered,
-        done: count("done"),
-        ignored: count("ignored"),
-        dead: count("dead"),
-        entities: entities_stored,
-        api_calls: stats.entity_requests(),
-        elapsed: started.elapsed(),
-    })
+/// Where the store is left: kept (and said so) with `keep`, else removed with `store_dir`.
+fn keep_or_remove(
+    store_dir: tempfile::TempDir,
+    keep: bool,
+    out: &mut (dyn Write + Send),
+) -> Result<PathBuf, DemoError> {
+    if !keep {
+        return Ok(store_dir.path().to_owned());
+    }
+    let kept = store_dir.keep();
+    writeln!(
+        out,
+        "\nstore kept for exploring: sqlite3 {}/reporting.db",
+        kept.display()
+    )?;
+    Ok(kept)
 }
 
 fn demo_settings(sim: &Simulator, dir: PathBuf) -> Settings {
@@ -248,10 +309,7 @@ fn demo_settings(sim: &Simulator, dir: PathBuf) -> Settings {
 }
 
 /// Waits until no notification is pending, then returns the outbox status.
-async fn wait_settled(
-    settings: &Settings,
-    timeout: Duration,
-) -> Result<crate::outbox::admin::Status, DemoError> {
+async fn wait_settled(settings: &Settings, timeout: Duration) -> Result<Status, DemoError> {
     let started = Instant::now();
     loop {
         let dir = settings.store.dir.clone();
@@ -261,11 +319,7 @@ async fn wait_settled(
         })
         .await
         .map_err(|e| DemoError::Io(std::io::Error::other(e)))??;
-        let pending = status
-            .by_status
-            .iter()
-            .find(|(s, _)| s == "pending")
-            .map_or(0, |(_, n)| *n);
+        let pending = status.count(NotificationStatus::Pending);
         if pending == 0 {
             return Ok(status);
         }

@@ -10,7 +10,10 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's Instant is std's outside a runtime and in production; tests pause and advance it.
+use tokio::time::Instant;
 
 /// The thresholds readiness and liveness are judged by.
 #[derive(Debug, Clone)]
@@ -239,8 +242,8 @@ mod tests {
         })
     }
 
-    #[test]
-    fn ready_only_after_a_write_succeeded_and_while_space_lasts() {
+    #[tokio::test(start_paused = true)]
+    async fn ready_only_after_a_write_succeeded_and_while_space_lasts() {
         let h = health(1000);
         assert!(matches!(h.readiness(), Err(NotReady::NoRecentWrite(_))));
         h.begin_write(Writer::Probe).finish(Ok(()));
@@ -266,20 +269,20 @@ mod tests {
         assert_eq!(h.readiness(), Ok(()));
     }
 
-    #[test]
-    fn an_old_write_proves_nothing() {
+    #[tokio::test(start_paused = true)]
+    async fn an_old_write_proves_nothing() {
         let h = health(0);
         h.begin_write(Writer::GroupCommit).finish(Ok(()));
-        std::thread::sleep(Duration::from_millis(250));
+        tokio::time::advance(Duration::from_millis(250)).await;
         assert!(matches!(h.readiness(), Err(NotReady::NoRecentWrite(_))));
     }
 
-    #[test]
-    fn a_write_stuck_past_wedged_after_is_not_alive() {
+    #[tokio::test(start_paused = true)]
+    async fn a_write_stuck_past_wedged_after_is_not_alive() {
         let h = health(0);
         let write = h.begin_write(Writer::GroupCommit);
         assert_eq!(h.liveness(), Ok(()));
-        std::thread::sleep(Duration::from_millis(80));
+        tokio::time::advance(Duration::from_millis(80)).await;
         assert!(matches!(
             h.liveness(),
             Err(Wedged {

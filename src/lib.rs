@@ -14,11 +14,13 @@
 //! - [`fenergo`]: the query API client (tokens, rate limit, classified errors, wire types).
 //! - [`store`]: the reporting database and its monotonic upsert.
 //! - [`reconcile`]: backfill and reconciliation over the paged entity list.
-//! - [`sqlite`]: opening files with proven durability, schema sections, time format.
+//! - [`sqlite`]: opening files with proven durability, schema sections, reading stored times;
+//!   [`time`]: the one format and parser of times; [`backoff`]: the one retry back-off.
 //! - [`health`]: readiness and liveness as cached facts (free space, last durable write, a
 //!   write in progress too long); [`supervisor`]: named tasks whose end stops the process.
 //! - [`telemetry`]: logs and Prometheus metrics; [`systemd`]: notify and watchdog.
-//! - [`sim`]: the Fenergo simulator; [`demo`]: `fenx-sync demo`.
+//! - [`demo`]: `fenx-sync demo` (feature `simulator`), on the Fenergo simulator, which is the
+//!   separate crate `fenx-sim` (`sim/`) so that a production build holds none of it.
 //!
 //! # Invariants
 //! - No code path answers 2xx before the outbox COMMIT returned at `synchronous=FULL`, and no
@@ -33,6 +35,7 @@
 //! - The stored raw bytes are the bytes that were signed; JSON is never re-serialised.
 //! - An older entity version never overwrites a newer one.
 
+pub mod backoff;
 pub mod config;
 #[cfg(feature = "simulator")]
 pub mod demo;
@@ -44,8 +47,6 @@ pub mod outbox;
 pub mod poller;
 pub mod reconcile;
 pub mod signature;
-#[cfg(feature = "simulator")]
-pub mod sim;
 pub mod sqlite;
 pub mod store;
 pub mod supervisor;
@@ -307,7 +308,7 @@ async fn watch_reporting_store(watch: ReportingStoreWatch, mut stopping: watch::
                     tracing::warn!(store = %watch.store.describe(), "the reporting store answers again; sync resumes");
                 }
                 available = true;
-                watch.metrics.reporting_store_up.set(1);
+                watch.metrics.reporting_store_unavailable.set(0);
                 check.reopened
             }
             Err(error) => {
@@ -315,7 +316,7 @@ async fn watch_reporting_store(watch: ReportingStoreWatch, mut stopping: watch::
                     tracing::error!(%error, store = %watch.store.describe(), "the reporting store is unavailable; notifications stay pending and ingest continues");
                 }
                 available = false;
-                watch.metrics.reporting_store_up.set(0);
+                watch.metrics.reporting_store_unavailable.set(1);
                 seen
             }
         };
@@ -396,12 +397,16 @@ fn local_addr(listener: &TcpListener) -> String {
         .unwrap_or_default()
 }
 
+/// How long a webhook may wait for room in the outbox writer's queue before it is answered 503.
+/// Fenergo retries a 503, so waiting longer than a commit or two only holds its connection.
+const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn outbox_options(settings: &Settings) -> OutboxOptions {
     OutboxOptions {
         busy_timeout: settings.store.busy_timeout,
         max_batch: settings.store.max_batch,
         queue_capacity: settings.store.queue_capacity,
-        enqueue_timeout: settings.store.busy_timeout,
+        enqueue_timeout: ENQUEUE_TIMEOUT,
     }
 }
 

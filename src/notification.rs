@@ -47,6 +47,9 @@ pub enum ParseError {
     BatchElement { index: usize, found: &'static str },
 }
 
+/// Event type of the notifications `fenx-sync resync` queues; the worker always fetches them.
+pub const RESYNC_EVENT_TYPE: &str = "fenx-sync:resync";
+
 /// Keys that hold a batch when the body is an object wrapping an array (polling v2 uses
 /// `notifications`; Fenergo's webhook batch shape is undocumented, so be lenient).
 const BATCH_KEYS: [&str; 1] = ["notifications"];

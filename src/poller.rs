@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use http::Method;
 use serde::Deserialize;
@@ -179,14 +178,8 @@ impl Poller {
                     self.interval
                 }
                 Err(error) => {
-                    let wait = ExponentialBuilder::default()
-                        .with_min_delay(Duration::from_secs(1))
-                        .with_max_delay(self.retry_max)
-                        .with_jitter()
-                        .without_max_times()
-                        .build()
-                        .nth(failures)
-                        .unwrap_or(self.retry_max);
+                    let wait =
+                        crate::backoff::nth(Duration::from_secs(1), self.retry_max, failures);
                     failures += 1;
                     let retry_in_ms = crate::telemetry::millis(wait);
                     tracing::warn!(%error, retry_in_ms, "polling failed");

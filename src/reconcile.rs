@@ -15,7 +15,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, watch};
 
@@ -181,12 +180,8 @@ impl Reconciler {
 
     /// One page, retried with back-off on transient failures and 429s.
     async fn page(&self, cursor: Option<&str>, run_id: i64) -> Result<Page, ReconcileError> {
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(500))
-            .with_max_delay(Duration::from_secs(30))
-            .with_jitter()
-            .without_max_times()
-            .build();
+        let mut delays =
+            crate::backoff::delays(Duration::from_millis(500), Duration::from_secs(30));
         let correlation_id = format!("fenx-sync:reconcile:{run_id}");
         let mut attempt = 1;
         loop {

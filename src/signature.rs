@@ -124,6 +124,13 @@ impl fmt::Display for Recipe {
     }
 }
 
+/// Serialised by name, as `Display` writes it.
+impl serde::Serialize for Recipe {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl FromStr for Recipe {
     type Err = String;
 

@@ -1,13 +1,14 @@
 //! SQLite plumbing shared by the outbox and the reporting store: opening a file with the
 //! durability it needs (and proving the pragmas took effect), applying its `schema.sql` section
-//! idempotently with a recorded version.
+//! idempotently with a recorded version, and reading back the times fenx-sync stored.
 //!
 //! It must never decide what a table means; that belongs to the module owning the file.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 
 /// The whole schema file; each owner applies its own section.
 const SCHEMA: &str = include_str!("../schema.sql");
@@ -54,11 +55,45 @@ pub enum DbError {
     Sqlite(#[from] rusqlite::Error),
 }
 
+/// Reads column `idx`, a time fenx-sync stored with [`crate::time::format`]. Such columns are
+/// written only by fenx-sync, so text that is not a time is an error, not a guess.
+pub fn time_column(row: &Row<'_>, idx: usize) -> rusqlite::Result<DateTime<Utc>> {
+    parse_time(idx, row.get(idx)?)
+}
+
+/// [`time_column`] of a nullable column.
+pub fn optional_time_column(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<DateTime<Utc>>> {
+    row.get::<_, Option<String>>(idx)?
+        .map(|text| parse_time(idx, text))
+        .transpose()
+}
+
+fn parse_time(idx: usize, text: String) -> rusqlite::Result<DateTime<Utc>> {
+    crate::time::parse(&text).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            idx,
+            rusqlite::types::Type::Text,
+            format!("not a stored time: {text:?}").into(),
+        )
+    })
+}
+
+/// The page size of a file [`open`] creates (an existing file keeps its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageSize {
+    /// SQLite's 4 KiB: small rows, small commits (the outbox).
+    Default,
+    /// 16 KiB: rows of a few KB (an entity's JSON) share a page instead of taking one each,
+    /// which halves the reporting store.
+    Large,
+}
+
 /// Opens (creating if needed) a database file in WAL mode with the given durability, and reads
 /// the pragmas back: they are per connection and silently ignored on some filesystems.
 pub fn open(
     path: &Path,
     durability: Durability,
+    page_size: PageSize,
     busy_timeout: Duration,
 ) -> Result<Connection, DbError> {
     let conn = Connection::open_with_flags(
@@ -72,6 +107,10 @@ pub fn open(
         source,
     })?;
     conn.busy_timeout(busy_timeout)?;
+    // Takes effect only before the header is first written (switching to WAL writes it).
+    if page_size == PageSize::Large {
+        conn.pragma_update(None, "page_size", 16_384)?;
+    }
     let wanted = match durability {
         Durability::Full => 2,
         Durability::Normal => 1,
@@ -150,7 +189,7 @@ pub fn apply_schema_then(
 /// A section's idempotent part (`CREATE … IF NOT EXISTS`), and its `-- upgrade: N` blocks in
 /// order: statements such as `ALTER TABLE … ADD COLUMN` that must run exactly once, on a file
 /// recorded below version N.
-fn split_upgrades(sql: &str) -> (&str, Vec<(i64, &str)>) {
+pub(crate) fn split_upgrades(sql: &str) -> (&str, Vec<(i64, &str)>) {
     const MARK: &str = "-- upgrade: ";
     let mut parts = sql.split(MARK);
     let base = parts.next().unwrap_or_default();
@@ -164,7 +203,7 @@ fn split_upgrades(sql: &str) -> (&str, Vec<(i64, &str)>) {
 }
 
 /// The `(version, sql)` of a `-- section: NAME version: N` block of schema.sql.
-fn schema_section(name: &str) -> Option<(i64, &'static str)> {
+pub(crate) fn schema_section(name: &str) -> Option<(i64, &'static str)> {
     let mut rest = SCHEMA;
     while let Some(start) = rest.find("-- section: ") {
         let block = &rest[start..];
@@ -211,7 +250,13 @@ mod tests {
     fn full_durability_is_read_back_and_schema_applies_twice() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let mut conn = open(&path, Durability::Full, Duration::from_secs(1)).unwrap();
+        let mut conn = open(
+            &path,
+            Durability::Full,
+            PageSize::Default,
+            Duration::from_secs(1),
+        )
+        .unwrap();
         let sync: i64 = conn
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .unwrap();
@@ -228,7 +273,13 @@ mod tests {
     fn a_file_at_version_1_is_upgraded_in_place_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let mut conn = open(&path, Durability::Full, Duration::from_secs(1)).unwrap();
+        let mut conn = open(
+            &path,
+            Durability::Full,
+            PageSize::Default,
+            Duration::from_secs(1),
+        )
+        .unwrap();
         let (_, sql) = schema_section("outbox").unwrap();
         conn.execute_batch(split_upgrades(sql).0).unwrap();
         conn.execute(
@@ -252,7 +303,13 @@ mod tests {
     fn a_file_from_a_newer_version_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let mut conn = open(&path, Durability::Full, Duration::from_secs(1)).unwrap();
+        let mut conn = open(
+            &path,
+            Durability::Full,
+            PageSize::Default,
+            Duration::from_secs(1),
+        )
+        .unwrap();
         apply_schema(&mut conn, &path, "outbox").unwrap();
         conn.execute("INSERT INTO schema_version VALUES (99, 'x')", [])
             .unwrap();

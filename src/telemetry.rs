@@ -1,13 +1,14 @@
-//! Telemetry: the log subscriber (JSON for containers or readable lines for a terminal, level
-//! from `log.level` unless `RUST_LOG` is set) and the Prometheus metrics every component records
-//! into ([`Metrics`], one registry per app instance so in-process tests can assert on it).
+//! Telemetry: the Prometheus metrics every component records into ([`Metrics`], one registry
+//! per app instance so in-process tests can assert on it, and the label sets they count by),
+//! the log subscriber (`telemetry/logs.rs`: JSON for containers or readable lines for a
+//! terminal, level from `log.level` unless `RUST_LOG` is set), and the text format a scrape gets
+//! (`telemetry/exposition.rs`).
 //!
 //! Logs go to stderr so that command output on stdout stays clean, coloured only when stderr is
 //! a terminal; JSON lines keep arrays as arrays. `/metrics` speaks the Prometheus text format
 //! (0.0.4) unless the scraper asks for OpenMetrics. Nothing here may format a secret or a
 //! request body, and no label may carry request-controlled text from an unsigned request.
 
-use std::io::IsTerminal;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -16,118 +17,24 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tracing::field::{Field, Visit};
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
-use tracing_subscriber::registry::LookupSpan;
 
-use crate::config::{LogFormat, LogSettings};
 use crate::store::RunKind;
+use exposition::openmetrics_to_prometheus;
 
-#[derive(Debug, thiserror::Error)]
-pub enum TelemetryError {
-    #[error("invalid log filter {filter:?} (log.level or RUST_LOG): {source}")]
-    Filter {
-        filter: String,
-        #[source]
-        source: tracing_subscriber::filter::ParseError,
-    },
-}
+mod exposition;
+mod logs;
 
-/// Installs the global subscriber. Call once, at the binary's edge.
-pub fn init(settings: &LogSettings) -> Result<(), TelemetryError> {
-    let filter_text = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|f| !f.trim().is_empty())
-        .unwrap_or_else(|| settings.level.clone());
-    let filter = EnvFilter::try_new(&filter_text).map_err(|source| TelemetryError::Filter {
-        filter: filter_text,
-        source,
-    })?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    // A second init (tests, embedding) keeps the first subscriber; that is fine.
-    let _ = match settings.format {
-        LogFormat::Json => builder.event_format(JsonLines).try_init(),
-        LogFormat::Human => builder.try_init(),
-    };
-    Ok(())
-}
+pub use exposition::Exposition;
+pub use logs::{TelemetryError, init};
 
 /// A duration as milliseconds rounded to the microsecond, for log fields (`latency_ms = 15.314`).
 pub fn millis(duration: Duration) -> f64 {
     (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
-/// One JSON object per event: `timestamp`, `level`, `target`, `message` and the event's fields.
-/// Unlike tracing-subscriber's JSON format, a field whose `Debug` text is a JSON array (a
-/// `Vec<String>` logged with `?`) stays an array instead of a string holding JSON.
-struct JsonLines;
-
-impl<S, N> FormatEvent<S, N> for JsonLines
-where
-    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-{
-    fn format_event(
-        &self,
-        _ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &tracing::Event<'_>,
-    ) -> std::fmt::Result {
-        let metadata = event.metadata();
-        let mut fields = JsonFields::default();
-        event.record(&mut fields);
-        let mut line = serde_json::Map::new();
-        line.insert(
-            "timestamp".into(),
-            chrono::Utc::now()
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-                .into(),
-        );
-        line.insert("level".into(), metadata.level().as_str().into());
-        line.insert("target".into(), metadata.target().into());
-        line.extend(fields.0);
-        writeln!(writer, "{}", serde_json::Value::Object(line))
-    }
-}
-
-#[derive(Default)]
-struct JsonFields(serde_json::Map<String, serde_json::Value>);
-
-impl JsonFields {
-    fn put(&mut self, field: &Field, value: serde_json::Value) {
-        self.0.insert(field.name().to_owned(), value);
-    }
-}
-
-impl Visit for JsonFields {
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.put(field, value.into());
-    }
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.put(field, value.into());
-    }
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.put(field, value.into());
-    }
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.put(field, value.into());
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.put(field, value.into());
-    }
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        let text = format!("{value:?}");
-        let array = text
-            .starts_with('[')
-            .then(|| serde_json::from_str::<Vec<serde_json::Value>>(&text).ok())
-            .flatten();
-        self.put(field, array.map_or(text.into(), serde_json::Value::Array));
-    }
+/// Seconds since the Unix epoch, with the fraction, for `*_timestamp_seconds` gauges.
+pub fn unix_seconds(at: chrono::DateTime<chrono::Utc>) -> f64 {
+    at.timestamp_micros() as f64 / 1e6
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -170,34 +77,6 @@ pub struct VersionLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: String,
-}
-
-/// Which exposition format a scrape gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exposition {
-    /// `text/plain; version=0.0.4`, what promtool and most scrapers expect.
-    Prometheus,
-    /// `application/openmetrics-text; version=1.0.0`, when the scraper's `Accept` asks for it.
-    OpenMetrics,
-}
-
-impl Exposition {
-    /// OpenMetrics only when `Accept` names it (Prometheus itself asks for both and prefers it).
-    pub fn negotiate(accept: Option<&str>) -> Exposition {
-        match accept {
-            Some(accept) if accept.contains("application/openmetrics-text") => {
-                Exposition::OpenMetrics
-            }
-            _ => Exposition::Prometheus,
-        }
-    }
-
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Exposition::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
-            Exposition::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        }
-    }
 }
 
 /// Every metric fenx-sync exports on `/metrics` (admin listener).
@@ -253,8 +132,8 @@ pub struct Metrics {
     pub outbox_pruned: Counter,
     /// Times `reporting.db` was found deleted or replaced and was reopened.
     pub reporting_store_reopened: Counter,
-    /// 1 while the reporting store answers (checked every `store.probe_interval`), else 0.
-    pub reporting_store_up: Gauge,
+    /// 1 while the reporting store does not answer (checked every `store.probe_interval`).
+    pub reporting_store_unavailable: Gauge,
     /// 1 while Fenergo's identity service refuses our client credentials, else 0.
     pub credentials_refused: Gauge,
     /// Confirmation reads by result (`changed`: a newer version was found, `unchanged`).
@@ -304,7 +183,7 @@ impl Metrics {
             store_free_bytes: Gauge::default(),
             outbox_pruned: Counter::default(),
             reporting_store_reopened: Counter::default(),
-            reporting_store_up: Gauge::default(),
+            reporting_store_unavailable: Gauge::default(),
             credentials_refused: Gauge::default(),
             confirmations: Family::default(),
         };
@@ -469,9 +348,9 @@ impl Metrics {
             metrics.reporting_store_reopened.clone(),
         );
         r.register(
-            "reporting_store_up",
-            "1 while the reporting store (SQLite or PostgreSQL) answers, 0 while it is unavailable",
-            metrics.reporting_store_up.clone(),
+            "reporting_store_unavailable",
+            "1 while the reporting store (SQLite or PostgreSQL) does not answer: rows wait, ingest continues",
+            metrics.reporting_store_unavailable.clone(),
         );
         r.register(
             "fenergo_credentials_refused",
@@ -519,44 +398,6 @@ impl Metrics {
     }
 }
 
-/// Seconds since the Unix epoch, with the fraction, for `*_timestamp_seconds` gauges.
-pub fn unix_seconds(at: chrono::DateTime<chrono::Utc>) -> f64 {
-    at.timestamp_micros() as f64 / 1e6
-}
-
-/// Rewrites prometheus-client's OpenMetrics text as the Prometheus text format (0.0.4): a
-/// counter's family is named after its `_total` samples (so HELP and TYPE describe them), and
-/// the OpenMetrics-only `# UNIT` and `# EOF` lines go.
-fn openmetrics_to_prometheus(openmetrics: &str) -> String {
-    let mut out = String::with_capacity(openmetrics.len());
-    let mut help: Option<(&str, &str)> = None;
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            help = Some(rest.split_once(' ').unwrap_or((rest, "")));
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
-            let family = if kind == "counter" {
-                format!("{name}_total")
-            } else {
-                name.to_owned()
-            };
-            if let Some((_, text)) = help.take() {
-                out.push_str(&format!("# HELP {family} {text}\n"));
-            }
-            out.push_str(&format!("# TYPE {family} {kind}\n"));
-            continue;
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -579,58 +420,5 @@ mod tests {
         let openmetrics = metrics.encode(Exposition::OpenMetrics);
         assert!(openmetrics.contains("# TYPE fenx_webhook_requests counter\n"));
         assert!(openmetrics.ends_with("# EOF\n"));
-    }
-
-    #[test]
-    fn openmetrics_only_when_accept_names_it() {
-        assert_eq!(Exposition::negotiate(None), Exposition::Prometheus);
-        assert_eq!(
-            Exposition::negotiate(Some("text/plain;version=0.0.4")),
-            Exposition::Prometheus
-        );
-        assert_eq!(
-            Exposition::negotiate(Some(
-                "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;q=0.4"
-            )),
-            Exposition::OpenMetrics
-        );
-    }
-
-    #[test]
-    fn json_fields_keep_arrays_as_arrays() {
-        #[derive(Default)]
-        struct Capture(std::sync::Mutex<Option<serde_json::Value>>);
-        impl tracing::Subscriber for Capture {
-            fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-                true
-            }
-            fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-                tracing::span::Id::from_u64(1)
-            }
-            fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-            fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-            fn event(&self, event: &tracing::Event<'_>) {
-                let mut fields = JsonFields::default();
-                event.record(&mut fields);
-                *self.0.lock().unwrap() = Some(serde_json::Value::Object(fields.0));
-            }
-            fn enter(&self, _: &tracing::span::Id) {}
-            fn exit(&self, _: &tracing::span::Id) {}
-        }
-        let capture = std::sync::Arc::new(Capture::default());
-        let feeds = vec!["all".to_owned(), "kyc".to_owned()];
-        tracing::subscriber::with_default(capture.clone(), || {
-            tracing::info!(
-                feeds = ?feeds,
-                latency_ms = millis(Duration::from_nanos(15_314_157_999)),
-                note = "[not json",
-                "polling"
-            );
-        });
-        let line = capture.0.lock().unwrap().take().unwrap();
-        assert_eq!(line["feeds"], serde_json::json!(["all", "kyc"]));
-        assert_eq!(line["latency_ms"], serde_json::json!(15314.158));
-        assert_eq!(line["note"], "[not json");
-        assert_eq!(line["message"], "polling");
     }
 }

@@ -37,6 +37,23 @@ pub fn parse(text: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.and_utc())
 }
 
+/// Serialises a time in the stored form (`#[serde(serialize_with = "crate::time::serialize")]`),
+/// so JSON output shows the same text as the database.
+pub fn serialize<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format(*t))
+}
+
+/// [`serialize`] for an optional time (`None` is `null`).
+pub fn serialize_option<S: serde::Serializer>(
+    t: &Option<DateTime<Utc>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => serialize(t, s),
+        None => s.serialize_none(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,8 +2,10 @@
 //! `X-TENANT-ID` and an `x-correlation-id` on every call, honours the client-side limiter, and
 //! classifies every answer into what the sync worker should do next ([`FetchError`]).
 //!
-//! HTTPS is rustls with the ring provider (no OpenSSL). It must never log a token or secret, and
-//! never retry by itself beyond one token refresh on 401: retry schedules live in the outbox.
+//! HTTPS is rustls with the ring provider (no OpenSSL). It must never log a token or secret. An
+//! entity read is never retried here beyond one token refresh on 401 (retry schedules live in
+//! the outbox); only a token request is retried briefly in-process while the identity service
+//! is unavailable ([`token`]).
 
 pub mod limiter;
 pub mod token;
@@ -24,6 +26,11 @@ use limiter::Limiter;
 pub use token::CredentialsRefusal;
 use token::{TokenCache, TokenError, TokenRequest};
 pub use wire::{Entity, EntityList, Page};
+
+/// The path of one entity's read, relative to the API base.
+pub fn entity_path(entity_id: &str) -> String {
+    format!("entitydataquery/api/entity/{entity_id}")
+}
 
 /// The bulk read by id (contract §6).
 pub const BULK_READ_PATH: &str = "entitydataquery/api/entity/getentitieslist";

@@ -9,11 +9,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
 
-use super::{Routes, json_response, probes};
+use super::error::IngestError;
+use super::{RequestBody, Routes, probes};
 use crate::health::StoreHealth;
 use crate::telemetry::{Exposition, Metrics};
 
@@ -29,20 +29,13 @@ impl Admin {
 }
 
 impl Routes for Admin {
-    async fn route(
+    async fn route<B: RequestBody>(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        request: Request<B>,
         _peer: SocketAddr,
     ) -> Response<Full<Bytes>> {
         if request.method() != Method::GET {
-            let mut response = json_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                serde_json::json!({ "error": "use GET" }),
-            );
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET"));
-            return response;
+            return IngestError::MethodNotAllowed { allow: "GET" }.into_response();
         }
         match request.uri().path() {
             "/metrics" => {
@@ -67,10 +60,88 @@ impl Routes for Admin {
             }
             "/healthz" => probes::liveness(&self.health),
             "/readyz" => probes::readiness(&self.health),
-            _ => json_response(
-                StatusCode::NOT_FOUND,
-                serde_json::json!({ "error": "no such path" }),
-            ),
+            _ => IngestError::NotFound.into_response(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::HealthRules;
+    use http::StatusCode;
+    use http_body_util::BodyExt;
+
+    async fn answer(
+        method: Method,
+        path: &str,
+        accept: Option<&str>,
+    ) -> (StatusCode, http::HeaderMap, String) {
+        let admin = Arc::new(Admin::new(
+            Arc::new(Metrics::new()),
+            Arc::new(StoreHealth::new(HealthRules::default())),
+        ));
+        let mut request = Request::builder().method(method).uri(path);
+        if let Some(accept) = accept {
+            request = request.header(header::ACCEPT, accept);
+        }
+        let response = admin
+            .route(
+                request.body(Full::<Bytes>::default()).unwrap(),
+                "127.0.0.1:1".parse().unwrap(),
+            )
+            .await;
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8(bytes.to_vec()).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_in_the_format_the_scraper_asks_for() {
+        let openmetrics = Some("application/openmetrics-text; version=1.0.0");
+        for (accept, content_type, ends_with_eof) in [
+            (None, "text/plain", false),
+            (openmetrics, "application/openmetrics-text", true),
+        ] {
+            let (status, headers, text) = answer(Method::GET, "/metrics", accept).await;
+            assert_eq!(status, StatusCode::OK);
+            let served = headers[header::CONTENT_TYPE].to_str().unwrap();
+            assert!(served.starts_with(content_type), "{accept:?}: {served}");
+            assert!(text.contains("fenx_ready 0"), "{text}");
+            assert_eq!(
+                text.ends_with("# EOF\n"),
+                ends_with_eof,
+                "{accept:?}: {text}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn other_methods_get_405_with_allow_and_other_paths_404() {
+        for path in ["/metrics", "/healthz", "/nowhere"] {
+            let (status, headers, _) = answer(Method::POST, path, None).await;
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{path}");
+            assert_eq!(headers[header::ALLOW], "GET", "{path}");
+        }
+        let (status, _, text) = answer(Method::GET, "/nowhere", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(text.contains("no such path"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn probes_answer_from_the_cached_store_health() {
+        assert_eq!(
+            answer(Method::GET, "/healthz", None).await.0,
+            StatusCode::OK
+        );
+        // No durable write has been proven yet.
+        assert_eq!(
+            answer(Method::GET, "/readyz", None).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 }

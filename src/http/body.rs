@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::time::Instant;
+
+use super::RequestBody;
 
 /// The first allocation for a body: Fenergo's deliveries (400 bytes to a few KB) fit in it, and
 /// a client that declares a large body but trickles it holds no more than this.
@@ -40,7 +41,7 @@ pub enum BodyError {
     #[error("more than {limit} bytes of request bodies in flight")]
     BudgetExhausted { limit: usize },
     #[error("body could not be read: {0}")]
-    Read(#[source] hyper::Error),
+    Read(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The bytes of all bodies held at once (being read, or waiting for their commit), shared by
@@ -111,8 +112,8 @@ pub struct Body {
 /// Memory is reserved from `budget` as bytes arrive, doubling the buffer so a body costs at most
 /// twice its size; a body that cannot grow gets [`BodyError::BudgetExhausted`]. After the grace
 /// period, a body must have arrived at `min_rate` on average since reading began.
-pub async fn read(
-    mut body: Incoming,
+pub async fn read<B: RequestBody>(
+    mut body: B,
     declared: Option<u64>,
     limits: &BodyLimits,
     budget: &Arc<BodyBudget>,
@@ -139,7 +140,7 @@ pub async fn read(
             }
             Err(_) => return Err(BodyError::Timeout(limits.read_timeout)),
             Ok(None) => break,
-            Ok(Some(Err(error))) => return Err(BodyError::Read(error)),
+            Ok(Some(Err(error))) => return Err(BodyError::Read(error.into())),
             Ok(Some(Ok(frame))) => frame,
         };
         let Ok(data) = frame.into_data() else {

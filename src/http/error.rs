@@ -1,5 +1,5 @@
-//! Why a webhook request was refused, and the one place that maps each reason to an HTTP status,
-//! a log/metric outcome label and the short public message.
+//! Why a request was refused, on the webhook or the admin listener, and the one place that maps
+//! each reason to an HTTP status, a log/metric outcome label and the short public message.
 //!
 //! Public messages say what was wrong with the request; they must never echo secrets, bodies or
 //! internal error text (SQLite messages and paths stay in the log).

@@ -16,12 +16,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use ipnet::IpNet;
 
 use super::body::{self, BodyBudget, BodyLimits};
 use super::error::IngestError;
-use super::{PeerPolicy, Routes, json_response, probes};
+use super::{PeerPolicy, RequestBody, Routes, json_response, probes};
 use crate::config::Settings;
 use crate::notification::{self, Notification};
 use crate::outbox::{Appended, NewNotification, Outbox, Source};
@@ -67,9 +66,9 @@ impl Ingress {
         }
     }
 
-    async fn webhook(
+    async fn webhook<B: RequestBody>(
         &self,
-        request: Request<Incoming>,
+        request: Request<B>,
         peer: IpAddr,
         log: &mut RequestLog,
     ) -> Result<Accepted, IngestError> {
@@ -106,11 +105,11 @@ impl Ingress {
             .verifier
             .verify(signature_header.as_deref(), &body.bytes)
             .inspect_err(|e| self.count_signature_failure(e))?;
-        let recipe = verified.recipe.to_string();
+        let recipe = verified.recipe;
         self.metrics
             .signature_recipes
             .get_or_create(&RecipeLabel {
-                recipe: recipe.clone(),
+                recipe: recipe.to_string(),
             })
             .inc();
         self.announce_recipe(verified.recipe, verified.secret_index);
@@ -123,7 +122,7 @@ impl Ingress {
             .map(|notification| NewNotification {
                 notification,
                 source: Source::Webhook,
-                signature_recipe: Some(recipe.clone()),
+                signature_recipe: Some(recipe),
             })
             .collect();
         let outcomes = self.outbox.append_batch(rows).await?;
@@ -188,9 +187,9 @@ impl Routes for Ingress {
         }
     }
 
-    async fn route(
+    async fn route<B: RequestBody>(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        request: Request<B>,
         peer: SocketAddr,
     ) -> Response<Full<Bytes>> {
         let is_read = matches!(*request.method(), Method::GET | Method::HEAD);
@@ -336,6 +335,223 @@ fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_proxies: &[IpNet]) -> Ip
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::{HealthRules, StoreHealth};
+    use crate::outbox::OutboxOptions;
+    use http_body_util::BodyExt;
+
+    const SECRET: &str = "webhook-secret";
+    const MAX_BODY: usize = 1024;
+    const PEER: &str = "192.0.2.7:40000";
+
+    /// Routes over a fresh outbox in `dir`, whose health `rules` decide readiness.
+    fn ingress(dir: &std::path::Path, rules: HealthRules) -> (Arc<Ingress>, Arc<StoreHealth>) {
+        ingress_with(dir, rules, Settings::default())
+    }
+
+    fn ingress_with(
+        dir: &std::path::Path,
+        rules: HealthRules,
+        mut settings: Settings,
+    ) -> (Arc<Ingress>, Arc<StoreHealth>) {
+        settings.webhook.secrets = vec![SECRET.into()];
+        settings.server.max_body_bytes = MAX_BODY;
+        let options = OutboxOptions {
+            busy_timeout: Duration::from_secs(1),
+            max_batch: 16,
+            queue_capacity: 16,
+            enqueue_timeout: Duration::from_secs(1),
+        };
+        let health = Arc::new(StoreHealth::new(rules));
+        // The writer thread stops once the routes (holding the only handle) are dropped.
+        let (outbox, _writer) = Outbox::open_with_health(dir, &options, health.clone()).unwrap();
+        let routes = Ingress::new(&settings, outbox, Arc::new(Metrics::new()));
+        (Arc::new(routes), health)
+    }
+
+    const WEBHOOK: &str = "/webhooks/fenergo";
+
+    fn signed(body: &'static str) -> Request<Full<Bytes>> {
+        let recipe: Recipe = "sha256-hex/hex".parse().unwrap();
+        Request::post(WEBHOOK)
+            .header(signature::HEADER, recipe.sign(SECRET, body.as_bytes()))
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    }
+
+    async fn answer(
+        routes: &Arc<Ingress>,
+        request: Request<Full<Bytes>>,
+    ) -> (StatusCode, HeaderMap, serde_json::Value) {
+        let response = routes.clone().route(request, PEER.parse().unwrap()).await;
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or_default();
+        (parts.status, parts.headers, json)
+    }
+
+    fn empty(method: Method, path: &str) -> Request<Full<Bytes>> {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Full::default())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_signed_notification_is_stored_and_a_redelivery_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (routes, _) = ingress(dir.path(), HealthRules::default());
+        let body = r#"{"Id":"n1","EventType":"entitydata:draftverified"}"#;
+        let (status, _, json) = answer(&routes, signed(body)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(json, serde_json::json!({ "stored": 1, "duplicates": 0 }));
+        let (status, _, json) = answer(&routes, signed(body)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(json, serde_json::json!({ "stored": 0, "duplicates": 1 }));
+    }
+
+    #[tokio::test]
+    async fn wrong_methods_get_405_naming_the_allowed_ones_and_unknown_paths_404() {
+        let dir = tempfile::tempdir().unwrap();
+        let (routes, _) = ingress(dir.path(), HealthRules::default());
+        for (method, path, allow) in [
+            (Method::GET, WEBHOOK, "POST"),
+            (Method::DELETE, WEBHOOK, "POST"),
+            (Method::POST, "/healthz", "GET, HEAD"),
+            (Method::PUT, "/readyz", "GET, HEAD"),
+        ] {
+            let (status, headers, _) = answer(&routes, empty(method.clone(), path)).await;
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            assert_eq!(headers[header::ALLOW], allow, "{method} {path}");
+        }
+        let (status, _, json) = answer(&routes, empty(Method::POST, "/webhooks/other")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(json["error"], "no such path");
+        let (status, _, json) = answer(&routes, empty(Method::HEAD, "/healthz")).await;
+        assert_eq!(
+            (status, json),
+            (StatusCode::OK, serde_json::json!({ "status": "ok" }))
+        );
+    }
+
+    #[tokio::test]
+    async fn clients_outside_the_allow_list_get_403_before_the_signature_is_looked_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::default();
+        settings.server.allow_networks = vec!["198.51.100.0/24".parse().unwrap()];
+        let (routes, _) = ingress_with(dir.path(), HealthRules::default(), settings);
+        let (status, _, json) = answer(&routes, empty(Method::POST, WEBHOOK)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(
+            json["error"].as_str().unwrap().contains("192.0.2.7"),
+            "{json}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_signatures_get_401_with_the_scheme_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (routes, _) = ingress(dir.path(), HealthRules::default());
+        let body = r#"{"Id":"n1"}"#;
+        let unsigned = Request::post(WEBHOOK)
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let wrong = Request::post(WEBHOOK)
+            .header(signature::HEADER, "00".repeat(32))
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let mut tampered = signed(body);
+        *tampered.body_mut() = Full::new(Bytes::from_static(br#"{"Id":"n2"}"#));
+        for request in [unsigned, wrong, tampered] {
+            let (status, headers, _) = answer(&routes, request).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert!(headers.contains_key(header::WWW_AUTHENTICATE));
+        }
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_get_413_declared_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (routes, _) = ingress(dir.path(), HealthRules::default());
+        let big: &'static str = Box::leak(format!(r#"{{"Id":"{}"}}"#, "x".repeat(MAX_BODY)).into());
+        let mut declared = signed(big);
+        declared
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(big.len()));
+        for request in [declared, signed(big)] {
+            let (status, _, json) = answer(&routes, request).await;
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+            assert_eq!(json["error"], format!("body larger than {MAX_BODY} bytes"));
+        }
+    }
+
+    /// A body whose bytes never come.
+    struct Stalled;
+
+    impl hyper::body::Body for Stalled {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_does_not_arrive_gets_408() {
+        let dir = tempfile::tempdir().unwrap();
+        let (routes, _) = ingress(dir.path(), HealthRules::default());
+        let request = Request::post(WEBHOOK)
+            .header(signature::HEADER, "00".repeat(32))
+            .body(Stalled)
+            .unwrap();
+        // Paused time: the read's own limits fire at once, and the outer bound keeps a read
+        // without limits from hanging the test.
+        let routed = routes.clone().route(request, PEER.parse().unwrap());
+        let response = tokio::time::timeout(Duration::from_secs(3600), routed)
+            .await
+            .expect("the body read has a time limit");
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+    }
+
+    #[tokio::test]
+    async fn signed_bodies_that_are_not_notifications_get_400() {
+        let dir = tempfile::tempdir().unwrap();
+        let (routes, _) = ingress(dir.path(), HealthRules::default());
+        for body in ["not json", "[1, 2]", r#""a string""#] {
+            let (status, _, _) = answer(&routes, signed(body)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_take_the_write_gets_503_and_not_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = HealthRules {
+            min_free_bytes: 1 << 20,
+            ..HealthRules::default()
+        };
+        let (routes, health) = ingress(dir.path(), rules);
+        health.record_free_bytes(1000);
+        let (status, headers, json) = answer(&routes, signed(r#"{"Id":"n1"}"#)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers[header::RETRY_AFTER], "5");
+        assert!(
+            json["error"].as_str().unwrap().contains("retry later"),
+            "{json}"
+        );
+        let (status, _, json) = answer(&routes, empty(Method::GET, "/readyz")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(json["status"], "not ready");
+        health.record_free_bytes(2 << 20);
+        assert_eq!(
+            answer(&routes, signed(r#"{"Id":"n1"}"#)).await.0,
+            StatusCode::OK
+        );
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -36,11 +36,31 @@ const FILE_HEADROOM: u64 = 256;
 /// Refused connections are summarised in the log at most this often (an attack must not flood it).
 const REFUSAL_REPORT_EVERY: Duration = Duration::from_secs(10);
 
+/// A request body a [`Routes`] can read: hyper's `Incoming` off a socket, or
+/// `http_body_util::Full` when a test hands a request straight to the routes.
+pub trait RequestBody:
+    hyper::body::Body<Data = Bytes, Error: std::error::Error + Send + Sync + 'static>
+    + Send
+    + Sync
+    + Unpin
+    + 'static
+{
+}
+
+impl<B> RequestBody for B where
+    B: hyper::body::Body<Data = Bytes, Error: std::error::Error + Send + Sync + 'static>
+        + Send
+        + Sync
+        + Unpin
+        + 'static
+{
+}
+
 /// Something that answers requests.
 pub trait Routes: Send + Sync + 'static {
-    fn route(
+    fn route<B: RequestBody>(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        request: Request<B>,
         peer: SocketAddr,
     ) -> impl Future<Output = Response<Full<Bytes>>> + Send;
 
@@ -255,7 +275,7 @@ pub async fn serve<R: Routes>(
         };
         let _ = stream.set_nodelay(true);
         let routes = routes.clone();
-        let service = service_fn(move |request| {
+        let service = service_fn(move |request: Request<Incoming>| {
             let routes = routes.clone();
             async move { Ok::<_, Infallible>(routes.route(request, peer).await) }
         });

@@ -8,15 +8,16 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use rusqlite::{
     Connection, OpenFlags, OptionalExtension, TransactionBehavior, params, params_from_iter,
 };
 use serde::Serialize;
 
-use crate::sqlite::DbError;
-
-/// Event type of the notifications `resync` queues; the worker always fetches them.
-pub const RESYNC_EVENT_TYPE: &str = "fenx-sync:resync";
+use super::NotificationStatus::{self, Dead, Done, Ignored, Pending};
+use crate::notification::RESYNC_EVENT_TYPE;
+use crate::signature::Recipe;
+use crate::sqlite::{DbError, optional_time_column, time_column};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -39,14 +40,27 @@ pub enum AdminError {
 /// Counts for `fenx-sync status`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Status {
-    pub by_status: Vec<(String, i64)>,
+    /// Rows per status, for the statuses that have any, in the order of their names.
+    pub by_status: Vec<(NotificationStatus, i64)>,
     pub by_event_type: Vec<EventTypeCounts>,
-    pub oldest_pending_received_at: Option<String>,
+    #[serde(serialize_with = "crate::time::serialize_option")]
+    pub oldest_pending_received_at: Option<DateTime<Utc>>,
     pub oldest_pending_age_secs: Option<i64>,
     pub dead_letters: i64,
-    pub last_sync_at: Option<String>,
-    pub signature_recipes: Vec<(String, i64)>,
+    #[serde(serialize_with = "crate::time::serialize_option")]
+    pub last_sync_at: Option<DateTime<Utc>>,
+    pub signature_recipes: Vec<(Recipe, i64)>,
     pub duplicates_received: i64,
+}
+
+impl Status {
+    /// How many rows have `status`.
+    pub fn count(&self, status: NotificationStatus) -> i64 {
+        self.by_status
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map_or(0, |(_, n)| *n)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -64,16 +78,19 @@ pub struct NotificationRow {
     pub id: String,
     pub event_type: Option<String>,
     pub entity_key: Option<String>,
-    pub status: String,
+    pub status: NotificationStatus,
     pub attempts: i64,
     pub last_status: Option<i64>,
     pub last_error: Option<String>,
-    pub received_at: String,
-    pub processed_at: Option<String>,
-    pub next_attempt_at: String,
+    #[serde(serialize_with = "crate::time::serialize")]
+    pub received_at: DateTime<Utc>,
+    #[serde(serialize_with = "crate::time::serialize_option")]
+    pub processed_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "crate::time::serialize")]
+    pub next_attempt_at: DateTime<Utc>,
     pub relative_url: Option<String>,
     pub source: String,
-    pub signature_recipe: Option<String>,
+    pub signature_recipe: Option<Recipe>,
     /// The raw bytes as text (lossy for non-UTF-8), only for `show`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raw: Option<String>,
@@ -89,8 +106,30 @@ pub enum Selection {
 
 pub struct OutboxAdmin {
     conn: Connection,
+    file: OpenedFile,
+}
+
+/// Which file the connection is to and how long it waits for a lock: what an error names. Apart
+/// from the connection so that errors can be built while a transaction borrows it.
+struct OpenedFile {
     path: PathBuf,
     busy_timeout: Duration,
+}
+
+impl OpenedFile {
+    /// Says "busy" for a lock held past the timeout; anything else is a database error.
+    fn error(&self, e: rusqlite::Error) -> AdminError {
+        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) {
+            return AdminError::Locked {
+                path: self.path.clone(),
+                waited: self.busy_timeout,
+            };
+        }
+        AdminError::Db {
+            path: self.path.clone(),
+            source: DbError::Sqlite(e),
+        }
+    }
 }
 
 const ROW_COLUMNS: &str = "id, event_type, entity_key, status, attempts, last_status, last_error,
@@ -113,31 +152,20 @@ impl OutboxAdmin {
             .map_err(|e| db(DbError::Sqlite(e)))?;
         Ok(OutboxAdmin {
             conn,
-            path,
-            busy_timeout,
+            file: OpenedFile { path, busy_timeout },
         })
-    }
-
-    fn error(&self, e: rusqlite::Error) -> AdminError {
-        classify(&self.path, self.busy_timeout, e)
     }
 
     pub fn status(&self) -> Result<Status, AdminError> {
         let c = &self.conn;
-        let pairs = |sql: &str| -> Result<Vec<(String, i64)>, rusqlite::Error> {
-            c.prepare(sql)?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect()
-        };
         let run = || -> Result<Status, rusqlite::Error> {
             let by_event_type = c
                 .prepare(
                     "SELECT coalesce(event_type, '(none)'),
-                            sum(status = 'pending'), sum(status = 'done'),
-                            sum(status = 'ignored'), sum(status = 'dead')
+                            sum(status = ?1), sum(status = ?2), sum(status = ?3), sum(status = ?4)
                        FROM notification GROUP BY 1 ORDER BY count(*) DESC, 1",
                 )?
-                .query_map([], |r| {
+                .query_map(params![Pending, Done, Ignored, Dead], |r| {
                     Ok(EventTypeCounts {
                         event_type: r.get(0)?,
                         pending: r.get(1)?,
@@ -147,36 +175,37 @@ impl OutboxAdmin {
                     })
                 })?
                 .collect::<Result<_, _>>()?;
-            let oldest: Option<String> = c.query_row(
-                "SELECT min(received_at) FROM notification WHERE status = 'pending'",
-                [],
-                |r| r.get(0),
+            let oldest = c.query_row(
+                "SELECT min(received_at) FROM notification WHERE status = ?1",
+                [Pending],
+                |r| optional_time_column(r, 0),
             )?;
-            let age = oldest
-                .as_deref()
-                .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
-                .map(|t| (chrono::Utc::now() - t).num_seconds());
+            let age = oldest.map(|t| (Utc::now() - t).num_seconds());
             Ok(Status {
-                by_status: pairs(
-                    "SELECT status, count(*) FROM notification GROUP BY 1 ORDER BY 1",
-                )?,
+                by_status: c
+                    .prepare("SELECT status, count(*) FROM notification GROUP BY 1 ORDER BY 1")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?,
                 by_event_type,
                 oldest_pending_received_at: oldest,
                 oldest_pending_age_secs: age,
                 dead_letters: c.query_row(
-                    "SELECT count(*) FROM notification WHERE status = 'dead'",
-                    [],
+                    "SELECT count(*) FROM notification WHERE status = ?1",
+                    [Dead],
                     |r| r.get(0),
                 )?,
                 last_sync_at: c.query_row(
-                    "SELECT max(processed_at) FROM notification WHERE status = 'done'",
-                    [],
-                    |r| r.get(0),
+                    "SELECT max(processed_at) FROM notification WHERE status = ?1",
+                    [Done],
+                    |r| optional_time_column(r, 0),
                 )?,
-                signature_recipes: pairs(
-                    "SELECT signature_recipe, count(*) FROM notification
-                      WHERE signature_recipe IS NOT NULL GROUP BY 1 ORDER BY 2 DESC",
-                )?,
+                signature_recipes: c
+                    .prepare(
+                        "SELECT signature_recipe, count(*) FROM notification
+                          WHERE signature_recipe IS NOT NULL GROUP BY 1 ORDER BY 2 DESC",
+                    )?
+                    .query_map([], |r| Ok((recipe_column(r, 0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?,
                 duplicates_received: c.query_row(
                     "SELECT coalesce(sum(duplicates), 0) FROM notification",
                     [],
@@ -184,20 +213,20 @@ impl OutboxAdmin {
                 )?,
             })
         };
-        run().map_err(|e| self.error(e))
+        run().map_err(|e| self.file.error(e))
     }
 
     /// Dead letters, newest first.
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<NotificationRow>, AdminError> {
         let sql = format!(
-            "SELECT {ROW_COLUMNS}, NULL FROM notification WHERE status = 'dead'
+            "SELECT {ROW_COLUMNS}, NULL FROM notification WHERE status = ?2
               ORDER BY processed_at DESC, seq DESC LIMIT ?1"
         );
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.conn
             .prepare(&sql)
-            .and_then(|mut s| s.query_map([limit], read_row)?.collect())
-            .map_err(|e| self.error(e))
+            .and_then(|mut s| s.query_map(params![limit, Dead], read_row)?.collect())
+            .map_err(|e| self.file.error(e))
     }
 
     /// One notification, with its raw body.
@@ -206,26 +235,28 @@ impl OutboxAdmin {
         self.conn
             .query_row(&sql, [id], read_row)
             .optional()
-            .map_err(|e| self.error(e))?
+            .map_err(|e| self.file.error(e))?
             .ok_or_else(|| AdminError::NotFound(id.to_owned()))
     }
 
     /// Puts dead letters back in the queue, due now with a fresh attempt count. Returns how many.
     pub fn retry_dead(&mut self, selection: &Selection) -> Result<usize, AdminError> {
-        let reset =
-            "UPDATE notification SET status = 'pending', attempts = 0, next_attempt_at = ?1,
-                            last_error = NULL, processed_at = NULL
-                      WHERE status = 'dead'";
-        self.requeue(reset, selection)
+        let reset = format!(
+            "UPDATE notification SET status = '{Pending}', attempts = 0, next_attempt_at = ?1,
+                    last_error = NULL, processed_at = NULL
+              WHERE status = '{Dead}'"
+        );
+        self.requeue(&reset, selection)
     }
 
     /// Puts ignored notifications of `event_type` (any casing) back in the queue, for when a
     /// routing rule now covers them. Returns how many.
     pub fn replay_ignored(&mut self, event_type: &str) -> Result<usize, AdminError> {
-        let reset =
-            "UPDATE notification SET status = 'pending', next_attempt_at = ?1, processed_at = NULL
-                      WHERE status = 'ignored'";
-        self.requeue(reset, &Selection::EventType(event_type.to_owned()))
+        let reset = format!(
+            "UPDATE notification SET status = '{Pending}', next_attempt_at = ?1, processed_at = NULL
+              WHERE status = '{Ignored}'"
+        );
+        self.requeue(&reset, &Selection::EventType(event_type.to_owned()))
     }
 
     fn requeue(&mut self, reset: &str, selection: &Selection) -> Result<usize, AdminError> {
@@ -246,11 +277,11 @@ impl OutboxAdmin {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| classify(&self.path, self.busy_timeout, e))?;
+            .map_err(|e| self.file.error(e))?;
         let changed = tx
             .execute(&sql, params_from_iter(values.iter()))
             .and_then(|n| tx.commit().map(|()| n))
-            .map_err(|e| classify(&self.path, self.busy_timeout, e))?;
+            .map_err(|e| self.file.error(e))?;
         Ok(changed)
     }
 
@@ -261,10 +292,10 @@ impl OutboxAdmin {
             .conn
             .prepare(
                 "SELECT DISTINCT entity_key FROM notification
-                  WHERE status = 'done' AND entity_key IS NOT NULL AND instr(entity_key, '/') = 0",
+                  WHERE status = ?1 AND entity_key IS NOT NULL AND instr(entity_key, '/') = 0",
             )
-            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-            .map_err(|e| self.error(e))?;
+            .and_then(|mut s| s.query_map([Done], |r| r.get(0))?.collect())
+            .map_err(|e| self.file.error(e))?;
         // Small transactions: webhook appends wait for the write lock between them, not for all.
         for chunk in entities.chunks(500) {
             self.resync(chunk)?;
@@ -278,11 +309,11 @@ impl OutboxAdmin {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| classify(&self.path, self.busy_timeout, e))?;
+            .map_err(|e| self.file.error(e))?;
         let mut ids = Vec::with_capacity(entity_ids.len());
         for entity in entity_ids {
             let id = format!("resync:{entity}:{now}");
-            let relative_url = format!("entitydataquery/api/entity/{entity}");
+            let relative_url = crate::fenergo::entity_path(entity);
             let raw = serde_json::json!({
                 "Id": id, "EventType": RESYNC_EVENT_TYPE, "RelativeUrl": relative_url, "When": now,
             })
@@ -294,28 +325,19 @@ impl OutboxAdmin {
                  ON CONFLICT (id) DO NOTHING",
                 params![id, RESYNC_EVENT_TYPE, relative_url, entity, now, raw.as_bytes()],
             )
-            .map_err(|e| classify(&self.path, self.busy_timeout, e))?;
+            .map_err(|e| self.file.error(e))?;
             ids.push(id);
         }
-        tx.commit()
-            .map_err(|e| classify(&self.path, self.busy_timeout, e))?;
+        tx.commit().map_err(|e| self.file.error(e))?;
         Ok(ids)
     }
 }
 
-/// Says "busy" for a lock held past the timeout; anything else is a database error.
-/// (A free function: callers may hold a mutable borrow of the connection.)
-fn classify(path: &Path, waited: Duration, e: rusqlite::Error) -> AdminError {
-    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) {
-        return AdminError::Locked {
-            path: path.to_owned(),
-            waited,
-        };
-    }
-    AdminError::Db {
-        path: path.to_owned(),
-        source: DbError::Sqlite(e),
-    }
+/// Reads a stored signature recipe name.
+fn recipe_column(r: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Recipe> {
+    r.get::<_, String>(idx)?.parse().map_err(|e: String| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, e.into())
+    })
 }
 
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NotificationRow> {
@@ -327,12 +349,15 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NotificationRow> {
         attempts: r.get(4)?,
         last_status: r.get(5)?,
         last_error: r.get(6)?,
-        received_at: r.get(7)?,
-        processed_at: r.get(8)?,
-        next_attempt_at: r.get(9)?,
+        received_at: time_column(r, 7)?,
+        processed_at: optional_time_column(r, 8)?,
+        next_attempt_at: time_column(r, 9)?,
         relative_url: r.get(10)?,
         source: r.get(11)?,
-        signature_recipe: r.get(12)?,
+        signature_recipe: r
+            .get::<_, Option<String>>(12)?
+            .map(|_| recipe_column(r, 12))
+            .transpose()?,
         raw: r
             .get::<_, Option<Vec<u8>>>(13)?
             .map(|b| String::from_utf8_lossy(&b).into_owned()),

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
+use super::NotificationStatus::{Dead, Done, Ignored, Pending};
 use super::{Durability, FILE_NAME, OutboxError, open_connection};
 use crate::health::{self, NotReady, StoreHealth, Writer};
 use crate::sqlite::FileIdentity;
@@ -237,17 +238,16 @@ impl Maintenance {
     fn refresh_gauges(&mut self) {
         match outbox_gauges(&self.conn) {
             Ok(gauges) => {
-                for (status, count) in [("pending", gauges.pending), ("dead", gauges.dead)] {
+                for (status, count) in [(Pending, gauges.pending), (Dead, gauges.dead)] {
                     self.metrics
                         .outbox_rows
                         .get_or_create(&StatusLabel {
-                            status: status.to_owned(),
+                            status: status.as_str().to_owned(),
                         })
                         .set(count);
                 }
                 let age = gauges
                     .oldest_pending
-                    .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
                     .map_or(0, |t| (chrono::Utc::now() - t).num_seconds().max(0));
                 self.metrics.oldest_pending_seconds.set(age);
             }
@@ -260,11 +260,14 @@ impl Maintenance {
 /// the `notification_finished` partial index.
 fn prune_batch(conn: &mut Connection, cutoff: &str) -> rusqlite::Result<usize> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // The statuses are in the text, not bound, so the planner can prove the partial index.
     let deleted = tx.execute(
-        "DELETE FROM notification WHERE seq IN (
-             SELECT seq FROM notification INDEXED BY notification_finished
-              WHERE status IN ('done', 'ignored') AND processed_at < ?1
-              ORDER BY processed_at LIMIT ?2)",
+        &format!(
+            "DELETE FROM notification WHERE seq IN (
+                 SELECT seq FROM notification INDEXED BY notification_finished
+                  WHERE status IN ('{Done}', '{Ignored}') AND processed_at < ?1
+                  ORDER BY processed_at LIMIT ?2)"
+        ),
         rusqlite::params![cutoff, PRUNE_BATCH],
     )?;
     tx.commit()?;
@@ -274,27 +277,31 @@ fn prune_batch(conn: &mut Connection, cutoff: &str) -> rusqlite::Result<usize> {
 struct OutboxGauges {
     pending: i64,
     dead: i64,
-    oldest_pending: Option<String>,
+    oldest_pending: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Counts from the partial indexes on pending and dead rows (never a scan of every row).
 fn outbox_gauges(conn: &Connection) -> rusqlite::Result<OutboxGauges> {
     conn.query_row(
-        "SELECT (SELECT count(*) FROM notification INDEXED BY notification_due
-                  WHERE status = 'pending'),
-                (SELECT count(*) FROM notification INDEXED BY notification_dead
-                  WHERE status = 'dead')",
+        &format!(
+            "SELECT (SELECT count(*) FROM notification INDEXED BY notification_due
+                      WHERE status = '{Pending}'),
+                    (SELECT count(*) FROM notification INDEXED BY notification_dead
+                      WHERE status = '{Dead}')"
+        ),
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )
     .and_then(|(pending, dead)| {
         let oldest_pending = conn
             .query_row(
-                "SELECT received_at FROM notification
-                  WHERE seq = (SELECT min(seq) FROM notification INDEXED BY notification_due
-                                WHERE status = 'pending')",
+                &format!(
+                    "SELECT received_at FROM notification
+                      WHERE seq = (SELECT min(seq) FROM notification INDEXED BY notification_due
+                                    WHERE status = '{Pending}')"
+                ),
                 [],
-                |r| r.get(0),
+                |r| crate::sqlite::time_column(r, 0),
             )
             .optional()?;
         Ok(OutboxGauges {

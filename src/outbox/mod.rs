@@ -25,15 +25,18 @@ pub mod admin;
 mod checkpoint;
 mod maintenance;
 mod queue;
+mod status;
 mod writer;
 
 pub use maintenance::{MaintenanceOptions, MaintenanceThread, THREAD_NAME as MAINTENANCE_THREAD};
 pub use queue::{Claim, Claimed, RowOutcome, Settlement, WorkQueue};
+pub use status::NotificationStatus;
 
 use crate::health::{HealthRules, StoreHealth};
 use crate::notification::Notification;
+use crate::signature::Recipe;
 pub use crate::sqlite::Durability;
-use crate::sqlite::{self, DbError};
+use crate::sqlite::{self, DbError, PageSize};
 use crate::supervisor::{self, ThreadEnded};
 
 /// The outbox file inside `store.dir`.
@@ -65,8 +68,8 @@ impl Source {
 pub struct NewNotification {
     pub notification: Notification,
     pub source: Source,
-    /// The signature recipe that verified it, e.g. `sha256-hex/hex`.
-    pub signature_recipe: Option<String>,
+    /// The signature recipe that verified it (stored as its name, e.g. `sha256-hex/hex`).
+    pub signature_recipe: Option<Recipe>,
 }
 
 /// What an append did with one notification.
@@ -261,7 +264,7 @@ pub fn open_connection(
         source,
     })?;
     let path = dir.join(FILE_NAME);
-    let mut conn = sqlite::open(&path, durability, busy_timeout)?;
+    let mut conn = sqlite::open(&path, durability, PageSize::Default, busy_timeout)?;
     sqlite::apply_schema(&mut conn, &path, "outbox")?;
     Ok(conn)
 }
@@ -287,7 +290,7 @@ mod tests {
         NewNotification {
             notification,
             source: Source::Webhook,
-            signature_recipe: Some("secret/hex".into()),
+            signature_recipe: Some("secret/hex".parse().unwrap()),
         }
     }
 

@@ -7,19 +7,46 @@
 //! for the same entity (coalesced into one fetch), and leases the entity so no two workers work
 //! on it at once. Finding that row is a range scan over rows already due, so rows waiting for a
 //! later retry cost a claim nothing. A crashed worker's lease expires and the rows come back.
-//! This module never deletes a row.
+//! This module never deletes a notification (only the leases it took).
 
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::OutboxError;
+use super::{NotificationStatus, OutboxError};
+use crate::sqlite::time_column;
 use crate::time;
+
+use NotificationStatus::{Dead, Done, Ignored, Pending};
 
 /// The most rows one claim coalesces (a burst of duplicates for one entity).
 const MAX_GROUP: i64 = 1000;
+
+/// The pending row due longest whose entity nobody holds. The status is written into the text
+/// (not bound) so the planner can prove the partial index `notification_due` applies.
+static DUE_FIRST: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT seq, entity_key FROM notification AS n INDEXED BY notification_due
+          WHERE status = '{Pending}' AND next_attempt_at <= ?1
+            AND NOT EXISTS (SELECT 1 FROM entity_lease AS l
+                             WHERE l.entity_key = coalesce(n.entity_key, 'seq:' || n.seq)
+                               AND l.leased_until > ?1)
+          ORDER BY next_attempt_at, seq LIMIT 1"
+    )
+});
+
+/// Every pending row of one entity, through the partial index `notification_pending_entity`.
+static PENDING_OF_ENTITY: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT seq, id, event_type, relative_url, entity_key, attempts, received_at, event_when,
+                stale_reads
+           FROM notification INDEXED BY notification_pending_entity
+          WHERE status = '{Pending}' AND entity_key = ?1
+          ORDER BY seq LIMIT ?2"
+    )
+});
 
 /// A claimed notification.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,8 +59,9 @@ pub struct Claimed {
     pub attempts: i64,
     /// Stale re-fetches so far (their own budget, apart from `attempts`).
     pub stale_reads: i64,
-    pub received_at: String,
-    pub event_when: Option<String>,
+    pub received_at: DateTime<Utc>,
+    /// `When` as Fenergo sent it, where [`time::parse`] can read it (the row keeps the text).
+    pub event_when: Option<DateTime<Utc>>,
 }
 
 /// Rows leased together: every pending row for one entity (or one row with no entity).
@@ -112,16 +140,7 @@ impl WorkQueue {
             .map_err(write_error)?;
         let now_text = time::format(now);
         let first: Option<(i64, Option<String>)> = tx
-            .query_row(
-                "SELECT seq, entity_key FROM notification AS n INDEXED BY notification_due
-                  WHERE status = 'pending' AND next_attempt_at <= ?1
-                    AND NOT EXISTS (SELECT 1 FROM entity_lease AS l
-                                     WHERE l.entity_key = coalesce(n.entity_key, 'seq:' || n.seq)
-                                       AND l.leased_until > ?1)
-                  ORDER BY next_attempt_at, seq LIMIT 1",
-                [&now_text],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .query_row(&DUE_FIRST, [&now_text], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()
             .map_err(write_error)?;
         let Some((seq, entity_key)) = first else {
@@ -131,11 +150,7 @@ impl WorkQueue {
         // Every pending row of the entity (the first row among them), or the row alone.
         let (sql, key) = match &entity_key {
             Some(key) => (
-                "SELECT seq, id, event_type, relative_url, entity_key, attempts, received_at, event_when,
-                        stale_reads
-                   FROM notification INDEXED BY notification_pending_entity
-                  WHERE status = 'pending' AND entity_key = ?1
-                  ORDER BY seq LIMIT ?2",
+                PENDING_OF_ENTITY.as_str(),
                 rusqlite::types::Value::Text(key.clone()),
             ),
             None => (
@@ -156,8 +171,11 @@ impl WorkQueue {
                         relative_url: r.get(3)?,
                         entity_key: r.get(4)?,
                         attempts: r.get(5)?,
-                        received_at: r.get(6)?,
-                        event_when: r.get(7)?,
+                        received_at: time_column(r, 6)?,
+                        event_when: r
+                            .get::<_, Option<String>>(7)?
+                            .as_deref()
+                            .and_then(time::parse),
                         stale_reads: r.get(8)?,
                     })
                 })?
@@ -190,15 +208,15 @@ impl WorkQueue {
         for s in settlements {
             let changed = match &s.outcome {
                 RowOutcome::Done { status } => tx.execute(
-                    "UPDATE notification SET status = 'done', attempts = attempts + 1,
+                    "UPDATE notification SET status = ?4, attempts = attempts + 1,
                             last_error = NULL, last_status = ?2, processed_at = ?3
-                      WHERE seq = ?1 AND status = 'pending'",
-                    params![s.seq, status, now],
+                      WHERE seq = ?1 AND status = ?5",
+                    params![s.seq, status, now, Done, Pending],
                 ),
                 RowOutcome::Ignored => tx.execute(
-                    "UPDATE notification SET status = 'ignored', processed_at = ?2
-                      WHERE seq = ?1 AND status = 'pending'",
-                    params![s.seq, now],
+                    "UPDATE notification SET status = ?3, processed_at = ?2
+                      WHERE seq = ?1 AND status = ?4",
+                    params![s.seq, now, Ignored, Pending],
                 ),
                 RowOutcome::RetryAt {
                     at,
@@ -208,26 +226,27 @@ impl WorkQueue {
                 } => tx.execute(
                     "UPDATE notification SET next_attempt_at = ?2, attempts = attempts + ?3,
                             last_error = ?4, last_status = ?5
-                      WHERE seq = ?1 AND status = 'pending'",
+                      WHERE seq = ?1 AND status = ?6",
                     params![
                         s.seq,
                         time::format(*at),
                         i64::from(*count_attempt),
                         error,
-                        status
+                        status,
+                        Pending
                     ],
                 ),
                 RowOutcome::StaleRetryAt { at, error } => tx.execute(
                     "UPDATE notification SET next_attempt_at = ?2, stale_reads = stale_reads + 1,
                             last_error = ?3, last_status = 200
-                      WHERE seq = ?1 AND status = 'pending'",
-                    params![s.seq, time::format(*at), error],
+                      WHERE seq = ?1 AND status = ?4",
+                    params![s.seq, time::format(*at), error, Pending],
                 ),
                 RowOutcome::Dead { reason, status } => tx.execute(
-                    "UPDATE notification SET status = 'dead', attempts = attempts + 1,
+                    "UPDATE notification SET status = ?5, attempts = attempts + 1,
                             last_error = ?2, last_status = ?3, processed_at = ?4
-                      WHERE seq = ?1 AND status = 'pending'",
-                    params![s.seq, reason, status, now],
+                      WHERE seq = ?1 AND status = ?6",
+                    params![s.seq, reason, status, now, Dead, Pending],
                 ),
             };
             changed.map_err(write_error)?;

@@ -105,7 +105,7 @@ fn commit_appends(
                     n.correlation_id,
                     n.causation_id,
                     row.source.as_str(),
-                    row.signature_recipe,
+                    row.signature_recipe.map(|r| r.to_string()),
                     now,
                     n.raw.as_ref(),
                     n.entity_key,

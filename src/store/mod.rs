@@ -23,6 +23,8 @@ use serde_json::Value;
 mod flatten;
 pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod suite;
 
 use crate::config::Settings;
 use crate::sqlite::DbError;
@@ -404,6 +406,13 @@ pub trait ReportingStore: Send + Sync {
 
     async fn state(&self, key: StateKey) -> Result<Option<StateEntry>, StoreError>;
 
+    /// `key`'s recorded value for every tenant in the store (for `fenx-sync status`, which may
+    /// run without a tenant configured), by tenant id.
+    async fn state_of_every_tenant(
+        &self,
+        key: StateKey,
+    ) -> Result<Vec<(String, StateEntry)>, StoreError>;
+
     /// The unfinished run of `kind` to resume, if any.
     async fn running_reconcile(&self, kind: RunKind) -> Result<Option<ReconcileRun>, StoreError>;
 
@@ -436,6 +445,17 @@ pub trait ReportingStore: Send + Sync {
 
     /// Lets `role` read every reporting table and view (PostgreSQL only).
     async fn grant_read(&self, role: &str) -> Result<(), StoreError>;
+}
+
+/// Opens the reporting store the settings name if it exists already (for `fenx-sync status`,
+/// which never creates one): `None` when the SQLite file is not there.
+pub async fn open_existing(
+    settings: &Settings,
+) -> Result<Option<Arc<dyn ReportingStore>>, StoreError> {
+    if settings.store.reporting_url.is_none() && !settings.store.reporting_path().exists() {
+        return Ok(None);
+    }
+    open(settings).await.map(Some)
 }
 
 /// Opens the reporting store the settings name (PostgreSQL when `store.reporting_url` is set,

@@ -177,7 +177,7 @@ impl SyncWorker {
                 continue;
             }
             report.single_reads += 1;
-            let path = format!("entitydataquery/api/entity/{}", pending.entity_id);
+            let path = crate::fenergo::entity_path(&pending.entity_id);
             match self.client.get_entity(&path, &correlation_id).await {
                 Ok(entity) => reads.push((pending.clone(), EntitySnapshot::from(&entity))),
                 Err(FetchError::NotFound) => {

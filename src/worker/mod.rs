@@ -205,7 +205,7 @@ impl SyncWorker {
         let newest = rows.last().expect("called with at least one row");
         let resync = rows
             .iter()
-            .any(|r| r.event_type.as_deref() == Some(crate::outbox::admin::RESYNC_EVENT_TYPE));
+            .any(|r| r.event_type.as_deref() == Some(crate::notification::RESYNC_EVENT_TYPE));
         let entity = newest.relative_url.as_deref().and_then(entity_id);
         let (
             Some(entity),
@@ -258,7 +258,7 @@ impl SyncWorker {
         let newest = rows.last().expect("called with at least one row");
         let relative_url = newest.relative_url.as_deref().unwrap_or_default();
         let path = entity_id(relative_url)
-            .map(|id| format!("entitydataquery/api/entity/{id}"))
+            .map(crate::fenergo::entity_path)
             .unwrap_or_else(|| relative_url.to_owned());
         let correlation_id = format!("fenx-sync:{}:{}", newest.id, newest.attempts + 1);
         let entity = match self.client.get_entity(&path, &correlation_id).await {
@@ -358,7 +358,7 @@ impl SyncWorker {
         if self.confirm_after.is_zero() {
             return None;
         }
-        let received = received_at(newest, now);
+        let received = newest.received_at;
         let due_at = received
             .checked_add_signed(policy::to_chrono(self.confirm_after))
             .unwrap_or(DateTime::<Utc>::MAX_UTC);
@@ -487,8 +487,8 @@ fn processed(
         entity_id,
         outcome,
         attempts: row.attempts + 1,
-        received_at: received_at(row, Utc::now()),
-        event_when: row.event_when.as_deref().and_then(crate::time::parse),
+        received_at: row.received_at,
+        event_when: row.event_when,
         detail,
     }
 }
@@ -498,13 +498,8 @@ fn cause(row: &Claimed) -> SyncCause {
     SyncCause {
         notification_id: row.id.clone(),
         event_type: row.event_type.clone(),
-        event_when: row.event_when.as_deref().and_then(crate::time::parse),
+        event_when: row.event_when,
     }
-}
-
-/// When `row` arrived. An unreadable receive time is taken as `now`: confirming costs little.
-fn received_at(row: &Claimed, now: DateTime<Utc>) -> DateTime<Utc> {
-    crate::time::parse(&row.received_at).unwrap_or(now)
 }
 
 /// Whether `row`'s event happened after we last wrote the entity (`synced_at`): only then can a
@@ -512,13 +507,7 @@ fn received_at(row: &Claimed, now: DateTime<Utc>) -> DateTime<Utc> {
 /// (so a late duplicate costs no re-fetch). Uses the event's `When` where readable, else our
 /// receive time.
 fn event_after_last_write(row: &Claimed, synced_at: DateTime<Utc>) -> bool {
-    let parse = crate::time::parse;
-    let event = row
-        .event_when
-        .as_deref()
-        .and_then(parse)
-        .or_else(|| parse(&row.received_at));
-    event.is_some_and(|event| event > synced_at)
+    row.event_when.unwrap_or(row.received_at) > synced_at
 }
 
 #[cfg(test)]
@@ -534,8 +523,8 @@ mod tests {
             entity_key: None,
             attempts: 0,
             stale_reads: 0,
-            received_at: received.into(),
-            event_when: when.map(str::to_owned),
+            received_at: crate::time::parse(received).unwrap(),
+            event_when: when.and_then(crate::time::parse),
         }
     }
 

@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 
 use crate::config::SyncSettings;
@@ -41,14 +40,11 @@ impl RetryPolicy {
 
     /// Exponential back-off with jitter for the `attempts`-th retry (0-based).
     pub fn backoff(&self, attempts: i64) -> Duration {
-        ExponentialBuilder::default()
-            .with_min_delay(self.retry_base)
-            .with_max_delay(self.retry_max)
-            .with_jitter()
-            .without_max_times()
-            .build()
-            .nth(usize::try_from(attempts).unwrap_or(0))
-            .unwrap_or(self.retry_max)
+        crate::backoff::nth(
+            self.retry_base,
+            self.retry_max,
+            usize::try_from(attempts).unwrap_or(0),
+        )
     }
 
     /// The outcome for `row` after `error` at `now`.
@@ -108,9 +104,7 @@ impl RetryPolicy {
 }
 
 fn received_age(row: &Claimed, now: DateTime<Utc>) -> Duration {
-    crate::time::parse(&row.received_at)
-        .and_then(|received| (now - received).to_std().ok())
-        .unwrap_or(Duration::ZERO)
+    (now - row.received_at).to_std().unwrap_or(Duration::ZERO)
 }
 
 pub fn to_chrono(d: Duration) -> chrono::Duration {
@@ -134,7 +128,7 @@ mod tests {
             entity_key: Some("e".into()),
             attempts,
             stale_reads: 0,
-            received_at: crate::time::format(now - chrono::Duration::seconds(received_secs_ago)),
+            received_at: now - chrono::Duration::seconds(received_secs_ago),
             event_when: None,
         }
     }

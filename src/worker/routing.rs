@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::config::RouteAction;
-use crate::outbox::admin::RESYNC_EVENT_TYPE;
+use crate::notification::RESYNC_EVENT_TYPE;
 
 #[derive(Debug, Clone)]
 pub struct Router {

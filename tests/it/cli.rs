@@ -337,7 +337,7 @@ impl Logged {
 /// `serve`'s environment for a store in `dir` and a Fenergo at `api_base` with the simulator's
 /// default tenant and client.
 fn serve_env(dir: &str, api_base: &str) -> Vec<(&'static str, String)> {
-    let sim = fenx_sync::sim::SimConfig::default();
+    let sim = fenx_sim::SimConfig::default();
     vec![
         ("FENX_SERVER__LISTEN", "127.0.0.1:0".to_owned()),
         ("FENX_ADMIN__ENABLED", "false".to_owned()),
@@ -359,7 +359,7 @@ fn serve_env(dir: &str, api_base: &str) -> Vec<(&'static str, String)> {
 async fn post_verified(
     client: &reqwest::Client,
     listen: &str,
-    sim: &fenx_sync::sim::Simulator,
+    sim: &fenx_sim::Simulator,
     entity: &str,
 ) {
     let body = sim.notification("entitydata:draftverified", entity);
@@ -380,7 +380,7 @@ async fn serve_syncs_against_the_simulator_subcommand_as_a_user_would_run_them()
     let listen = service.field("listen");
 
     // The simulator's first sample entity, by the seed both processes share.
-    let sim = fenx_sync::sim::Simulator::start(fenx_sync::sim::SimConfig::default()).await;
+    let sim = fenx_sim::Simulator::start(fenx_sim::SimConfig::default()).await;
     let (entity, _) = sim.sample_entity(0);
     let client = fenx_sync::fenergo::client_builder().build().unwrap();
     post_verified(&client, &listen, &sim, &entity).await;
@@ -415,8 +415,8 @@ async fn until_true(what: &str, mut check: impl FnMut() -> bool) {
 
 /// A simulator whose token endpoint answers 401 `invalid_client`, and an empty store (with its
 /// path as text).
-async fn refusing_simulator() -> (fenx_sync::sim::Simulator, tempfile::TempDir, String) {
-    use fenx_sync::sim::{Faults, SimConfig, Simulator, TokenRefusal};
+async fn refusing_simulator() -> (fenx_sim::Simulator, tempfile::TempDir, String) {
+    use fenx_sim::{Faults, SimConfig, Simulator, TokenRefusal};
     let sim = Simulator::start(SimConfig::default()).await;
     sim.set_faults(Faults {
         refuse_tokens: Some(TokenRefusal::Unauthorized),
@@ -442,7 +442,7 @@ async fn refused_credentials_are_loud_lose_nothing_and_sync_resumes_once_fixed()
     for entity in &entities {
         post_verified(&client, &listen, &sim, entity).await;
     }
-    let client_id = fenx_sync::sim::SimConfig::default().client_id;
+    let client_id = fenx_sim::SimConfig::default().client_id;
     let refused = |l: &str| l.contains("\"ERROR\"") && l.contains("invalid_client");
     let error = service.wait_for_line("the refusal at ERROR", refused);
     assert!(error.contains(&client_id), "{error}");
@@ -476,7 +476,7 @@ async fn refused_credentials_are_loud_lose_nothing_and_sync_resumes_once_fixed()
         3
     );
 
-    sim.set_faults(fenx_sync::sim::Faults::default());
+    sim.set_faults(fenx_sim::Faults::default());
     until_true("sync resuming", || {
         rows("SELECT count(*) FROM notification WHERE status = 'done'") == 3
     })

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use fenx_sim::{Faults, Lag, SimConfig};
 use fenx_sync::fenergo::FenergoClient;
 use fenx_sync::reconcile::Reconciler;
-use fenx_sync::sim::{Faults, Lag, SimConfig};
-use fenx_sync::store::{ReportingStore, RunKind};
+use fenx_sync::store::{RunKind, SqliteStore};
 use fenx_sync::telemetry::Metrics;
 use serde_json::json;
 
@@ -113,8 +113,7 @@ async fn server_errors_before_a_stale_read_leave_the_stale_budget_intact() {
     h.worker.confirm_due_at(later(31)).await.unwrap();
     h.sim.set_lag(Lag::Reads(1000));
     h.sim.put_entity(&entity, "Company", name("Renamed Ltd"));
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    h.deliver(UPDATED, &entity).await;
+    h.deliver_after_last_write(UPDATED, &entity).await;
     h.sim.set_faults(Faults {
         server_errors: 3,
         ..Faults::default()
@@ -324,7 +323,13 @@ async fn an_entity_fenergo_no_longer_lists_is_marked_absent_not_deleted() {
     assert!(h.sim.delete_entity(&entities[1]));
     let metrics = Arc::new(Metrics::new());
     let client = Arc::new(FenergoClient::new(&h.settings.fenergo, metrics).unwrap());
-    let store = Arc::new(ReportingStore::open(&h.settings.store.reporting_path()).unwrap());
+    let store = Arc::new(
+        SqliteStore::open(
+            &h.settings.store.reporting_path(),
+            &h.settings.fenergo.tenant_id,
+        )
+        .unwrap(),
+    );
     let reconciler = Reconciler::new(client, store, 2);
     let absent = || -> Vec<String> {
         let conn = h.reporting();
@@ -374,7 +379,7 @@ async fn the_reconciliation_schedule_survives_a_restart_instead_of_starting_a_pa
     let start = || {
         let metrics = Arc::new(Metrics::new());
         let client = Arc::new(FenergoClient::new(&h.settings.fenergo, metrics).unwrap());
-        let store = Arc::new(ReportingStore::open(&path).unwrap());
+        let store = Arc::new(SqliteStore::open(&path, &h.settings.fenergo.tenant_id).unwrap());
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(Reconciler::new(client, store, 100).run_on_schedule(
             Duration::from_secs(24 * 60 * 60),

@@ -8,13 +8,14 @@
 //! through a plain chmod); where the machine does not allow that, they say so and skip.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use fenx_sync::sim::Simulator;
+use fenx_sim::Simulator;
+use fenx_sim::testkit::service::{AfterStart, Service, serve_command};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{SECRET, TestApp, eventually, notification, sign};
@@ -423,7 +424,11 @@ async fn finished_rows_past_retention_are_pruned_and_dead_and_pending_rows_stay(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_worker_stops_the_process_non_zero_after_draining() {
     let store = tempfile::tempdir().unwrap();
-    let (mut child, addr, log) = start_binary(
+    let Service {
+        mut child,
+        addr,
+        log,
+    } = start_binary(
         store.path(),
         &[
             ("FENX_FENERGO__API_BASE", "http://127.0.0.1:9"),
@@ -475,7 +480,7 @@ async fn a_panicking_worker_stops_the_process_non_zero_after_draining() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_outbox_stops_the_process_instead_of_acknowledging_into_a_lost_file() {
     let store = tempfile::tempdir().unwrap();
-    let (mut child, _addr, log) =
+    let Service { mut child, log, .. } =
         start_binary(store.path(), &[("FENX_STORE__PROBE_INTERVAL", "100ms")]);
     for suffix in ["", "-wal", "-shm"] {
         std::fs::remove_file(store.path().join(format!("outbox.db{suffix}"))).unwrap();
@@ -490,33 +495,12 @@ async fn a_deleted_outbox_stops_the_process_instead_of_acknowledging_into_a_lost
     );
 }
 
-type Log = Arc<Mutex<Vec<String>>>;
-
 /// `fenx-sync serve` on 127.0.0.1:0 (both listeners) with JSON logs and `env` added; returns
 /// it with its webhook address and the log lines it writes.
-fn start_binary(
-    store: &std::path::Path,
-    env: &[(&str, &str)],
-) -> (std::process::Child, std::net::SocketAddr, Log) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_fenx-sync"));
-    command
-        .arg("serve")
-        .current_dir(store)
-        .env_remove("FENX_CONFIG")
-        .env_remove("RUST_LOG")
-        .env("FENX_SERVER__LISTEN", "127.0.0.1:0")
-        .env("FENX_ADMIN__LISTEN", "127.0.0.1:0")
-        .env("FENX_WEBHOOK__SECRETS", SECRET)
-        .env("FENX_STORE__DIR", store)
-        .env("FENX_LOG__FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    let mut child = command.spawn().unwrap();
-    let (addr, log) = read_address_then_keep_logging(child.stderr.take().unwrap());
-    (child, addr, log)
+fn start_binary(store: &Path, env: &[(&str, &str)]) -> Service {
+    let mut command = serve_command(Path::new(env!("CARGO_BIN_EXE_fenx-sync")), store, SECRET);
+    command.envs(env.iter().copied());
+    Service::spawn(command, AfterStart::Keep)
 }
 
 /// Waits (bounded: 10 s) for the child to exit.
@@ -529,31 +513,4 @@ async fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus 
     }
     let _ = child.kill();
     panic!("the process did not exit within 10 s");
-}
-
-/// Reads the child's JSON log until it names the webhook address, then keeps collecting lines.
-fn read_address_then_keep_logging(
-    stderr: std::process::ChildStderr,
-) -> (std::net::SocketAddr, Log) {
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("fenx-sync exited before logging its address")
-            .unwrap();
-        if let Some(listen) = serde_json::from_str::<serde_json::Value>(&line)
-            .ok()
-            .and_then(|event| event["listen"].as_str().map(str::to_owned))
-        {
-            break listen.parse().unwrap();
-        }
-    };
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    (addr, log)
 }

@@ -391,16 +391,25 @@ async fn slow_clients_are_cut_off() {
 async fn shutdown_finishes_requests_in_flight_and_their_commits() {
     let app = TestApp::spawn().await;
     let body = notification("in-flight", "entitydata:created");
-    let mut stream = start_signed_post(&app, &body, 20).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let signature = sign(SECRET, "sha256-hex/hex", &body);
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    // With `expect: 100-continue` the server says when its handler starts reading the body:
+    // from then on the request is in flight, whatever the machine's speed.
+    let head = format!(
+        "POST /webhooks/fenergo HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\nx-fenx-signature: {signature}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let interim = read_answer(&mut stream).await;
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    stream.write_all(&body.as_bytes()[..20]).await.unwrap();
 
     let addr = app.addr;
     let stopping = tokio::spawn(app.stop());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        TcpStream::connect(addr).await.is_err(),
-        "still accepting after shutdown began"
-    );
+    eventually("the listener closing once shutdown began", || async {
+        TcpStream::connect(addr).await.is_err().then_some(())
+    })
+    .await;
 
     stream.write_all(&body.as_bytes()[20..]).await.unwrap();
     let answer = read_answer(&mut stream).await;

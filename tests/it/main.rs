@@ -11,5 +11,6 @@ mod hostile;
 mod ingest;
 mod platform;
 mod polling;
+mod simulator;
 mod sync;
 mod systemd;

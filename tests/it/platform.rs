@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use fenx_sync::sim::Simulator;
+use fenx_sim::Simulator;
 
 use crate::helpers::{TestApp, entity_rows, notification, wait_for};
 use crate::sync::{sim_config, sync_settings};

@@ -4,13 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use fenx_sim::{PollingKnobs, SimConfig, Simulator};
 use fenx_sync::config::Settings;
 use fenx_sync::fenergo::FenergoClient;
 use fenx_sync::outbox::{Outbox, OutboxOptions};
 use fenx_sync::poller::{Polled, Poller};
 use fenx_sync::reconcile::Reconciler;
-use fenx_sync::sim::{PollingKnobs, SimConfig, Simulator};
-use fenx_sync::store::{ReportingStore, RunKind};
+use fenx_sync::store::{RunKind, SqliteStore};
 use fenx_sync::telemetry::Metrics;
 use rusqlite::Connection;
 
@@ -90,7 +90,6 @@ async fn a_crash_between_storing_and_acknowledging_redelivers_without_doubling()
     let sim = Simulator::start(sim_config(None)).await;
     sim.set_polling(PollingKnobs {
         batch_size: 10,
-        visibility_timeout: Duration::from_millis(200),
         ..PollingKnobs::default()
     });
     let entities: Vec<String> = (0..5).map(|i| sim.sample_entity(i).0).collect();
@@ -118,7 +117,7 @@ async fn a_crash_between_storing_and_acknowledging_redelivers_without_doubling()
         "the batch is in flight"
     );
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    sim.expire_batches();
     match poller.poll_once("all").await.unwrap() {
         Polled::Batch {
             stored,
@@ -172,7 +171,13 @@ async fn a_backfill_resumes_after_an_interruption_and_reads_each_page_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = test_settings(dir.path());
     sync_settings(&mut settings, &sim);
-    let store = Arc::new(ReportingStore::open(&settings.store.reporting_path()).unwrap());
+    let store = Arc::new(
+        SqliteStore::open(
+            &settings.store.reporting_path(),
+            &settings.fenergo.tenant_id,
+        )
+        .unwrap(),
+    );
     let reconciler = Arc::new(Reconciler::new(client(&settings), store.clone(), 100));
 
     // Interrupted after five pages, as if the process were killed.
@@ -229,7 +234,13 @@ async fn reconciliation_repairs_missing_and_behind_entities_within_the_rate_limi
     // A little under the tenant's limit: network jitter can bunch two calls at the server.
     settings.fenergo.requests_per_second = 19;
     settings.fenergo.max_concurrent_requests = 10;
-    let store = Arc::new(ReportingStore::open(&settings.store.reporting_path()).unwrap());
+    let store = Arc::new(
+        SqliteStore::open(
+            &settings.store.reporting_path(),
+            &settings.fenergo.tenant_id,
+        )
+        .unwrap(),
+    );
     let reconciler = Reconciler::new(client(&settings), store, 25);
     let first = reconciler
         .run(RunKind::Backfill, false, |_| {})

@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use fenx_sim::{Faults, Lag, SimConfig, Simulator};
 use fenx_sync::config::Settings;
 use fenx_sync::fenergo::FenergoClient;
-use fenx_sync::sim::{Faults, Lag, SimConfig, Simulator};
 use fenx_sync::telemetry::Metrics;
 use fenx_sync::worker::{Step, SyncWorker};
 use rusqlite::Connection;
@@ -81,7 +81,28 @@ impl Harness {
     }
 
     pub async fn deliver(&self, event_type: &str, entity_id: &str) -> String {
-        let body = self.sim.notification(event_type, entity_id);
+        self.deliver_body(self.sim.notification(event_type, entity_id))
+            .await
+    }
+
+    /// Delivers a notification whose `When` is a millisecond after our last write of
+    /// `entity_id` (its `synced_at`): an event we have not seen yet, whatever the clock's
+    /// resolution, so a read that is not newer is stale.
+    pub async fn deliver_after_last_write(&self, event_type: &str, entity_id: &str) -> String {
+        let synced_at: String = self
+            .reporting()
+            .query_row(
+                "SELECT synced_at FROM entity WHERE entity_id = ?1",
+                [entity_id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let when = fenx_sync::time::parse(&synced_at).unwrap() + chrono::Duration::milliseconds(1);
+        self.deliver_body(self.sim.notification_at(event_type, entity_id, when))
+            .await
+    }
+
+    async fn deliver_body(&self, body: String) -> String {
         let response = self.app.post_signed(&body).await;
         assert_eq!(response.status(), 200);
         body
@@ -172,7 +193,18 @@ pub fn new_worker(settings: &Settings) -> SyncWorker {
 pub fn new_worker_with_metrics(settings: &Settings) -> (SyncWorker, std::sync::Arc<Metrics>) {
     let metrics = std::sync::Arc::new(Metrics::new());
     let client = FenergoClient::new(&settings.fenergo, metrics.clone()).unwrap();
-    let worker = SyncWorker::new(settings, std::sync::Arc::new(client), metrics.clone()).unwrap();
+    let store = fenx_sync::store::SqliteStore::open(
+        &settings.store.reporting_path(),
+        &settings.fenergo.tenant_id,
+    )
+    .unwrap();
+    let worker = SyncWorker::new(
+        settings,
+        std::sync::Arc::new(store),
+        std::sync::Arc::new(client),
+        metrics.clone(),
+    )
+    .unwrap();
     (worker, metrics)
 }
 
@@ -289,8 +321,8 @@ async fn a_stale_read_is_refetched_and_the_newer_version_wins() {
         "Company",
         serde_json::json!({"legalEntityName": {"type": "Single", "value": "Renamed Ltd"}}),
     );
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    h.deliver("entitydata:draftverified", &entity).await;
+    h.deliver_after_last_write("entitydata:draftverified", &entity)
+        .await;
     h.drain().await;
     assert_eq!(
         h.stored_version(&entity),
@@ -312,8 +344,8 @@ async fn a_read_that_stays_stale_is_accepted_after_the_retries() {
     h.worker.confirm_due_at(later(31)).await.unwrap();
     h.sim.set_lag(Lag::Reads(100));
     h.sim.put_entity(&entity, "Company", serde_json::json!({}));
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    h.deliver("entitydata:draftverified", &entity).await;
+    h.deliver_after_last_write("entitydata:draftverified", &entity)
+        .await;
     for step in 0..4 {
         h.drain_at(later(10 * step)).await;
     }
@@ -329,9 +361,11 @@ async fn a_read_that_stays_stale_is_accepted_after_the_retries() {
 async fn out_of_order_events_never_regress_the_store() {
     let h = Harness::start(|_| {}).await;
     let (entity, _) = h.sim.sample_entity(6);
-    let older = h.sim.notification("entitydata:created", &entity);
+    let an_hour_ago = Utc::now() - chrono::Duration::hours(1);
+    let older = h
+        .sim
+        .notification_at("entitydata:created", &entity, an_hour_ago);
     let v2 = h.sim.put_entity(&entity, "Company", serde_json::json!({}));
-    tokio::time::sleep(Duration::from_millis(5)).await;
     h.deliver("entitydata:draftverified", &entity).await;
     h.drain().await;
     assert_eq!(h.stored_version(&entity), Some(v2));

@@ -10,7 +10,7 @@
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 
-use super::Failure;
+use super::{Failure, ms};
 use crate::store::{
     ConfirmationBacklog, EntitySnapshot, PendingConfirmation, ReadFollowUp, SyncCause,
 };
@@ -54,13 +54,13 @@ pub(super) async fn follow_up(
                 &[
                     &tenant,
                     &entity.entity_id,
-                    due_at,
+                    &ms(*due_at),
                     &entity.version,
                     &cause.notification_id,
                     &cause.event_type,
-                    &cause.event_when,
-                    received_at,
-                    read_at,
+                    &cause.event_when.map(ms),
+                    &ms(*received_at),
+                    &ms(*read_at),
                 ],
             )
             .await?;
@@ -72,7 +72,7 @@ pub(super) async fn follow_up(
                       WHERE tenant_id = $1 AND entity_id = $2 AND due_at <= $3",
                 )
                 .await?;
-            tx.execute(&delete, &[&tenant, &entity.entity_id, at])
+            tx.execute(&delete, &[&tenant, &entity.entity_id, &ms(*at)])
                 .await?;
             mark_confirmed(tx, tenant, &[entity.entity_id.as_str()], *at).await?;
         }
@@ -113,12 +113,12 @@ pub(super) async fn defer(
             &[
                 &tenant,
                 &d.entity_id,
-                &d.read_after,
-                &d.due_at,
+                &ms(d.read_after),
+                &ms(d.due_at),
                 &d.cause.notification_id,
                 &d.cause.event_type,
-                &d.cause.event_when,
-                &d.received_at,
+                &d.cause.event_when.map(ms),
+                &ms(d.received_at),
             ],
         )
         .await?;
@@ -141,7 +141,7 @@ pub(super) async fn due(
         )
         .await?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let rows = client.query(&select, &[&tenant, &now, &limit]).await?;
+    let rows = client.query(&select, &[&tenant, &ms(now), &limit]).await?;
     Ok(rows
         .iter()
         .map(|r| PendingConfirmation {
@@ -170,7 +170,7 @@ pub(super) async fn backlog(
               WHERE tenant_id = $1 AND due_at <= $2",
         )
         .await?;
-    let row = client.query_one(&select, &[&tenant, &now]).await?;
+    let row = client.query_one(&select, &[&tenant, &ms(now)]).await?;
     Ok(ConfirmationBacklog {
         due: row.get(0),
         oldest_due: row.get(1),
@@ -210,7 +210,7 @@ pub(super) async fn mark_confirmed(
         )
         .await?;
     client
-        .execute(&update, &[&tenant, &entity_ids, &at])
+        .execute(&update, &[&tenant, &entity_ids, &ms(at)])
         .await?;
     Ok(())
 }
@@ -231,7 +231,7 @@ pub(super) async fn postpone(
     client
         .execute(
             &update,
-            &[&tenant, &pending.entity_id, &pending.due_at, &retry_at],
+            &[&tenant, &pending.entity_id, &pending.due_at, &ms(retry_at)],
         )
         .await?;
     Ok(())

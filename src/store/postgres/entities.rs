@@ -163,7 +163,10 @@ async fn write_round(
         .collect();
     let versions: Vec<i64> = items.iter().map(|p| entity(p).version).collect();
     let statuses: Vec<Option<&str>> = items.iter().map(|p| entity(p).status.as_deref()).collect();
-    let created: Vec<Option<DateTime<Utc>>> = items.iter().map(|p| entity(p).created).collect();
+    let created: Vec<Option<DateTime<Utc>>> = items
+        .iter()
+        .map(|p| entity(p).created.map(super::ms))
+        .collect();
     let json: Vec<&Value> = items.iter().map(|p| &entity(p).json).collect();
     let notifications: Vec<&str> = items
         .iter()
@@ -173,7 +176,10 @@ async fn write_round(
         .iter()
         .map(|p| cause(p).event_type.as_deref())
         .collect();
-    let whens: Vec<Option<DateTime<Utc>>> = items.iter().map(|p| cause(p).event_when).collect();
+    let whens: Vec<Option<DateTime<Utc>>> = items
+        .iter()
+        .map(|p| cause(p).event_when.map(super::ms))
+        .collect();
     let upsert = tx.prepare_cached(UPSERT).await?;
     let rows = tx
         .query(

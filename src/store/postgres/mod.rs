@@ -14,7 +14,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use deadpool_postgres::{Client, Pool, PoolError};
 
 mod confirmations;
@@ -80,6 +80,17 @@ impl From<tokio_postgres::Error> for Failure {
     fn from(error: tokio_postgres::Error) -> Failure {
         Failure::Query(error)
     }
+}
+
+/// `t` to the millisecond, as the SQLite store keeps times (`time::format`), so both stores
+/// return the same instants.
+pub(super) fn ms(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.duration_trunc(TimeDelta::milliseconds(1)).unwrap_or(t)
+}
+
+/// The current time, to the millisecond.
+fn now() -> DateTime<Utc> {
+    ms(Utc::now())
 }
 
 /// The error and every cause below it, on one line.
@@ -178,7 +189,7 @@ impl PostgresStore {
         self.run(action, async {
             let mut client = self.client().await?;
             let tx = client.transaction().await?;
-            let outcomes = entities::write(&tx, &self.tenant, &prepared, Utc::now()).await?;
+            let outcomes = entities::write(&tx, &self.tenant, &prepared, now()).await?;
             match after {
                 After::Nothing => {}
                 After::Read(entity, cause, follow_up) => {
@@ -283,7 +294,7 @@ impl ReportingStore for PostgresStore {
             || format!("log {} processed notifications", records.len()),
             async {
                 let client = self.client().await?;
-                records::log_processed(&client, &self.tenant, records, Utc::now()).await
+                records::log_processed(&client, &self.tenant, records, now()).await
             },
         )
         .await
@@ -423,6 +434,17 @@ impl ReportingStore for PostgresStore {
         .await
     }
 
+    async fn state_of_every_tenant(
+        &self,
+        key: StateKey,
+    ) -> Result<Vec<(String, StateEntry)>, StoreError> {
+        self.run(|| format!("read {} of every tenant", key.as_str()), async {
+            let client = self.client().await?;
+            records::state_of_every_tenant(&client, key).await
+        })
+        .await
+    }
+
     async fn running_reconcile(&self, kind: RunKind) -> Result<Option<ReconcileRun>, StoreError> {
         self.run(
             || format!("read the running {} run", kind.as_str()),
@@ -437,7 +459,7 @@ impl ReportingStore for PostgresStore {
     async fn start_reconcile(&self, kind: RunKind) -> Result<ReconcileRun, StoreError> {
         self.run(|| format!("start a {} run", kind.as_str()), async {
             let mut client = self.client().await?;
-            records::start_run(&mut client, &self.tenant, kind, Utc::now()).await
+            records::start_run(&mut client, &self.tenant, kind, now()).await
         })
         .await
     }
@@ -445,7 +467,7 @@ impl ReportingStore for PostgresStore {
     async fn save_reconcile(&self, run: &ReconcileRun, finished: bool) -> Result<(), StoreError> {
         self.run(|| format!("save run {}", run.run_id), async {
             let client = self.client().await?;
-            records::save_run(&client, &self.tenant, run, finished, Utc::now()).await
+            records::save_run(&client, &self.tenant, run, finished, now()).await
         })
         .await
     }
@@ -466,7 +488,7 @@ impl ReportingStore for PostgresStore {
             || format!("mark entities run {run_id} did not list"),
             async {
                 let client = self.client().await?;
-                records::mark_absent(&client, &self.tenant, run_id, Utc::now()).await
+                records::mark_absent(&client, &self.tenant, run_id, now()).await
             },
         )
         .await

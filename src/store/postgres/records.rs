@@ -9,7 +9,7 @@
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Client, GenericClient};
 
-use super::{Failure, PgError};
+use super::{Failure, PgError, ms};
 use crate::store::{
     ProcessedNotification, ReconcileRun, RunCounts, RunKind, StateEntry, StateKey, StoreStats,
 };
@@ -34,8 +34,8 @@ pub(super) async fn log_processed(
     let outcomes = column(|r| Some(r.outcome.as_str()));
     let details = column(|r| r.detail.as_deref());
     let attempts: Vec<i64> = order.iter().map(|r| r.attempts).collect();
-    let received: Vec<DateTime<Utc>> = order.iter().map(|r| r.received_at).collect();
-    let whens: Vec<Option<DateTime<Utc>>> = order.iter().map(|r| r.event_when).collect();
+    let received: Vec<DateTime<Utc>> = order.iter().map(|r| ms(r.received_at)).collect();
+    let whens: Vec<Option<DateTime<Utc>>> = order.iter().map(|r| r.event_when.map(ms)).collect();
     let insert = client
         .prepare_cached(
             "INSERT INTO sync_log (tenant_id, notification_id, event_type, entity_id, outcome,
@@ -90,7 +90,7 @@ pub(super) async fn put_state(
     client
         .execute(
             &upsert,
-            &[&tenant, &key.as_str(), &value, &since, &Utc::now()],
+            &[&tenant, &key.as_str(), &value, &ms(since), &ms(Utc::now())],
         )
         .await?;
     Ok(())
@@ -121,6 +121,29 @@ pub(super) async fn state(
         value: r.get(0),
         since: r.get(1),
     }))
+}
+
+/// `key` for every tenant, by tenant id.
+pub(super) async fn state_of_every_tenant(
+    client: &impl GenericClient,
+    key: StateKey,
+) -> Result<Vec<(String, StateEntry)>, Failure> {
+    let select = client
+        .prepare_cached(
+            "SELECT tenant_id, value, since FROM sync_state WHERE key = $1 ORDER BY tenant_id",
+        )
+        .await?;
+    let rows = client.query(&select, &[&key.as_str()]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let entry = StateEntry {
+                value: r.get(1),
+                since: r.get(2),
+            };
+            (r.get(0), entry)
+        })
+        .collect())
 }
 
 pub(super) async fn running_run(
@@ -197,7 +220,7 @@ pub(super) async fn save_run(
             "UPDATE reconcile_run SET cursor = $3, total_items = $4, seen = $5, added = $6,
                     updated = $7, unchanged = $8, updated_at = $9,
                     status = CASE WHEN $10 THEN 'finished' ELSE 'running' END,
-                    finished_at = CASE WHEN $10 THEN $9 END
+                    finished_at = CASE WHEN $10 THEN $9::timestamptz END
               WHERE tenant_id = $1 AND run_id = $2",
         )
         .await?;

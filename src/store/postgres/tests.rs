@@ -8,12 +8,12 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use tokio_postgres::NoTls;
 
 use super::*;
 use crate::config::DatabaseUrl;
+use crate::store::suite::{Dialect, TestDb, store_suite};
 
 const URL_VAR: &str = "FENX_TEST_POSTGRES_URL";
 
@@ -103,6 +103,23 @@ impl Schema {
     }
 }
 
+#[async_trait]
+impl TestDb for Schema {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
+    async fn open(&self, tenant: &str) -> Arc<dyn ReportingStore> {
+        Arc::new(Schema::open(self, tenant).await)
+    }
+
+    async fn rows(&self, sql: &str) -> Vec<String> {
+        Schema::rows(self, sql).await
+    }
+}
+
+store_suite!(Schema::fresh("store suite"));
+
 fn entity(id: &str, version: i64, properties: Value) -> EntitySnapshot {
     EntitySnapshot {
         entity_id: id.into(),
@@ -134,72 +151,6 @@ fn company(name: &str) -> Value {
         "dateOfBirth": {"type": "Single", "value": "1980-03-04T00:00:00Z"},
         "listed": {"type": "Single", "value": "True"},
     })
-}
-
-fn at(text: &str) -> DateTime<Utc> {
-    crate::time::parse(text).unwrap()
-}
-
-#[tokio::test]
-async fn upserts_are_monotonic_and_values_typed() {
-    let Some(schema) = Schema::fresh("upserts_are_monotonic_and_values_typed").await else {
-        return;
-    };
-    let store = schema.open("t1").await;
-    let v2 = entity("e-1", 2, company("Acme"));
-    assert_eq!(
-        store.upsert_entity(&v2, &cause("n-1")).await.unwrap(),
-        UpsertOutcome::Inserted
-    );
-    let v1 = entity("e-1", 1, company("Old"));
-    assert_eq!(
-        store.upsert_entity(&v1, &cause("n-0")).await.unwrap(),
-        UpsertOutcome::Older { stored_version: 2 }
-    );
-    assert_eq!(
-        store.upsert_entity(&v2, &cause("n-2")).await.unwrap(),
-        UpsertOutcome::Unchanged
-    );
-    let v3 = entity("e-1", 3, company("Acme Ltd"));
-    assert_eq!(
-        store.upsert_entity(&v3, &cause("n-3")).await.unwrap(),
-        UpsertOutcome::Updated {
-            previous_version: 2
-        }
-    );
-    assert_eq!(
-        schema
-            .rows(
-                "SELECT name, value, value_number, value_bool, value_date FROM entity_property
-                  ORDER BY name"
-            )
-            .await,
-        [
-            "dateOfBirth|1980-03-04T00:00:00Z|NULL|NULL|1980-03-04",
-            "employees|42|42|NULL|NULL",
-            "legalEntityName|Acme Ltd|NULL|NULL|NULL",
-            "listed|True|NULL|t|NULL",
-        ]
-    );
-    assert_eq!(
-        schema
-            .rows(
-                "SELECT tenant_id, name, date_of_birth, risk_category, last_event_when
-                   FROM current_entity"
-            )
-            .await,
-        ["t1|Acme Ltd|1980-03-04|High|2024-01-01 10:00:00+00"]
-    );
-    assert_eq!(
-        schema
-            .rows("SELECT version, notification_id FROM entity_version ORDER BY version")
-            .await,
-        ["2|n-1", "3|n-3"]
-    );
-    let state = store.stored_state("e-1").await.unwrap().unwrap();
-    assert_eq!(state.version, 3);
-    assert_eq!(state.last_event_when, Some(at("2024-01-01T10:00:00Z")));
-    schema.drop().await;
 }
 
 #[tokio::test]
@@ -392,130 +343,6 @@ async fn two_instances_writing_the_same_entities_never_regress_nor_repeat_histor
             .rows("SELECT count(DISTINCT entity_id) FROM entity_property")
             .await,
         [ENTITIES.to_string()]
-    );
-    schema.drop().await;
-}
-
-#[tokio::test]
-async fn tenants_sharing_a_database_never_see_each_other() {
-    let Some(schema) = Schema::fresh("tenants_sharing_a_database").await else {
-        return;
-    };
-    let one = schema.open("tenant-1").await;
-    let two = schema.open("tenant-2").await;
-    one.upsert_entity(&entity("e-1", 5, company("One")), &cause("n-1"))
-        .await
-        .unwrap();
-    assert_eq!(
-        two.upsert_entity(&entity("e-1", 1, company("Two")), &cause("n-1"))
-            .await
-            .unwrap(),
-        UpsertOutcome::Inserted
-    );
-    assert_eq!(two.stored_state("e-1").await.unwrap().unwrap().version, 1);
-    one.put_state(
-        StateKey::CredentialsRefused,
-        "401",
-        at("2024-01-01T00:00:00Z"),
-    )
-    .await
-    .unwrap();
-    assert_eq!(two.state(StateKey::CredentialsRefused).await.unwrap(), None);
-    // Tenant 2's run lists nothing: only its own entity is absent.
-    let run = two.start_reconcile(RunKind::Reconcile).await.unwrap();
-    assert_eq!(two.mark_absent(run.run_id).await.unwrap(), 1);
-    assert_eq!(
-        one.running_reconcile(RunKind::Reconcile).await.unwrap(),
-        None
-    );
-    assert_eq!(
-        schema
-            .rows(
-                "SELECT tenant_id, version, absent_since IS NULL, value FROM entity
-                   JOIN entity_property USING (tenant_id, entity_id)
-                  WHERE name = 'legalEntityName' ORDER BY tenant_id"
-            )
-            .await,
-        ["tenant-1|5|t|One", "tenant-2|1|f|Two"]
-    );
-    assert_eq!(
-        (
-            one.stats().await.unwrap().entities,
-            two.stats().await.unwrap().entities
-        ),
-        (1, 1)
-    );
-    schema.drop().await;
-}
-
-#[tokio::test]
-async fn confirmations_follow_reads_and_close_when_made() {
-    let Some(schema) = Schema::fresh("confirmations_follow_reads").await else {
-        return;
-    };
-    let store = schema.open("t1").await;
-    let read = entity("e-1", 1, company("A"));
-    let follow_up = ReadFollowUp::Confirm {
-        due_at: at("2024-01-01T10:05:00Z"),
-        received_at: at("2024-01-01T10:00:00Z"),
-        read_at: at("2024-01-01T10:00:01Z"),
-    };
-    store
-        .store_read(&read, &cause("n-1"), Some(&follow_up))
-        .await
-        .unwrap();
-    assert!(
-        store
-            .defer_to_confirmation(
-                "e-1",
-                at("2024-01-01T10:00:00Z"),
-                at("2024-01-01T10:06:00Z"),
-                &cause("n-2"),
-                at("2024-01-01T10:01:00Z"),
-            )
-            .await
-            .unwrap()
-    );
-    assert!(
-        store
-            .due_confirmations(at("2024-01-01T10:05:30Z"), 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    let due = store
-        .due_confirmations(at("2024-01-01T10:07:00Z"), 10)
-        .await
-        .unwrap();
-    assert_eq!(due.len(), 1);
-    assert_eq!(due[0].cause.notification_id, "n-2");
-    let backlog = store
-        .confirmation_backlog(at("2024-01-01T10:07:00Z"))
-        .await
-        .unwrap();
-    assert_eq!(
-        (backlog.due, backlog.oldest_due),
-        (1, Some(at("2024-01-01T10:06:00Z")))
-    );
-    let outcomes = store
-        .confirm(
-            &[(due[0].clone(), entity("e-1", 2, company("B")))],
-            at("2024-01-01T10:07:00Z"),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        outcomes,
-        [UpsertOutcome::Updated {
-            previous_version: 1
-        }]
-    );
-    assert_eq!(store.pending_confirmations().await.unwrap(), 0);
-    assert_eq!(
-        schema
-            .rows("SELECT last_notification_id, confirmed_at IS NOT NULL FROM entity")
-            .await,
-        ["n-2|t"]
     );
     schema.drop().await;
 }

@@ -27,7 +27,7 @@ use super::{
     ReconcileRun, ReportingStore, RunKind, StateEntry, StateKey, StoreCheck, StoreError,
     StoreStats, StoredState, SyncCause, UpsertOutcome,
 };
-use crate::sqlite::{self, Durability, FileIdentity};
+use crate::sqlite::{self, Durability, FileIdentity, PageSize};
 
 const SECTION: &str = "reporting";
 
@@ -152,7 +152,7 @@ fn open_file(path: &Path, tenant: &str) -> Result<(Connection, Option<FileIdenti
             source,
         })?;
     }
-    let mut conn = sqlite::open(path, Durability::Normal, BUSY_TIMEOUT)?;
+    let mut conn = sqlite::open(path, Durability::Normal, PageSize::Large, BUSY_TIMEOUT)?;
     // Upgrade 3 files an older file's rows under the configured tenant.
     conn.execute(
         "CREATE TEMP TABLE IF NOT EXISTS migration_tenant (tenant_id TEXT NOT NULL)",
@@ -295,6 +295,13 @@ impl ReportingStore for SqliteStore {
 
     async fn state(&self, key: StateKey) -> Result<Option<StateEntry>, StoreError> {
         self.blocking(move |s| s.state(key)).await
+    }
+
+    async fn state_of_every_tenant(
+        &self,
+        key: StateKey,
+    ) -> Result<Vec<(String, StateEntry)>, StoreError> {
+        self.blocking(move |s| s.state_of_every_tenant(key)).await
     }
 
     async fn running_reconcile(&self, kind: RunKind) -> Result<Option<ReconcileRun>, StoreError> {

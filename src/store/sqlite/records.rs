@@ -221,6 +221,29 @@ impl Inner {
             .map_err(|source| self.error(format!("clear {}", key.as_str()), source))
     }
 
+    pub(super) fn state_of_every_tenant(
+        &self,
+        key: StateKey,
+    ) -> Result<Vec<(String, StateEntry)>, StoreError> {
+        let conn = self.lock();
+        let read = || -> rusqlite::Result<Vec<(String, StateEntry)>> {
+            conn.prepare_cached(
+                "SELECT tenant_id, value, since FROM sync_state WHERE key = ?1 ORDER BY tenant_id",
+            )?
+            .query_map([key.as_str()], |r| {
+                Ok((
+                    r.get(0)?,
+                    StateEntry {
+                        value: r.get(1)?,
+                        since: read_time(r.get(2)?),
+                    },
+                ))
+            })?
+            .collect()
+        };
+        read().map_err(|source| self.error(format!("read {}", key.as_str()), source))
+    }
+
     pub(super) fn state(&self, key: StateKey) -> Result<Option<StateEntry>, StoreError> {
         self.lock()
             .query_row(

@@ -7,7 +7,7 @@
 //! must never hold its lock across an `.await` or while doing I/O, and never panic on anything
 //! a request carries.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -18,13 +18,12 @@ use http::StatusCode;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::entities::{self, EntityJson, Notification, Snapshot};
+use super::entities::{self, Notification, Snapshot};
+use super::faults::{FaultState, Throttle, next_second};
 use super::feeds::{Feeds, Missing, Served};
+use super::lag::{Pending, Record};
+use super::stats::{CORRELATION_IDS_KEPT, SimStats};
 use super::{Faults, Lag, PollingKnobs, SimConfig, TokenRefusal};
-
-/// How many correlation ids the statistics keep (the most recent ones), so a long-running
-/// standalone simulator does not grow without bound.
-pub const CORRELATION_IDS_KEPT: usize = 10_000;
 
 /// Injected server errors cycle through these, so a client sees every 5xx Fenergo's gateway
 /// and services produce.
@@ -36,68 +35,6 @@ const SERVER_ERRORS: [StatusCode; 3] = [
 
 /// The scope a token carries when the request names none.
 const DEFAULT_SCOPE: &str = "fenx.all";
-
-/// What the simulator has seen, as of [`super::Simulator::stats`].
-#[derive(Debug, Clone, Default)]
-pub struct SimStats {
-    /// Every request to the token endpoint.
-    pub token_requests: u64,
-    pub tokens_issued: u64,
-    /// Token requests answered with an error (bad client, bad grant, or the refusal knob).
-    pub tokens_refused: u64,
-    /// Every request to the API (anything but the token endpoint), whatever its answer.
-    pub api_calls: u64,
-    /// Entity query answers by HTTP status.
-    pub entity_responses: BTreeMap<u16, u64>,
-    /// Entity query requests per requested entity id, whatever their answer.
-    pub fetches_by_entity: HashMap<String, u64>,
-    /// 429s served, forced or from the real limit.
-    pub rate_limited: u64,
-    /// 5xx served by the fault knobs.
-    pub server_errors: u64,
-    /// The most API requests in flight at once (429s included: it measures the client).
-    pub max_in_flight: u32,
-    /// The `x-correlation-id` of API requests, oldest first (the last
-    /// [`CORRELATION_IDS_KEPT`]).
-    pub correlation_ids: VecDeque<String>,
-    pub requests_missing_correlation_id: u64,
-    pub requests_missing_tenant: u64,
-    pub requests_wrong_tenant: u64,
-    /// `next` requests the polling API answered (past the gateway and the fault knobs),
-    /// whatever the answer.
-    pub polls: u64,
-    /// `next` answered 204.
-    pub empty_polls: u64,
-    /// Batches handed out, redeliveries included.
-    pub batches_served: u64,
-    pub batches_completed: u64,
-    /// Batches handed out again after their visibility timeout.
-    pub batches_redelivered: u64,
-    /// Notifications not yet completed (waiting or in flight) per feed, every feed listed.
-    pub feed_depth: BTreeMap<String, usize>,
-    /// Entity list pages served (200s).
-    pub list_pages: u64,
-    /// Bulk reads by id served (200s), and the ids they were asked for.
-    pub bulk_reads: u64,
-    pub bulk_read_ids: u64,
-}
-
-impl SimStats {
-    /// Entity query requests, whatever their answer.
-    pub fn entity_requests(&self) -> u64 {
-        self.entity_responses.values().sum()
-    }
-
-    /// Entity query answers with this status.
-    pub fn responses_with(&self, status: u16) -> u64 {
-        self.entity_responses.get(&status).copied().unwrap_or(0)
-    }
-
-    /// Entity query requests for this entity id.
-    pub fn fetches(&self, entity_id: &str) -> u64 {
-        self.fetches_by_entity.get(entity_id).copied().unwrap_or(0)
-    }
-}
 
 /// The headers of an API request that the simulator judges.
 #[derive(Debug, Default, Clone, Copy)]
@@ -128,13 +65,6 @@ pub(super) enum Refusal {
     MissingTenant,
     WrongTenant,
     Throttled(Throttle),
-}
-
-/// What a 429 tells the client.
-#[derive(Debug)]
-pub(super) struct Throttle {
-    pub reset: DateTime<Utc>,
-    pub retry_after: Option<Duration>,
 }
 
 /// One page of the entity list, as the lag lets it be seen.
@@ -191,122 +121,6 @@ struct Inner {
     in_flight: u32,
     feeds: Feeds,
     stats: SimStats,
-}
-
-/// One entity: its latest version, and what reads see while that version's lag lasts.
-struct Record {
-    version: i64,
-    created: DateTime<Utc>,
-    current: EntityJson,
-    /// The version readers saw before the pending update (`None`: the entity is new).
-    visible: Option<EntityJson>,
-    pending: Option<Pending>,
-}
-
-/// How long the latest update stays invisible.
-enum Pending {
-    Until(Instant),
-    Reads(u32),
-}
-
-impl Pending {
-    fn start(lag: Lag, now: Instant) -> Option<Pending> {
-        match lag {
-            Lag::For(duration) if !duration.is_zero() => Some(Pending::Until(now + duration)),
-            Lag::Reads(reads) if reads > 0 => Some(Pending::Reads(reads)),
-            _ => None,
-        }
-    }
-
-    fn active(&self, now: Instant) -> bool {
-        match *self {
-            Pending::Until(until) => now < until,
-            Pending::Reads(left) => left > 0,
-        }
-    }
-}
-
-impl Record {
-    /// Whether reads still see the version before the latest update (or nothing).
-    fn lagging(&self, now: Instant) -> bool {
-        self.pending.as_ref().is_some_and(|p| p.active(now))
-    }
-
-    /// What a read would get now, without counting as one.
-    fn peek(&self, now: Instant) -> Option<&EntityJson> {
-        if self.lagging(now) {
-            self.visible.as_ref()
-        } else {
-            Some(&self.current)
-        }
-    }
-
-    /// What a read gets now; a read while an update is pending uses up one lagging read.
-    fn read(&mut self, now: Instant) -> Option<EntityJson> {
-        let seen = self.peek(now).cloned();
-        if let Some(Pending::Reads(left)) = &mut self.pending {
-            *left = left.saturating_sub(1);
-        }
-        seen
-    }
-}
-
-/// The fault knobs plus the counters that make them deterministic.
-struct FaultState {
-    faults: Faults,
-    rate_limited_left: u32,
-    rate_limited_until: Option<DateTime<Utc>>,
-    server_errors_left: u32,
-    /// Entity-service requests since the knobs were set (for "every Nth").
-    served: u64,
-}
-
-impl FaultState {
-    fn new(faults: Faults) -> FaultState {
-        FaultState {
-            rate_limited_left: faults.rate_limited_requests,
-            rate_limited_until: faults
-                .rate_limited_for
-                .and_then(|d| chrono::Duration::from_std(d).ok())
-                .map(|d| Utc::now() + d),
-            server_errors_left: faults.server_errors,
-            served: 0,
-            faults,
-        }
-    }
-
-    /// A forced 429 for this request, if the knobs ask for one.
-    fn forced_throttle(&mut self, now: DateTime<Utc>) -> Option<Throttle> {
-        let retry_after = self.faults.retry_after;
-        let reset_after_retry = retry_after
-            .and_then(|d| chrono::Duration::from_std(d).ok())
-            .map(|d| now + d);
-        if self.rate_limited_left > 0 {
-            self.rate_limited_left -= 1;
-            return Some(Throttle {
-                reset: reset_after_retry.unwrap_or_else(|| next_second(now)),
-                retry_after,
-            });
-        }
-        match self.rate_limited_until {
-            Some(until) if now < until => Some(Throttle {
-                reset: reset_after_retry.unwrap_or(until),
-                retry_after,
-            }),
-            _ => None,
-        }
-    }
-
-    /// Whether this entity-service request fails on purpose.
-    fn server_error(&mut self) -> bool {
-        self.served += 1;
-        if self.server_errors_left > 0 {
-            self.server_errors_left -= 1;
-            return true;
-        }
-        let every = u64::from(self.faults.server_error_every);
-        every > 0 && self.served.is_multiple_of(every)
-    }
 }
 
 impl State {
@@ -577,15 +391,15 @@ impl State {
         self.lock().entities.get(id).map(|r| r.version)
     }
 
-    pub fn notification(&self, event_type: &str, entity_id: &str) -> String {
-        self.new_notification(&mut self.lock(), event_type, entity_id)
+    pub fn notification(&self, event_type: &str, entity_id: &str, when: DateTime<Utc>) -> String {
+        self.new_notification(&mut self.lock(), event_type, entity_id, when)
             .webhook_body()
     }
 
     /// Raises a notification on the polling feeds; returns its id.
     pub fn publish(&self, event_type: &str, entity_id: &str) -> String {
         let mut inner = self.lock();
-        let notification = self.new_notification(&mut inner, event_type, entity_id);
+        let notification = self.new_notification(&mut inner, event_type, entity_id, Utc::now());
         let id = notification.id.clone();
         inner.feeds.publish(notification);
         id
@@ -596,12 +410,14 @@ impl State {
         inner: &mut Inner,
         event_type: &str,
         entity_id: &str,
+        when: DateTime<Utc>,
     ) -> Notification {
         Notification::new(
             &mut inner.rng,
             &self.config.tenant_id,
             event_type,
             entity_id,
+            when,
         )
     }
 
@@ -626,6 +442,10 @@ impl State {
         inner.feeds.complete(feed_id, batch_id)?;
         inner.stats.batches_completed += 1;
         Ok(())
+    }
+
+    pub fn expire_batches(&self) {
+        self.lock().feeds.expire_in_flight(Instant::now());
     }
 
     pub fn set_polling(&self, knobs: PollingKnobs) {
@@ -701,17 +521,97 @@ fn judge_token_request(
     Ok(())
 }
 
-/// The start of the next UNIX second: when the real rate limit's window resets.
-fn next_second(now: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp(now.timestamp() + 1, 0).unwrap_or(now)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use chrono::DateTime;
     use serde_json::{Value, json};
 
-    use crate::sim::testkit::Api;
-    use crate::sim::{Faults, Lag, SimConfig, Simulator};
+    use super::{ApiHeaders, Refusal, State, TokenRequest};
+    use crate::testkit::Api;
+    use crate::{Faults, Lag, SimConfig, Simulator};
+
+    fn issue_token(state: &State) -> String {
+        let config = &state.config;
+        let request = TokenRequest {
+            grant_type: Some("client_credentials"),
+            client_id: Some(&config.client_id),
+            client_secret: Some(&config.client_secret),
+            scope: None,
+        };
+        state.issue_token(&request).unwrap().access_token
+    }
+
+    fn version_seen(state: &State, id: &str) -> Option<i64> {
+        let body = state.read_entity(id)?;
+        serde_json::from_slice::<Value>(&body).unwrap()["data"]["version"].as_i64()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_lives_exactly_its_ttl() {
+        let ttl = Duration::from_secs(900);
+        let state = State::new(SimConfig {
+            token_ttl: ttl,
+            ..SimConfig::default()
+        });
+        let token = issue_token(&state);
+        let headers = ApiHeaders {
+            bearer: Some(&token),
+            tenant: Some(&state.config.tenant_id),
+            correlation_id: None,
+        };
+        let live = |state: &State| {
+            let call = state.begin_call(&headers);
+            !matches!(state.gateway(&call, &headers), Err(Refusal::Unauthorized))
+        };
+        assert!(live(&state));
+        tokio::time::advance(ttl - Duration::from_millis(1)).await;
+        assert!(live(&state));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!live(&state), "expired by its TTL");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lag_in_time_hides_an_update_for_exactly_that_long() {
+        let lag = Duration::from_millis(150);
+        let state = State::new(SimConfig::default());
+        state.set_lag(Lag::For(lag));
+        let v1 = state.put_entity("e-1", "Company", &json!({}));
+        assert_eq!(version_seen(&state, "e-1"), None, "new, so missing");
+        tokio::time::advance(lag).await;
+        assert_eq!(version_seen(&state, "e-1"), Some(v1));
+        let v2 = state.put_entity("e-1", "Company", &json!({}));
+        tokio::time::advance(lag - Duration::from_millis(1)).await;
+        assert_eq!(version_seen(&state, "e-1"), Some(v1), "stale");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(version_seen(&state, "e-1"), Some(v2), "fresh");
+    }
+
+    #[test]
+    fn the_real_limits_count_requests_per_unix_second_and_in_flight() {
+        let state = State::new(SimConfig {
+            requests_per_second: Some(5),
+            max_concurrent: Some(2),
+            ..SimConfig::default()
+        });
+        let second = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let at = |ms: i64| second + chrono::Duration::milliseconds(ms);
+        let mut inner = state.lock();
+        let refused: Vec<bool> = (0..7)
+            .map(|i| inner.throttle(&state.config, 1, at(100 * i)).is_some())
+            .collect();
+        assert_eq!(refused, [false, false, false, false, false, true, true]);
+        let throttle = inner.throttle(&state.config, 1, at(900)).unwrap();
+        assert_eq!(throttle.reset, at(1000), "the next window");
+        assert_eq!(throttle.retry_after, None);
+        assert!(inner.throttle(&state.config, 1, at(1000)).is_none());
+        assert!(inner.throttle(&state.config, 2, at(1001)).is_none());
+        assert!(
+            inner.throttle(&state.config, 3, at(1002)).is_some(),
+            "3 in flight"
+        );
+    }
 
     fn page_request(size: Option<i64>, cursor: &Value) -> String {
         json!({ "data": {
@@ -823,7 +723,7 @@ mod tests {
         assert_eq!((first[0].0.as_str(), total), ("a", 3));
         let (_, _, cursor) = page(&api, 2, &cursor).await;
         assert!(cursor.is_null(), "nothing visible after c yet");
-        let after_c = json!(crate::sim::entities::cursor_after("c"));
+        let after_c = json!(crate::entities::cursor_after("c"));
         let (hidden, total, _) = page(&api, 10, &after_c).await;
         assert_eq!(
             (hidden, total),
@@ -867,7 +767,7 @@ mod tests {
             with_pager(json!({ "sortOrder": "desc" })),
             json!({ "data": { "searchAfter": "not a cursor!" } }).to_string(),
             json!({ "data": { "searchAfter": 7 } }).to_string(),
-            "x".repeat(crate::sim::routes::MAX_QUERY_BYTES + 1),
+            "x".repeat(crate::routes::MAX_QUERY_BYTES + 1),
         ] {
             let (status, answer) = api.entity_page(body.clone()).await;
             assert_eq!(status, 400, "{body:.80}");

@@ -4,20 +4,25 @@
 //! `SystemDisabled`.
 //!
 //! The schedule is the project's assumption: the contract (§2) found a back-off but not its
-//! timings or how many failures disable a webhook. This module must never alter a body after
-//! signing it (the signature covers the exact bytes) and never follow redirects (a 3xx is
-//! already a successful delivery).
+//! timings or how many failures disable a webhook. So is the signature: Fenergo documents an
+//! HMAC-SHA256 keyed by the SHA-256 of the secret; this stand-in keys it with that hash's
+//! lower-case hex and sends the digest as hex (fenx-sync's recipe `sha256-hex/hex`). This module
+//! must never alter a body after signing it (the signature covers the exact bytes) and never
+//! follow redirects (a 3xx is already a successful delivery).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use hmac::{Hmac, KeyInit, Mac};
 use http::header;
+use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::signature::{self, Recipe};
+/// The header Fenergo puts the signature in.
+pub const SIGNATURE_HEADER: &str = "x-fenx-signature";
 
 /// Minutes between a failed delivery and the next attempt; after the last, the webhook is
 /// disabled. Five attempts in all.
@@ -95,28 +100,32 @@ pub enum WebhookError {
     Client(#[from] reqwest::Error),
 }
 
-/// Sends webhooks to one endpoint with one secret and recipe. Cheap to clone.
+/// The `x-fenx-signature` value for `body`: hex HMAC-SHA256, keyed by the hex SHA-256 of
+/// `secret`.
+pub fn sign(secret: &str, body: &[u8]) -> String {
+    let key = hex::encode(Sha256::digest(secret.as_bytes()));
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC takes a key of any length");
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Sends webhooks to one endpoint with one secret. Cheap to clone.
 #[derive(Clone)]
 pub struct WebhookSender {
     http: reqwest::Client,
     url: reqwest::Url,
     secret: Arc<str>,
-    recipe: Recipe,
     timing: Redelivery,
 }
 
 impl WebhookSender {
-    pub fn new(
-        url: &str,
-        secret: &str,
-        recipe: Recipe,
-        timing: Redelivery,
-    ) -> Result<WebhookSender, WebhookError> {
+    pub fn new(url: &str, secret: &str, timing: Redelivery) -> Result<WebhookSender, WebhookError> {
         let url = reqwest::Url::parse(url).map_err(|e| WebhookError::Url {
             url: url.to_owned(),
             reason: e.to_string(),
         })?;
-        let http = crate::fenergo::client_builder()
+        let http = crate::client_builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(timing.timeout)
             .timeout(timing.timeout)
@@ -125,7 +134,6 @@ impl WebhookSender {
             http,
             url,
             secret: Arc::from(secret),
-            recipe,
             timing,
         })
     }
@@ -133,7 +141,7 @@ impl WebhookSender {
     /// Delivers one body, re-delivering on failure until it succeeds or the schedule ends.
     pub async fn deliver(&self, body: impl Into<Bytes>) -> DeliveryReport {
         let body = body.into();
-        let signature = self.recipe.sign(&self.secret, &body);
+        let signature = sign(&self.secret, &body);
         let started = Instant::now();
         let mut waits = REDELIVERY_MINUTES.iter();
         let mut attempts = Vec::new();
@@ -196,7 +204,7 @@ impl WebhookSender {
             .http
             .post(self.url.clone())
             .header(header::CONTENT_TYPE, "application/json")
-            .header(signature::HEADER, signature)
+            .header(SIGNATURE_HEADER, signature)
             .body(body.clone())
             .send()
             .await;
@@ -223,28 +231,41 @@ impl WebhookSender {
                     DeliveryItemStatus::Failed
                 },
                 http_status: None,
-                error: Some(crate::fenergo::describe_reqwest(&error)),
+                error: Some(describe(&error)),
                 after,
             },
         }
     }
 }
 
+/// A failed POST: what kind of failure, then its cause chain (`Connection refused`, …).
+fn describe(error: &reqwest::Error) -> String {
+    let kind = [
+        (error.is_connect(), "connection failed"),
+        (error.is_timeout(), "timed out"),
+    ]
+    .into_iter()
+    .find_map(|(applies, kind)| applies.then_some(kind))
+    .unwrap_or("request failed");
+    let causes = std::iter::successors(std::error::Error::source(error), |e| e.source());
+    std::iter::once(kind.to_owned())
+        .chain(causes.map(ToString::to_string))
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
-    use std::net::SocketAddr;
     use std::sync::Mutex;
 
     use http::{Request, Response, StatusCode};
     use http_body_util::{BodyExt, Full};
     use hyper::body::Incoming;
-    use secrecy::SecretString;
     use tokio::sync::oneshot;
 
     use super::*;
-    use crate::http::{ConnectionLimits, Routes, json_response, serve};
-    use crate::signature::{RecipeChoice, Verifier};
+    use crate::server::{self, Handler};
 
     const SECRET: &str = "webhook-secret";
     /// One Fenergo minute in these tests.
@@ -267,12 +288,8 @@ mod tests {
         content_type: Option<String>,
     }
 
-    impl Routes for Receiver {
-        async fn route(
-            self: Arc<Self>,
-            request: Request<Incoming>,
-            _peer: SocketAddr,
-        ) -> Response<Full<Bytes>> {
+    impl Handler for Receiver {
+        async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Full<Bytes>> {
             {
                 let mut in_flight = self.in_flight.lock().unwrap();
                 in_flight.0 += 1;
@@ -285,7 +302,7 @@ mod tests {
                     .get(name)
                     .map(|v: &http::HeaderValue| v.to_str().unwrap().to_owned())
             };
-            let (signature, content_type) = (header(signature::HEADER), header("content-type"));
+            let (signature, content_type) = (header(SIGNATURE_HEADER), header("content-type"));
             let body = request.into_body().collect().await.unwrap().to_bytes();
             tokio::time::sleep(self.delay).await;
             self.seen.lock().unwrap().push(Received {
@@ -296,7 +313,7 @@ mod tests {
             });
             let status = self.script.lock().unwrap().pop_front().unwrap_or(200);
             self.in_flight.lock().unwrap().0 -= 1;
-            json_response(StatusCode::from_u16(status).unwrap(), serde_json::json!({}))
+            server::json(StatusCode::from_u16(status).unwrap(), serde_json::json!({}))
         }
     }
 
@@ -315,12 +332,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/webhooks/fenergo", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let limits = ConnectionLimits {
-            max_connections: 64,
-            header_read_timeout: Duration::from_secs(5),
-            shutdown_grace: Duration::from_millis(100),
-        };
-        tokio::spawn(serve(listener, receiver.clone(), limits, async {
+        tokio::spawn(server::serve(listener, receiver.clone(), async {
             let _ = stopped.await;
         }));
         Endpoint {
@@ -331,11 +343,9 @@ mod tests {
     }
 
     fn sender(url: &str, timeout: Duration) -> WebhookSender {
-        let recipe: Recipe = "sha256-hex/hex".parse().unwrap();
         WebhookSender::new(
             url,
             SECRET,
-            recipe,
             Redelivery {
                 minute: MINUTE,
                 timeout,
@@ -357,12 +367,12 @@ mod tests {
         let seen = endpoint.receiver.seen.lock().unwrap();
         assert_eq!(seen[0].body, body.as_bytes());
         assert_eq!(seen[0].content_type.as_deref(), Some("application/json"));
-        let verifier = Verifier::new(&[SecretString::from(SECRET)], RecipeChoice::Auto);
-        let verified = verifier.verify(
-            seen[0].signature.as_deref().map(str::as_bytes),
-            &seen[0].body,
+        // Computed apart from this code (Python's hmac and hashlib), so a change of recipe
+        // shows here before fenx-sync's auto detection has to guess it.
+        assert_eq!(
+            seen[0].signature.as_deref(),
+            Some("986d3b1ac0613a1f48fafaf7a24d229c24d9df13debc78cb9a47c88f7aef723b")
         );
-        assert_eq!(verified.unwrap().recipe.to_string(), "sha256-hex/hex");
     }
 
     #[tokio::test]
@@ -433,12 +443,7 @@ mod tests {
             first.error
         );
 
-        let err = WebhookSender::new(
-            "not a url",
-            SECRET,
-            "secret/hex".parse().unwrap(),
-            Redelivery::default(),
-        );
+        let err = WebhookSender::new("not a url", SECRET, Redelivery::default());
         assert!(matches!(err, Err(WebhookError::Url { .. })));
     }
 

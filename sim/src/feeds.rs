@@ -172,6 +172,18 @@ impl Feeds {
         }
     }
 
+    /// Ends the visibility timeout of every batch in flight on every feed: the next `next`
+    /// serves them again, as if the timeout had passed by `now`.
+    pub fn expire_in_flight(&mut self, now: Instant) {
+        for batch in self
+            .feeds
+            .values_mut()
+            .flat_map(|f| f.in_flight.values_mut())
+        {
+            batch.expires = batch.expires.min(now);
+        }
+    }
+
     /// Notifications not yet completed (waiting or in flight), per feed.
     pub fn depth(&self) -> BTreeMap<String, usize> {
         self.feeds
@@ -191,8 +203,8 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::sim::testkit::Api;
-    use crate::sim::{Faults, SimConfig, Simulator};
+    use crate::testkit::Api;
+    use crate::{Faults, SimConfig, Simulator};
 
     const ENTITY_CREATED: &str = "entitydata:created";
 
@@ -322,10 +334,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_not_completed_in_time_is_redelivered_with_a_new_batch_id() {
-        let timeout = Duration::from_millis(200);
         let (sim, api) = started(PollingKnobs {
             batch_size: 2,
-            visibility_timeout: timeout,
             ..PollingKnobs::default()
         })
         .await;
@@ -333,7 +343,7 @@ mod tests {
         let first = take(&api, "all").await;
         let second = take(&api, "all").await;
         assert_eq!(api.next_batch("all").await.0, 204, "both in flight");
-        tokio::time::sleep(timeout + Duration::from_millis(50)).await;
+        sim.expire_batches();
 
         let again = take(&api, "all").await;
         assert_eq!(ids(&again), ids(&first), "the oldest batch first, whole");
@@ -351,7 +361,7 @@ mod tests {
         assert_eq!(api.complete("all", batch_id(&again)).await.0, 200);
         assert_eq!(api.complete("all", batch_id(&again_second)).await.0, 200);
         assert_eq!(api.complete("all", batch_id(&second)).await.0, 404);
-        tokio::time::sleep(timeout + Duration::from_millis(50)).await;
+        sim.expire_batches();
         assert_eq!(api.next_batch("all").await.0, 204, "completed is gone");
         let stats = sim.stats();
         assert_eq!((stats.batches_served, stats.batches_redelivered), (4, 2));
@@ -360,17 +370,40 @@ mod tests {
 
     #[tokio::test]
     async fn a_late_completion_before_redelivery_still_counts() {
-        let timeout = Duration::from_millis(100);
-        let (sim, api) = started(PollingKnobs {
-            visibility_timeout: timeout,
-            ..PollingKnobs::default()
-        })
-        .await;
+        let (sim, api) = started(PollingKnobs::default()).await;
         publish_n(&sim, 1);
         let batch = take(&api, "all").await;
-        tokio::time::sleep(timeout + Duration::from_millis(50)).await;
+        sim.expire_batches();
         assert_eq!(api.complete("all", batch_id(&batch)).await.0, 200);
         assert_eq!(api.next_batch("all").await.0, 204);
+    }
+
+    #[test]
+    fn a_batch_comes_back_exactly_when_its_visibility_timeout_ends() {
+        let timeout = Duration::from_secs(30);
+        let mut feeds = Feeds::new(
+            PollingKnobs {
+                visibility_timeout: timeout,
+                ..PollingKnobs::default()
+            },
+            1,
+        );
+        let mut rng = fastrand::Rng::with_seed(1);
+        feeds.publish(Notification::new(
+            &mut rng,
+            "tenant-1",
+            ENTITY_CREATED,
+            "e",
+            chrono::Utc::now(),
+        ));
+        let served_at = Instant::now();
+        let first = feeds.next(ALL_FEED, served_at).unwrap().unwrap();
+        let just_before = served_at + timeout - Duration::from_millis(1);
+        assert!(feeds.next(ALL_FEED, just_before).unwrap().is_none());
+        let again = feeds.next(ALL_FEED, served_at + timeout).unwrap().unwrap();
+        assert!(again.redelivered);
+        assert_ne!(again.batch_id, first.batch_id);
+        assert_eq!(again.notifications[0].id, first.notifications[0].id);
     }
 
     #[tokio::test]

@@ -4,10 +4,14 @@
 //! rate-limit knobs, statistics, and a webhook sender that re-delivers the way Fenergo does.
 //!
 //! This file owns the handle ([`Simulator`]), its configuration and knobs, and the standalone
-//! entry point. What Fenergo's JSON looks like lives in `entities`, the decisions in `state`,
-//! the polling feeds in `feeds`, HTTP in `routes`, webhook delivery in `webhook`. The simulator must never be used by the
-//! production data path (only tests, benchmarks and the `simulator` subcommand start one), and
-//! it binds only the address it is given (`127.0.0.1:0` from [`Simulator::start`]).
+//! entry point. What Fenergo's JSON looks like lives in `entities`, the decisions in `state`
+//! (with the fault knobs in `faults`, read lag in `lag`, counters in `stats`), the polling
+//! feeds in `feeds`, HTTP in `routes` (served by `server`), webhook delivery and
+//! signing in `webhook`; `testkit` (feature `testkit`) holds what tests and benchmarks share.
+//! The simulator must never be used by the production data path (only tests, benchmarks and
+//! fenx-sync's `simulator` and `demo` subcommands start one), it binds only the address it is
+//! given (`127.0.0.1:0` from [`Simulator::start`]), and it must never depend on fenx-sync: it
+//! stands for the outside world, so it shares none of the code it is testing.
 //!
 //! Fenergo behaviour the contract could not confirm (the 2-4-8-16 minute re-delivery, the
 //! meaning of entity `status`, `Retry-After` on tenant-limit 429s, the redelivery of batches
@@ -16,11 +20,15 @@
 //! said so where it is modelled.
 
 mod entities;
+mod faults;
 mod feeds;
+mod lag;
 mod routes;
+mod server;
 mod state;
-#[cfg(test)]
-mod testkit;
+mod stats;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 mod webhook;
 
 use std::future::Future;
@@ -34,25 +42,22 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::http::ConnectionLimits;
-use crate::signature::Recipe;
-pub use state::{CORRELATION_IDS_KEPT, SimStats};
+pub use stats::{CORRELATION_IDS_KEPT, SimStats};
 pub use webhook::{
-    Attempt, DeliveryItemStatus, DeliveryReport, REDELIVERY_MINUTES, Redelivery, WebhookError,
-    WebhookSender, WebhookStatus,
+    Attempt, DeliveryItemStatus, DeliveryReport, REDELIVERY_MINUTES, Redelivery, SIGNATURE_HEADER,
+    WebhookError, WebhookSender, WebhookStatus, sign,
 };
 
 /// The documented example tenant (contract §3), so logs and notifications look real.
 const DEFAULT_TENANT: &str = "45bf62ac-e4b1-4c16-ae32-d774cd18db6d";
 
-/// Generous, because a benchmark that exceeds the simulated concurrency limit must reach the
-/// simulator to be answered 429 rather than wait in its accept queue.
-const SIM_CONNECTION_LIMITS: ConnectionLimits = ConnectionLimits {
-    max_connections: 4096,
-    header_read_timeout: Duration::from_secs(10),
-    // Short, so tests that leave a slow request behind still shut down quickly.
-    shutdown_grace: Duration::from_secs(1),
-};
+/// A reqwest builder on rustls with the ring provider (reqwest is built without a default
+/// provider, to keep aws-lc out of the tree), for every client the simulator's side opens.
+pub(crate) fn client_builder() -> reqwest::ClientBuilder {
+    // A second install (another client in the same process) is refused harmlessly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
 
 /// What the simulated tenant accepts.
 #[derive(Debug, Clone)]
@@ -202,15 +207,10 @@ impl Simulator {
         let state = Arc::new(state::State::new(config));
         let routes = Arc::new(routes::SimRoutes::new(state.clone()));
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(crate::http::serve(
-            listener,
-            routes,
-            SIM_CONNECTION_LIMITS,
-            async {
-                // Either a send or the sender's drop means stop.
-                let _ = stopped.await;
-            },
-        ));
+        let server = tokio::spawn(server::serve(listener, routes, async {
+            // Either a send or the sender's drop means stop.
+            let _ = stopped.await;
+        }));
         Ok(Simulator {
             shared: Arc::new(Shared {
                 state,
@@ -277,7 +277,18 @@ impl Simulator {
 
     /// A webhook body for `entity_id` in Fenergo's PascalCase shape, with a fresh `Id`.
     pub fn notification(&self, event_type: &str, entity_id: &str) -> String {
-        self.state().notification(event_type, entity_id)
+        self.notification_at(event_type, entity_id, chrono::Utc::now())
+    }
+
+    /// [`Simulator::notification`] saying the event happened `when`, for tests that need an
+    /// event known to come before or after something else.
+    pub fn notification_at(
+        &self,
+        event_type: &str,
+        entity_id: &str,
+        when: chrono::DateTime<chrono::Utc>,
+    ) -> String {
+        self.state().notification(event_type, entity_id, when)
     }
 
     /// Raises a notification for `entity_id` (built as [`Simulator::notification`] builds one)
@@ -285,6 +296,13 @@ impl Simulator {
     /// its id.
     pub fn publish(&self, event_type: &str, entity_id: &str) -> String {
         self.state().publish(event_type, entity_id)
+    }
+
+    /// Ends the visibility timeout of every batch served and not completed: each is served
+    /// again, whole and under a new id, by the next poll of its feed. Tests use it instead of
+    /// waiting out a short timeout.
+    pub fn expire_batches(&self) {
+        self.state().expire_batches();
     }
 
     pub fn set_polling(&self, knobs: PollingKnobs) {
@@ -365,9 +383,6 @@ pub struct StandaloneOptions {
 /// The secret `fenx-sync simulator` signs with unless told otherwise.
 pub const STANDALONE_WEBHOOK_SECRET: &str = "sim-webhook-secret";
 
-/// The recipe the standalone sender signs with (one `auto` detection accepts).
-const STANDALONE_RECIPE: &str = "sha256-hex/hex";
-
 /// Deliveries in flight at once; past it the sender waits, so the rate drops instead of memory
 /// growing while the target is down (failed deliveries wait out Fenergo's re-delivery schedule).
 const STANDALONE_IN_FLIGHT: usize = 64;
@@ -441,9 +456,7 @@ pub async fn run_standalone(
     }
     let sender = match &options.send_to {
         Some(url) => {
-            let recipe: Recipe = STANDALONE_RECIPE.parse().expect("a known recipe");
-            let sender =
-                WebhookSender::new(url, &options.webhook_secret, recipe, Redelivery::default())?;
+            let sender = WebhookSender::new(url, &options.webhook_secret, Redelivery::default())?;
             tracing::info!(url = %url, rate = options.rate, count = options.count, "sending signed webhooks");
             Some(tokio::spawn(send_traffic(sim.clone(), sender, options)))
         }
@@ -535,8 +548,8 @@ mod tests {
     use serde_json::{Value, json};
     use tokio::task::JoinSet;
 
-    use super::testkit::Api;
     use super::*;
+    use crate::testkit::Api;
 
     async fn version_read(api: &Api, id: &str) -> Option<i64> {
         let (status, body) = api.entity_json(id).await;
@@ -605,20 +618,14 @@ mod tests {
         assert_eq!(sim.stats().fetches(&id), 11);
     }
 
+    /// Lag in time is tested on the state with paused time (`state::tests`).
     #[tokio::test]
-    async fn lag_in_time_and_per_entity() {
-        let lag = Duration::from_millis(150);
+    async fn lag_per_entity_overrides_the_default() {
         let sim = Simulator::start(SimConfig::default()).await;
         let api = Api::new(&sim).await;
-        sim.set_lag(Lag::For(lag));
-        let (id, v1) = sim.sample_entity(0);
+        sim.set_lag(Lag::For(Duration::from_secs(3600)));
+        let (id, _) = sim.sample_entity(0);
         assert_eq!(version_read(&api, &id).await, None);
-        tokio::time::sleep(lag + Duration::from_millis(50)).await;
-        assert_eq!(version_read(&api, &id).await, Some(v1));
-        let v2 = sim.put_entity(&id, "Company", renamed("Later Ltd"));
-        assert_eq!(version_read(&api, &id).await, Some(v1));
-        tokio::time::sleep(lag + Duration::from_millis(50)).await;
-        assert_eq!(version_read(&api, &id).await, Some(v2));
 
         sim.set_lag(Lag::None);
         sim.set_lag_for("slow", Lag::Reads(1));
@@ -684,7 +691,8 @@ mod tests {
         }
         assert_eq!(api.entity(&id).await.status(), 200);
 
-        let window = Duration::from_millis(300);
+        // When the window ends is tested on the knobs with explicit times (`faults::tests`).
+        let window = Duration::from_secs(3600);
         sim.set_faults(Faults {
             rate_limited_for: Some(window),
             ..Faults::default()
@@ -693,36 +701,39 @@ mod tests {
         assert_eq!(response.status(), 429);
         assert!(!response.headers().contains_key("retry-after"));
         assert!(reset_header(&response) <= Utc::now() + window);
-        tokio::time::sleep(window + Duration::from_millis(50)).await;
+        sim.set_faults(Faults::default());
         assert_eq!(api.entity(&id).await.status(), 200);
         assert_eq!(sim.stats().rate_limited, 3);
     }
 
+    /// How requests are counted per second is tested on the state with explicit times
+    /// (`state::tests`); this is what a client sees.
     #[tokio::test]
-    async fn the_real_rate_limit_refuses_past_r_requests_per_second() {
+    async fn the_real_rate_limit_answers_429_with_the_next_window() {
         let sim = Simulator::start(SimConfig {
-            requests_per_second: Some(5),
+            requests_per_second: Some(1),
             ..SimConfig::default()
         })
         .await;
         let (id, _) = sim.sample_entity(0);
         let api = Api::new(&sim).await;
-        let mut ok = 0;
-        let mut limited = Vec::new();
-        for _ in 0..15 {
+        let mut limited = None;
+        // Two of these land in one UNIX second unless every request takes a second.
+        for _ in 0..10 {
             let response = api.entity(&id).await;
             match response.status().as_u16() {
-                200 => ok += 1,
-                429 => limited.push(response),
+                200 => {}
+                429 => {
+                    limited = Some(response);
+                    break;
+                }
                 other => panic!("HTTP {other}"),
             }
         }
-        // 15 quick requests span one or two 1-second windows.
-        assert!((5..=10).contains(&ok), "{ok} succeeded");
-        assert_eq!(sim.stats().rate_limited, limited.len() as u64);
-        let response = &limited[0];
+        let response = limited.expect("a 429 within ten requests");
+        assert_eq!(sim.stats().rate_limited, 1);
         assert!(!response.headers().contains_key("retry-after"));
-        let wait = reset_header(response) - Utc::now();
+        let wait = reset_header(&response) - Utc::now();
         assert!(wait <= chrono::Duration::seconds(1), "{wait}");
     }
 
@@ -730,23 +741,39 @@ mod tests {
     async fn the_real_concurrency_limit_refuses_requests_beyond_c_in_flight() {
         let sim = Simulator::start(SimConfig {
             max_concurrent: Some(2),
-            latency: Duration::from_millis(400),
             ..SimConfig::default()
         })
         .await;
         let (id, _) = sim.sample_entity(0);
         let api = Api::new(&sim).await;
-        let mut requests = JoinSet::new();
-        for _ in 0..6 {
+        assert_eq!(api.entity(&id).await.status(), 200, "under the limit");
+        // Served requests are held far longer than the test runs, so which requests are in
+        // flight together does not depend on how fast the machine is.
+        sim.set_faults(Faults {
+            latency: Duration::from_secs(3600),
+            ..Faults::default()
+        });
+        let mut held = JoinSet::new();
+        for _ in 0..2 {
             let request = api.get(&format!("{}/entitydataquery/api/entity/{id}", api.base));
-            requests.spawn(async move { request.send().await.unwrap().status().as_u16() });
+            held.spawn(async move { request.send().await.map(|r| r.status()) });
         }
-        let statuses: Vec<u16> = requests.join_all().await;
-        let limited = statuses.iter().filter(|s| **s == 429).count();
-        assert!(limited >= 1 && statuses.contains(&200), "{statuses:?}");
+        let mut both_in = false;
+        for _ in 0..500 {
+            if sim.stats().max_in_flight >= 2 {
+                both_in = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(both_in, "two requests were not in flight within 10 s");
+        for _ in 0..4 {
+            assert_eq!(api.entity(&id).await.status(), 429);
+        }
         let stats = sim.stats();
-        assert!(stats.max_in_flight >= 3, "{}", stats.max_in_flight);
-        assert_eq!(stats.rate_limited, limited as u64);
+        assert_eq!(stats.max_in_flight, 3);
+        assert_eq!(stats.rate_limited, 4);
+        held.abort_all();
     }
 
     #[tokio::test]

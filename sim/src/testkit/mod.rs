@@ -1,14 +1,20 @@
-//! Test-only helpers: a reqwest client that talks to a started simulator the way fenx-sync
-//! does (token, bearer, tenant, correlation id), so the simulator's tests exercise real HTTP.
+//! What tests and benchmarks share (feature `testkit`, or this crate's own tests): here a
+//! reqwest client that talks to a started simulator the way fenx-sync does (token, bearer,
+//! tenant, correlation id), so tests exercise real HTTP; fenx-sync as a child process in
+//! [`service`]; benchmark knobs and figures in [`bench`].
 //!
-//! It must never be compiled outside `cfg(test)` and never hide a status code from a test.
+//! It must never be compiled into the fenx-sync binary (only dev-dependencies enable the
+//! feature) and never hide a status code from a test.
+
+pub mod bench;
+pub mod service;
 
 use reqwest::Method;
 use serde_json::Value;
 
 use super::Simulator;
 
-pub(super) struct Api {
+pub struct Api {
     pub http: reqwest::Client,
     pub base: String,
     pub tenant: String,
@@ -18,7 +24,7 @@ pub(super) struct Api {
 impl Api {
     /// A client holding a fresh token from `sim`.
     pub async fn new(sim: &Simulator) -> Api {
-        let http = crate::fenergo::client_builder().build().unwrap();
+        let http = crate::client_builder().build().unwrap();
         let mut api = Api {
             http,
             base: sim.api_base(),
@@ -137,7 +143,7 @@ async fn status_and_json(response: reqwest::Response) -> (u16, Value) {
 }
 
 /// The form fenx-sync posts to the token endpoint.
-pub(super) fn form(sim: &Simulator) -> Vec<(&'static str, String)> {
+pub fn form(sim: &Simulator) -> Vec<(&'static str, String)> {
     let config = sim.config();
     vec![
         ("grant_type", "client_credentials".to_owned()),
