@@ -13,7 +13,7 @@ use tokio_postgres::NoTls;
 
 use super::*;
 use crate::config::DatabaseUrl;
-use crate::store::suite::{Dialect, TestDb, store_suite};
+use crate::store::suite::{Dialect, TestDb, entity, store_suite};
 
 const URL_VAR: &str = "FENX_TEST_POSTGRES_URL";
 
@@ -119,22 +119,6 @@ impl TestDb for Schema {
 }
 
 store_suite!(Schema::fresh("store suite"));
-
-fn entity(id: &str, version: i64, properties: Value) -> EntitySnapshot {
-    EntitySnapshot {
-        entity_id: id.into(),
-        entity_type: Some("Company".into()),
-        version,
-        status: Some("1".into()),
-        created: crate::time::parse("2024-01-01T09:00:00.1234567+00:00"),
-        json: json!({
-            "id": id,
-            "version": version,
-            "risk": {"riskCategory": "High", "riskLevel": 3},
-            "properties": properties,
-        }),
-    }
-}
 
 fn cause(notification_id: &str) -> SyncCause {
     SyncCause {
