@@ -27,6 +27,7 @@ mod fields;
 mod load;
 mod validate;
 
+pub use fields::DatabaseUrl;
 pub use load::{DEFAULT_CONFIG_FILE, Sources};
 
 /// The whole configuration. Every field has a default, so an empty file is valid.
@@ -181,6 +182,19 @@ pub struct StoreSettings {
     /// entity's current one; unset (the default) keeps every version.
     #[serde(with = "humantime_serde")]
     pub history_retention: Option<Duration>,
+    /// A PostgreSQL URL: when set, the reporting store lives there and no `reporting.db` is
+    /// written (the outbox stays in `dir`).
+    pub reporting_url: Option<DatabaseUrl>,
+    /// The PostgreSQL password, when the URL has none (before the systemd credential
+    /// `reporting-db-password`).
+    pub reporting_password_file: Option<PathBuf>,
+    /// PEM trust anchors for `sslmode=verify-ca`/`verify-full`; default the system's.
+    pub reporting_ca_file: Option<PathBuf>,
+    /// Most connections to PostgreSQL at once.
+    pub reporting_pool_size: usize,
+    /// From `reporting_password_file` or the credential; never serialised.
+    #[serde(skip)]
+    pub reporting_password: Option<SecretString>,
 }
 
 impl StoreSettings {
@@ -204,6 +218,11 @@ impl Default for StoreSettings {
             wedged_after: Duration::from_secs(30),
             retention: Duration::from_secs(90 * 24 * 3600),
             history_retention: None,
+            reporting_url: None,
+            reporting_password_file: None,
+            reporting_ca_file: None,
+            reporting_pool_size: 8,
+            reporting_password: None,
         }
     }
 }

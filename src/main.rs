@@ -31,7 +31,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::DeadLetters(command) => admin::dead_letters(&settings()?, command),
         Command::Replay { event_type } => admin::replay(&settings()?, &event_type),
         Command::Resync { entity_ids } => admin::resync(&settings()?, &entity_ids),
-        Command::Migrate => admin::migrate(&settings()?),
+        Command::Migrate { grant_read } => admin::migrate(&settings()?, grant_read.as_deref()),
         Command::Backfill { restart, page_size } => {
             service::backfill(settings()?, restart, page_size)
         }

@@ -67,13 +67,18 @@ pub fn resync(settings: &Settings, entity_ids: &[String]) -> anyhow::Result<Exit
 }
 
 /// `migrate`: both database files created or upgraded to the current schema.
-pub fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
+pub fn migrate(settings: &Settings, grant_read: Option<&str>) -> anyhow::Result<ExitCode> {
     fenx_sync::outbox::open_connection(
         &settings.store.dir,
         fenx_sync::outbox::Durability::Full,
         settings.store.busy_timeout,
     )?;
-    let reporting = runtime()?.block_on(fenx_sync::store::open(settings))?;
+    let runtime = runtime()?;
+    let reporting = runtime.block_on(fenx_sync::store::open(settings))?;
+    if let Some(role) = grant_read {
+        runtime.block_on(reporting.grant_read(role))?;
+        println!("{role} may now read every reporting table and view");
+    }
     println!(
         "{} and the reporting store ({}) are at the current schema",
         settings
@@ -214,7 +219,10 @@ enum ReportingReport {
 
 fn reporting_report(settings: &Settings) -> anyhow::Result<ReportingReport> {
     let runtime = runtime()?;
-    let describe = settings.store.reporting_path().display().to_string();
+    let describe = match &settings.store.reporting_url {
+        Some(url) => format!("PostgreSQL {}", url.redacted()),
+        None => settings.store.reporting_path().display().to_string(),
+    };
     let opened = match runtime.block_on(fenx_sync::store::open_existing(settings)) {
         Ok(Some(store)) => store,
         Ok(None) => return Ok(ReportingReport::Missing(settings.store.reporting_path())),

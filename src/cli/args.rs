@@ -50,8 +50,12 @@ pub(crate) enum Command {
         #[arg(long)]
         page_size: Option<usize>,
     },
-    /// Create or upgrade the database files in store.dir, then exit.
-    Migrate,
+    /// Create or upgrade the outbox and the reporting store, then exit.
+    Migrate {
+        /// Also let this PostgreSQL role read every reporting table and view (analysts' role).
+        #[arg(long, value_name = "ROLE")]
+        grant_read: Option<String>,
+    },
     /// Exit 0 if the running service answers /readyz with 200, else 1 (for container health checks).
     Health {
         /// Address to probe (default: server.listen, with 0.0.0.0 taken as 127.0.0.1).

@@ -1,10 +1,58 @@
 //! Fields that are not plain serde values: secrets (read from a list or one comma-separated
-//! string, written as `[redacted]`), and values read with `FromStr` and written with `Display`.
+//! string, written as `[redacted]`), a database URL (written with its password redacted), and
+//! values read with `FromStr` and written with `Display`.
 //!
 //! It must never write a secret's value anywhere.
 
-use secrecy::SecretString;
-use serde::{Deserialize, Deserializer, Serializer};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A PostgreSQL URL, which may carry a password: `Debug` and serialisation show it redacted.
+#[derive(Clone, Deserialize)]
+#[serde(from = "String")]
+pub struct DatabaseUrl(SecretString);
+
+impl DatabaseUrl {
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+
+    /// Whether the URL itself carries a password.
+    pub(super) fn has_password(&self) -> bool {
+        url::Url::parse(self.expose()).is_ok_and(|u| u.password().is_some())
+    }
+
+    /// The URL with its password replaced by `[redacted]`; text that is no URL is withheld.
+    pub fn redacted(&self) -> String {
+        match url::Url::parse(self.expose()) {
+            Ok(mut url) => {
+                if url.password().is_some() {
+                    let _ = url.set_password(Some("REDACTED"));
+                }
+                url.to_string().replacen(":REDACTED@", ":[redacted]@", 1)
+            }
+            Err(_) => "[not a URL: withheld]".to_owned(),
+        }
+    }
+}
+
+impl From<String> for DatabaseUrl {
+    fn from(url: String) -> DatabaseUrl {
+        DatabaseUrl(SecretString::from(url))
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for DatabaseUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
 
 /// Accepts a TOML list of strings or one comma-separated string (the environment's form).
 pub(super) fn secrets_from_list_or_csv<'de, D: Deserializer<'de>>(

@@ -20,9 +20,10 @@ const ENV_PREFIX: &str = "FENX_";
 
 /// Keys whose environment values are taken verbatim: figment would otherwise turn a secret such
 /// as `0123` into the number 123 or strip quotes from `"abc"`.
-const VERBATIM_ENV_KEYS: [(&str, &str); 2] = [
+const VERBATIM_ENV_KEYS: [(&str, &str); 3] = [
     ("webhook.secrets", "FENX_WEBHOOK__SECRETS"),
     ("fenergo.client_secret", "FENX_FENERGO__CLIENT_SECRET"),
+    ("store.reporting_url", "FENX_STORE__REPORTING_URL"),
 ];
 
 /// Where configuration comes from, so tests and the CLI can name them without touching the
@@ -108,6 +109,22 @@ impl Settings {
         )?;
         if let Some(secret) = client.into_iter().next() {
             self.fenergo.client_secret = Some(secret);
+        }
+        // The URL's own password wins; the file before the credential.
+        if self
+            .store
+            .reporting_url
+            .as_ref()
+            .is_some_and(|u| !u.has_password())
+        {
+            self.store.reporting_password = secrets_from_files(
+                "store.reporting_password_file",
+                self.store.reporting_password_file.as_ref(),
+                credentials_dir.as_ref(),
+                "reporting-db-password",
+            )?
+            .into_iter()
+            .next();
         }
         Ok(())
     }

@@ -188,6 +188,45 @@ fn secrets_come_from_files_and_systemd_credentials() {
 }
 
 #[test]
+fn the_reporting_password_comes_from_the_url_then_the_file_then_the_credential() {
+    Jail::expect_with(|jail| {
+        jail.create_file("pw.txt", "from-file\n")?;
+        jail.create_dir("creds")?;
+        jail.create_file("creds/reporting-db-password", "from-credential\n")?;
+        let dir = jail.directory().to_owned();
+        jail.set_env("CREDENTIALS_DIRECTORY", dir.join("creds").display());
+        let password = |jail: &Jail| {
+            load_in(jail, None)
+                .unwrap()
+                .store
+                .reporting_password
+                .map(|p| p.expose_secret().to_owned())
+        };
+        jail.set_env("FENX_STORE__REPORTING_URL", "postgresql://fenx@db/r");
+        assert_eq!(password(jail).as_deref(), Some("from-credential"));
+        jail.set_env(
+            "FENX_STORE__REPORTING_PASSWORD_FILE",
+            dir.join("pw.txt").display(),
+        );
+        assert_eq!(password(jail).as_deref(), Some("from-file"));
+        jail.set_env("FENX_STORE__REPORTING_URL", "postgresql://fenx:in-url@db/r");
+        assert_eq!(password(jail), None);
+        let s = load_in(jail, None).unwrap();
+        for shown in [s.to_redacted_toml(), format!("{s:?}")] {
+            assert!(
+                !shown.contains("in-url") && !shown.contains("from-"),
+                "{shown}"
+            );
+            assert!(
+                shown.contains("postgresql://fenx:[redacted]@db/r"),
+                "{shown}"
+            );
+        }
+        Ok(())
+    });
+}
+
+#[test]
 fn redacted_output_never_contains_a_secret() {
     Jail::expect_with(|jail| {
         jail.set_env("FENX_WEBHOOK__SECRETS", "super-secret-value");

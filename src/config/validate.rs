@@ -53,6 +53,9 @@ impl Settings {
         if self.polling.enabled && self.polling.feeds.is_empty() {
             return rule("polling.feeds", "name at least one feed (or \"all\")");
         }
+        if self.store.reporting_pool_size == 0 {
+            return rule("store.reporting_pool_size", "must be at least 1");
+        }
         if self.store.probe_interval.is_zero() {
             return rule("store.probe_interval", "must be greater than 0");
         }

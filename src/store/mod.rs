@@ -21,12 +21,14 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 mod flatten;
+pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
 mod suite;
 
 use crate::config::Settings;
 use crate::sqlite::DbError;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// The default reporting file inside `store.dir`.
@@ -300,6 +302,8 @@ pub enum StoreError {
     },
     #[error("a blocking store task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Postgres(#[from] postgres::PgError),
 }
 
 /// The reporting store's interface. Every method is one transaction (or none).
@@ -448,7 +452,7 @@ pub trait ReportingStore: Send + Sync {
 pub async fn open_existing(
     settings: &Settings,
 ) -> Result<Option<Arc<dyn ReportingStore>>, StoreError> {
-    if !settings.store.reporting_path().exists() {
+    if settings.store.reporting_url.is_none() && !settings.store.reporting_path().exists() {
         return Ok(None);
     }
     open(settings).await.map(Some)
@@ -457,6 +461,10 @@ pub async fn open_existing(
 /// Opens the reporting store the settings name (PostgreSQL when `store.reporting_url` is set,
 /// else the SQLite file), creating or migrating its schema.
 pub async fn open(settings: &Settings) -> Result<Arc<dyn ReportingStore>, StoreError> {
+    if let Some(target) = postgres::Target::of(&settings.store) {
+        let store = PostgresStore::open(&target, &settings.fenergo.tenant_id).await?;
+        return Ok(Arc::new(store));
+    }
     let tenant = settings.fenergo.tenant_id.clone();
     let path = settings.store.reporting_path();
     let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path, &tenant)).await??;

@@ -79,7 +79,7 @@ pub(crate) use store_suite;
 
 const TENANT: &str = "tenant-a";
 
-fn entity(id: &str, version: i64, properties: Value) -> EntitySnapshot {
+pub(super) fn entity(id: &str, version: i64, properties: Value) -> EntitySnapshot {
     EntitySnapshot {
         entity_id: id.into(),
         entity_type: Some("Company".into()),
