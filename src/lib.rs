@@ -159,7 +159,7 @@ pub async fn run(
                 let client = Arc::new(FenergoClient::new(&settings.fenergo, metrics.clone())?);
                 let mut store = None;
                 if settings.sync.enabled || settings.reconcile.schedule().is_some() {
-                    let opened = store::open(&settings).await?;
+                    let opened = store::open_for_service(&settings).await?;
                     tracing::info!(store = %opened.describe(), "reporting store open");
                     store = Some(opened);
                 }

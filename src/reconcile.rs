@@ -26,6 +26,9 @@ use crate::store::{
 };
 use crate::telemetry::{KindLabel, Metrics};
 
+/// How soon an unreadable schedule is read again.
+const SCHEDULE_RETRY: Duration = Duration::from_secs(5);
+
 /// Attempts at one page before the run stops (it can be resumed).
 const PAGE_ATTEMPTS: usize = 6;
 
@@ -233,9 +236,13 @@ impl Reconciler {
         loop {
             let due = match self.next_due(every).await {
                 Ok(due) => due,
+                // An unavailable store (a PostgreSQL restart) must not end the schedule.
                 Err(error) => {
-                    tracing::error!(%error, "cannot read the reconciliation schedule; reconciliation is not running");
-                    return;
+                    tracing::error!(%error, retry_in = ?SCHEDULE_RETRY, "cannot read the reconciliation schedule; trying again");
+                    tokio::select! {
+                        _ = tokio::time::sleep(SCHEDULE_RETRY) => continue,
+                        _ = stopping.wait_for(|stop| *stop) => return,
+                    }
                 }
             };
             tracing::info!(next = %due.to_rfc3339(), "next scheduled reconciliation");

@@ -459,12 +459,39 @@ pub async fn open_existing(
 }
 
 /// Opens the reporting store the settings name (PostgreSQL when `store.reporting_url` is set,
-/// else the SQLite file), creating or migrating its schema.
+/// else the SQLite file), creating or migrating its schema; fails when it cannot (the admin
+/// commands' way: say so and stop).
 pub async fn open(settings: &Settings) -> Result<Arc<dyn ReportingStore>, StoreError> {
     if let Some(target) = postgres::Target::of(&settings.store) {
         let store = PostgresStore::open(&target, &settings.fenergo.tenant_id).await?;
         return Ok(Arc::new(store));
     }
+    open_sqlite(settings).await
+}
+
+/// [`open`] for the running service, which must keep ingesting while a network database is
+/// unreachable: a PostgreSQL store that cannot be reached yet is returned anyway (with an
+/// ERROR) and migrates on its first successful call. A database newer than this build, or a
+/// SQLite file that cannot be opened, still fails.
+pub async fn open_for_service(settings: &Settings) -> Result<Arc<dyn ReportingStore>, StoreError> {
+    if let Some(target) = postgres::Target::of(&settings.store) {
+        let store = PostgresStore::lazy(&target, &settings.fenergo.tenant_id)?;
+        match store.migrate().await {
+            Ok(_) => {}
+            Err(error @ StoreError::Postgres(postgres::PgError::SchemaTooNew { .. })) => {
+                return Err(error);
+            }
+            Err(error) => tracing::error!(
+                %error,
+                "the reporting store is unavailable at start-up; webhooks are still stored, and sync starts once it answers"
+            ),
+        }
+        return Ok(Arc::new(store));
+    }
+    open_sqlite(settings).await
+}
+
+async fn open_sqlite(settings: &Settings) -> Result<Arc<dyn ReportingStore>, StoreError> {
     let tenant = settings.fenergo.tenant_id.clone();
     let path = settings.store.reporting_path();
     let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path, &tenant)).await??;

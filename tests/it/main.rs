@@ -11,6 +11,8 @@ mod hostile;
 mod ingest;
 mod platform;
 mod polling;
+mod proxy;
+mod shared_store;
 mod simulator;
 mod sync;
 mod systemd;

@@ -35,7 +35,11 @@ fn postgres_url() -> Option<url::Url> {
 
 fn server_addr(url: &url::Url) -> SocketAddr {
     let host = url.host_str().unwrap_or("127.0.0.1");
-    let host = if host == "localhost" { "127.0.0.1" } else { host };
+    let host = if host == "localhost" {
+        "127.0.0.1"
+    } else {
+        host
+    };
     format!("{host}:{}", url.port().unwrap_or(5432))
         .parse()
         .expect("PostgreSQL on a numeric address")
@@ -54,7 +58,9 @@ fn start(store: &Path, sim: &Simulator, reporting: &url::Url) -> Service {
         .env("FENX_FENERGO__CLIENT_SECRET", &config.client_secret)
         .env("FENX_STORE__REPORTING_URL", reporting.as_str())
         .env("FENX_STORE__PROBE_INTERVAL", "200ms")
-        .env("FENX_SYNC__IDLE_POLL", "50ms");
+        .env("FENX_SYNC__IDLE_POLL", "50ms")
+        // Reads inside the window are confirmed this soon after (30 s by default).
+        .env("FENX_SYNC__CONFIRM_AFTER", "2s");
     Service::spawn(command, AfterStart::Keep)
 }
 
@@ -78,7 +84,10 @@ async fn stored_versions(db: &tokio_postgres::Client, tenant: &str) -> HashMap<S
 }
 
 /// Waits (bounded: 60 s, as a loaded machine needs after an outage) until `check` holds.
-async fn until<Fut: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> Fut) {
+async fn until<Fut: std::future::Future<Output = bool>>(
+    what: &str,
+    mut check: impl FnMut() -> Fut,
+) {
     for _ in 0..1200 {
         if check().await {
             return;
@@ -147,12 +156,30 @@ async fn two_instances_share_one_postgres_store_converge_and_ride_out_its_outage
         if round == 1 {
             proxy.cut();
             for service in &services {
-                until("the store outage logged at ERROR", || async {
+                let logged = || {
                     service.lines().iter().any(|l| {
                         l.contains("\"ERROR\"") && l.contains("reporting store is unavailable")
                     })
-                })
-                .await;
+                };
+                for _ in 0..600 {
+                    if logged() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                assert!(
+                    logged(),
+                    "no ERROR for the store outage within 30 s; the log ends:\n{}",
+                    service
+                        .lines()
+                        .iter()
+                        .rev()
+                        .take(15)
+                        .rev()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
             }
         }
         if round == 3 {
@@ -165,11 +192,19 @@ async fn two_instances_share_one_postgres_store_converge_and_ride_out_its_outage
             sim.sample_entity(index);
             let newer = sim.notification("entitydata:draftverified", id);
             let older = sim.notification_at("entitydata:draftverified", id, earlier);
-            let (first, second) = if (index + round) % 2 == 0 { (0, 1) } else { (1, 0) };
+            let (first, second) = if (index + round) % 2 == 0 {
+                (0, 1)
+            } else {
+                (1, 0)
+            };
             for (instance, body) in [(first, newer), (second, older)] {
                 let listen = services[instance].addr.to_string();
                 let answer = post_signed_to(&client, &listen, body).await;
-                assert_eq!(answer.status(), 200, "ingest stays ready through the outage");
+                assert_eq!(
+                    answer.status(),
+                    200,
+                    "ingest stays ready through the outage"
+                );
             }
         }
     }
@@ -179,10 +214,13 @@ async fn two_instances_share_one_postgres_store_converge_and_ride_out_its_outage
         .map(|id| (id.clone(), sim.latest_version(id).unwrap()))
         .collect();
     let db = connect(&url).await;
-    until("PostgreSQL's entity table equal to the simulator's truth", || {
-        let (db, tenant, truth) = (&db, &tenant, &truth);
-        async move { stored_versions(db, tenant).await == *truth }
-    })
+    until(
+        "PostgreSQL's entity table equal to the simulator's truth",
+        || {
+            let (db, tenant, truth) = (&db, &tenant, &truth);
+            async move { stored_versions(db, tenant).await == *truth }
+        },
+    )
     .await;
     watching.store(false, Ordering::SeqCst);
     watcher.await.expect("no version went down");

@@ -113,32 +113,44 @@ pub struct PostgresStore {
     pool: Pool,
     tenant: String,
     target: String,
+    /// Set once the schema was brought to this build's version; every call waits for it.
+    migrated: tokio::sync::OnceCell<i64>,
 }
 
 impl PostgresStore {
     /// Connects to `target` and migrates its schema to the version this build knows; fails
     /// (without retrying) when the server cannot be reached or its schema is newer.
     pub async fn open(target: &Target, tenant: &str) -> Result<PostgresStore, StoreError> {
-        let store = PostgresStore {
-            pool: connect::pool(target)?,
-            tenant: tenant.to_owned(),
-            target: target.describe(),
-        };
+        let store = PostgresStore::lazy(target, tenant)?;
         store.migrate().await?;
         Ok(store)
     }
 
-    /// Applies pending migrations; returns the schema version.
+    /// A store that has not connected yet: its first call migrates the schema (and fails, to
+    /// be retried, while the server cannot be reached).
+    pub fn lazy(target: &Target, tenant: &str) -> Result<PostgresStore, StoreError> {
+        Ok(PostgresStore {
+            pool: connect::pool(target)?,
+            tenant: tenant.to_owned(),
+            target: target.describe(),
+            migrated: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// Applies pending migrations, once per store; returns the schema version.
     pub async fn migrate(&self) -> Result<i64, StoreError> {
         let work = async {
             let mut client = self.client().await?;
             migrate::migrate(&mut client).await
         };
         // Migrations lift the statement timeout: only a lost connection ends them.
-        match work.await {
-            Ok(version) => Ok(version),
-            Err(failure) => Err(self.failed("migrate the schema".into(), failure)),
-        }
+        self.migrated
+            .get_or_try_init(|| async {
+                work.await
+                    .map_err(|failure| self.failed("migrate the schema".into(), failure))
+            })
+            .await
+            .copied()
     }
 
     async fn client(&self) -> Result<Client, Failure> {
@@ -151,6 +163,7 @@ impl PostgresStore {
         action: impl FnOnce() -> String,
         work: impl Future<Output = Result<T, Failure>> + Send,
     ) -> Result<T, StoreError> {
+        self.migrate().await?;
         match tokio::time::timeout(CALL_TIMEOUT, work).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(failure)) => Err(self.failed(action(), failure)),
