@@ -7,6 +7,7 @@
 //! feature) and never hide a status code from a test.
 
 pub mod bench;
+pub mod postgres;
 pub mod service;
 
 use reqwest::Method;
