@@ -360,7 +360,7 @@ impl AcceptedTally {
                 requests,
                 stored,
                 duplicates,
-                "webhooks accepted since the last summary (each request: DEBUG \"webhook accepted\")"
+                "webhooks accepted since the last summary"
             );
         }
     }
@@ -469,6 +469,52 @@ mod tests {
         let (status, _, json) = answer(&routes, signed(body)).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(json, serde_json::json!({ "stored": 0, "duplicates": 1 }));
+    }
+
+    /// Log lines written while the guard lives, on this thread.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn accepted_requests_are_summed_in_one_info_line_and_refusals_logged_each() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let dir = tempfile::tempdir().unwrap();
+        let (routes, _) = ingress(dir.path(), HealthRules::default());
+        let body = r#"{"Id":"n1"}"#;
+        for request in [signed(body), signed(body), empty(Method::POST, WEBHOOK)] {
+            answer(&routes, request).await;
+        }
+        let stop = tokio::time::sleep(SUMMARY_EVERY + SUMMARY_EVERY / 2);
+        routes.clone().summarize(stop).await;
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let summaries: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("webhooks accepted since the last summary"))
+            .collect();
+        assert_eq!(summaries.len(), 1, "{text}");
+        assert!(
+            summaries[0].contains("requests=2 stored=1 duplicates=1"),
+            "{text}"
+        );
+        assert!(!text.contains("status=200"), "accepted requests are DEBUG: {text}");
+        assert_eq!(text.matches("webhook refused").count(), 1, "{text}");
     }
 
     #[tokio::test]
