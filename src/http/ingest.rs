@@ -513,7 +513,10 @@ mod tests {
             summaries[0].contains("requests=2 stored=1 duplicates=1"),
             "{text}"
         );
-        assert!(!text.contains("status=200"), "accepted requests are DEBUG: {text}");
+        assert!(
+            !text.contains("status=200"),
+            "accepted requests are DEBUG: {text}"
+        );
         assert_eq!(text.matches("webhook refused").count(), 1, "{text}");
     }
 

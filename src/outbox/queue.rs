@@ -339,7 +339,10 @@ mod tests {
         assert_eq!(ids(&a), ["1", "3"]);
         assert_eq!(unindexed(dir.path()), 0);
         let loose = q.claim("w2", lease, now).unwrap().unwrap();
-        assert_eq!((loose.lease_key.starts_with("seq:"), ids(&loose)), (true, vec!["loose"]));
+        assert_eq!(
+            (loose.lease_key.starts_with("seq:"), ids(&loose)),
+            (true, vec!["loose"])
+        );
         outbox_with(dir.path(), &[body("4", "B")]).await;
         let b = q.claim("w3", lease, now).unwrap().unwrap();
         assert_eq!(ids(&b), ["2", "4"]);
