@@ -13,7 +13,7 @@
 -- Times are UTC text in RFC 3339 with milliseconds ('2026-11-23T15:16:59.123Z'), so they sort
 -- and compare as text (src/time.rs writes them all).
 
--- section: outbox version: 2
+-- section: outbox version: 3
 
 CREATE TABLE IF NOT EXISTS schema_version (
     version     INTEGER NOT NULL PRIMARY KEY,
@@ -55,12 +55,10 @@ CREATE TABLE IF NOT EXISTS notification (
 -- Indexes are paid on every append, so the two the sync worker needs cover pending rows only
 -- (settled rows leave them) and the due one grows at its end, as new rows are due at once.
 -- Claims take the row due longest first: a range scan over rows already due, however many
--- wait for a later retry.
+-- wait for a later retry. The entity index (`notification_pending_entity`, block 3) is the
+-- worker's to fill, not the append's.
 CREATE INDEX IF NOT EXISTS notification_due
     ON notification (next_attempt_at, seq) WHERE status = 'pending';
--- Every pending row of one entity, coalesced into one fetch.
-CREATE INDEX IF NOT EXISTS notification_pending_entity
-    ON notification (entity_key) WHERE status = 'pending';
 -- `fenx-sync status` counts by event type and status from this index alone.
 CREATE INDEX IF NOT EXISTS notification_event_type ON notification (event_type, status);
 -- Retention pruning walks finished rows oldest first; the gauges count dead rows. Both partial
@@ -93,6 +91,18 @@ CREATE TABLE IF NOT EXISTS entity_lease (
 -- Stale re-fetches (a read not newer than the stored version although the event is newer) have
 -- their own budget (sync.stale_retries), apart from `attempts` (404s, 5xx, timeouts).
 ALTER TABLE notification ADD COLUMN stale_reads INTEGER NOT NULL DEFAULT 0;
+
+-- upgrade: 3
+-- Every pending row of one entity, coalesced into one fetch. Its keys are random, so an append
+-- that entered it would dirty a page per row; instead appends write `entity_indexed = 0`, which
+-- only grows `notification_unindexed` at its end, and each claim first moves the rows appended
+-- since into this index in one statement, where a page takes many rows at once. A row inserted
+-- without naming the column (default 1) is indexed at once, as before version 3.
+ALTER TABLE notification ADD COLUMN entity_indexed INTEGER NOT NULL DEFAULT 1;
+DROP INDEX IF EXISTS notification_pending_entity;
+CREATE INDEX notification_pending_entity
+    ON notification (entity_key) WHERE status = 'pending' AND entity_indexed = 1;
+CREATE INDEX notification_unindexed ON notification (seq) WHERE entity_indexed = 0;
 
 -- section: reporting version: 3
 

@@ -144,6 +144,10 @@ pub async fn run(
         );
         let ingress = Arc::new(Ingress::new(&settings, outbox.clone(), metrics.clone()));
         tasks.spawn(
+            "webhook summary",
+            ingress.clone().summarize(stopped(stopping.clone())),
+        );
+        tasks.spawn(
             "webhook listener",
             http::serve(
                 listener,

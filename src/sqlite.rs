@@ -261,8 +261,8 @@ mod tests {
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .unwrap();
         assert_eq!(sync, 2);
-        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 2);
-        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 2);
+        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 3);
+        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 3);
         let rows: i64 = conn
             .query_row("SELECT count(*) FROM schema_version", [], |r| r.get(0))
             .unwrap();
@@ -287,8 +287,8 @@ mod tests {
             [],
         )
         .unwrap();
-        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 2);
-        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 2);
+        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 3);
+        assert_eq!(apply_schema(&mut conn, &path, "outbox").unwrap(), 3);
         let stale_reads: i64 = conn
             .query_row(
                 "SELECT count(*) FROM pragma_table_info('notification') WHERE name = 'stale_reads'",

@@ -383,6 +383,8 @@ mod tests {
         conn.execute_batch(
             "DROP INDEX notification_due;
              DROP INDEX notification_pending_entity;
+             DROP INDEX notification_unindexed;
+             ALTER TABLE notification DROP COLUMN entity_indexed;
              CREATE INDEX notification_pending ON notification (seq) WHERE status = 'pending';
              CREATE INDEX notification_entity ON notification (entity_key, status);
              DROP INDEX notification_finished;
@@ -411,7 +413,8 @@ mod tests {
                 "notification_due",
                 "notification_event_type",
                 "notification_finished",
-                "notification_pending_entity"
+                "notification_pending_entity",
+                "notification_unindexed"
             ]
         );
         let (version, rows): (i64, i64) = conn
@@ -421,7 +424,7 @@ mod tests {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .unwrap();
-        assert_eq!((version, rows), (2, 1));
+        assert_eq!((version, rows), (3, 1));
         let queue = WorkQueue::open(dir.path(), Duration::from_secs(1)).unwrap();
         let claim = queue
             .claim("w", Duration::from_secs(60), chrono::Utc::now())

@@ -7,6 +7,8 @@
 //! for the same entity (coalesced into one fetch), and leases the entity so no two workers work
 //! on it at once. Finding that row is a range scan over rows already due, so rows waiting for a
 //! later retry cost a claim nothing. A crashed worker's lease expires and the rows come back.
+//! Appends leave the entity index alone; each claim first indexes the rows appended since the
+//! last one (a bounded range scan), so coalescing sees them.
 //! This module never deletes a notification (only the leases it took).
 
 use std::sync::{LazyLock, Mutex};
@@ -37,16 +39,32 @@ static DUE_FIRST: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// Every pending row of one entity, through the partial index `notification_pending_entity`.
+/// The most appended rows one claim moves into the entity index: after a burst, the backlog is
+/// worked off over many claims, so no claim holds the write lock (and ingest) for long.
+const INDEX_PER_CLAIM: i64 = 2000;
+
+/// Puts rows appended since the last claim (oldest first) into `notification_pending_entity`:
+/// a range scan over `notification_unindexed`, which appends grow at its end.
+const INDEX_APPENDED: &str = "UPDATE notification SET entity_indexed = 1
+  WHERE seq IN (SELECT seq FROM notification INDEXED BY notification_unindexed
+                 WHERE entity_indexed = 0 ORDER BY seq LIMIT ?1)";
+
+/// The claimed row and every indexed pending row of its entity, through the partial index
+/// `notification_pending_entity`. The claimed row is named on its own, so a claim takes it
+/// even while a burst's rows wait for the index; those of its entity that still wait are
+/// claimed after.
 static PENDING_OF_ENTITY: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT seq, id, event_type, relative_url, entity_key, attempts, received_at, event_when,
-                stale_reads
-           FROM notification INDEXED BY notification_pending_entity
-          WHERE status = '{Pending}' AND entity_key = ?1
+        "SELECT {CLAIMED_COLUMNS} FROM notification WHERE seq = ?3
+         UNION
+         SELECT {CLAIMED_COLUMNS} FROM notification INDEXED BY notification_pending_entity
+          WHERE status = '{Pending}' AND entity_indexed = 1 AND entity_key = ?1
           ORDER BY seq LIMIT ?2"
     )
 });
+
+const CLAIMED_COLUMNS: &str = "seq, id, event_type, relative_url, entity_key, attempts, \
+     received_at, event_when, stale_reads";
 
 /// A claimed notification.
 #[derive(Debug, Clone, PartialEq)]
@@ -138,32 +156,24 @@ impl WorkQueue {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(write_error)?;
+        tx.prepare_cached(INDEX_APPENDED)
+            .and_then(|mut stmt| stmt.execute([INDEX_PER_CLAIM]))
+            .map_err(write_error)?;
         let now_text = time::format(now);
         let first: Option<(i64, Option<String>)> = tx
             .query_row(&DUE_FIRST, [&now_text], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()
             .map_err(write_error)?;
         let Some((seq, entity_key)) = first else {
+            // Keeps the rows just indexed.
+            tx.commit().map_err(write_error)?;
             return Ok(None);
         };
         let lease_key = entity_key.clone().unwrap_or_else(|| format!("seq:{seq}"));
-        // Every pending row of the entity (the first row among them), or the row alone.
-        let (sql, key) = match &entity_key {
-            Some(key) => (
-                PENDING_OF_ENTITY.as_str(),
-                rusqlite::types::Value::Text(key.clone()),
-            ),
-            None => (
-                "SELECT seq, id, event_type, relative_url, entity_key, attempts, received_at, event_when,
-                        stale_reads
-                   FROM notification WHERE seq = ?1 LIMIT ?2",
-                rusqlite::types::Value::Integer(seq),
-            ),
-        };
         let rows = tx
-            .prepare_cached(sql)
+            .prepare_cached(&PENDING_OF_ENTITY)
             .and_then(|mut stmt| {
-                stmt.query_map(params![key, MAX_GROUP], |r| {
+                stmt.query_map(params![entity_key, MAX_GROUP, seq], |r| {
                     Ok(Claimed {
                         seq: r.get(0)?,
                         id: r.get(1)?,
@@ -300,6 +310,42 @@ mod tests {
 
     fn ids(claim: &Claim) -> Vec<&str> {
         claim.rows.iter().map(|r| r.id.as_str()).collect()
+    }
+
+    fn unindexed(dir: &std::path::Path) -> i64 {
+        Connection::open(dir.join(super::super::FILE_NAME))
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM notification WHERE entity_indexed = 0",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn appends_leave_the_entity_index_to_the_claim_which_still_coalesces_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let no_entity = r#"{"Id":"loose","EventType":"entitydata:draftverified"}"#.to_owned();
+        outbox_with(
+            dir.path(),
+            &[body("1", "A"), no_entity, body("2", "B"), body("3", "A")],
+        )
+        .await;
+        assert_eq!(unindexed(dir.path()), 4);
+        let q = WorkQueue::open(dir.path(), Duration::from_secs(1)).unwrap();
+        let (now, lease) = (Utc::now(), Duration::from_secs(60));
+        let a = q.claim("w1", lease, now).unwrap().unwrap();
+        assert_eq!(ids(&a), ["1", "3"]);
+        assert_eq!(unindexed(dir.path()), 0);
+        let loose = q.claim("w2", lease, now).unwrap().unwrap();
+        assert_eq!(
+            (loose.lease_key.starts_with("seq:"), ids(&loose)),
+            (true, vec!["loose"])
+        );
+        outbox_with(dir.path(), &[body("4", "B")]).await;
+        let b = q.claim("w3", lease, now).unwrap().unwrap();
+        assert_eq!(ids(&b), ["2", "4"]);
     }
 
     #[tokio::test]

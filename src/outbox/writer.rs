@@ -71,7 +71,9 @@ fn answer_appends(
 ///
 /// A plain insert that does nothing on a known id keeps the common case to one statement with
 /// no statement journal (an upsert with RETURNING copies every page it touches first); only a
-/// duplicate costs a second statement, to count it.
+/// duplicate costs a second statement, to count it. Rows go in with `entity_indexed = 0`: the
+/// worker's claim puts them in the entity index, many to a page, so an append dirties only the
+/// id index's page at random (schema.sql, outbox block 3).
 fn commit_appends(
     conn: &mut Connection,
     appends: &[PendingAppend],
@@ -83,8 +85,8 @@ fn commit_appends(
         let mut insert = tx.prepare_cached(
             "INSERT INTO notification (id, id_derived, event_type, tenant_id, relative_url,
                  event_when, correlation_id, causation_id, source, signature_recipe,
-                 received_at, raw, entity_key, next_attempt_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?11)
+                 received_at, raw, entity_key, next_attempt_at, entity_indexed)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?11, 0)
              ON CONFLICT (id) DO NOTHING",
         )?;
         let mut count_duplicate = tx.prepare_cached(

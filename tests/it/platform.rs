@@ -394,6 +394,7 @@ async fn a_batch_request_line_brackets_the_batch_with_rounded_latency() {
             ("FENX_WEBHOOK__SECRETS", crate::helpers::SECRET),
             ("FENX_STORE__DIR", dir.path().to_str().unwrap()),
             ("FENX_LOG__FORMAT", "json"),
+            ("FENX_LOG__LEVEL", "debug"),
         ],
     );
     let listen = json_field(&service.wait_for_line("\"listen\""), "listen");
