@@ -4,7 +4,9 @@
 //! and tenant rate limit, and prints entities per second, pages and API calls made, 429s served,
 //! and the achieved call rate as a share of the limit, and the store's size per entity (all of
 //! it, and without the history table). A second scenario with no rate limit shows what the store
-//! itself sustains.
+//! itself sustains, and, with `FENX_BENCH_POSTGRES_URL` (or `FENX_TEST_POSTGRES_URL`) naming a
+//! PostgreSQL database, the same scenario into a fresh PostgreSQL reporting store beside it, in
+//! the same run.
 //!
 //! Knobs: FENX_BENCH_ENTITIES (default 5000), FENX_BENCH_LATENCY_MS (default 20),
 //! FENX_BENCH_RPS (the tenant limit, default 50 as on a Fenergo SDLC tenant),
@@ -14,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fenx_sim::testkit::bench::env_or;
+use fenx_sim::testkit::postgres::FreshDatabase;
 use fenx_sim::{SimConfig, Simulator};
 use fenx_sync::config::Settings;
 use fenx_sync::fenergo::FenergoClient;
@@ -46,7 +49,14 @@ fn main() {
         (format!("tenant limit {rps} rps"), Some(rps)),
         ("no rate limit".to_owned(), None),
     ] {
-        runtime.block_on(scenario(&name, entities, latency, limit, page_size));
+        runtime.block_on(scenario(&name, entities, latency, limit, page_size, None));
+    }
+    match FreshDatabase::create("backfill_bench") {
+        Some(db) => {
+            let name = "no limit, PostgreSQL";
+            runtime.block_on(scenario(name, entities, latency, None, page_size, Some(&db.url)));
+        }
+        None => println!("(no PostgreSQL row: set FENX_BENCH_POSTGRES_URL to a database URL)"),
     }
 }
 
@@ -56,6 +66,7 @@ async fn scenario(
     latency: Duration,
     rps: Option<u32>,
     page_size: usize,
+    postgres: Option<&str>,
 ) {
     let sim = Simulator::start(SimConfig {
         requests_per_second: rps,
@@ -68,6 +79,7 @@ async fn scenario(
     let dir = tempfile::tempdir().unwrap();
     let mut settings = Settings::default();
     settings.store.dir = dir.path().to_owned();
+    settings.store.reporting_url = postgres.map(|url| url.to_owned().into());
     let config = sim.config();
     let f = &mut settings.fenergo;
     f.api_base = sim.api_base();
