@@ -54,7 +54,14 @@ fn main() {
     match FreshDatabase::create("backfill_bench") {
         Some(db) => {
             let name = "no limit, PostgreSQL";
-            runtime.block_on(scenario(name, entities, latency, None, page_size, Some(&db.url)));
+            runtime.block_on(scenario(
+                name,
+                entities,
+                latency,
+                None,
+                page_size,
+                Some(&db.url),
+            ));
         }
         None => println!("(no PostgreSQL row: set FENX_BENCH_POSTGRES_URL to a database URL)"),
     }

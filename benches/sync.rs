@@ -17,8 +17,10 @@
 //! (limiter adherence), at the SDLC and at the production limits. It times the worker's claims
 //! (claim and settle, straight on the outbox) with nothing else queued and behind 100,000 rows
 //! waiting on a retry (a 404 or 429 storm). Then it upserts fetched sample entities straight
-//! into a
-//! `ReportingStore` for its entities/s and property+collection rows/s.
+//! into a `ReportingStore` for its entities/s and property+collection rows/s. With
+//! `FENX_BENCH_POSTGRES_URL` (or `FENX_TEST_POSTGRES_URL`) naming a PostgreSQL database, the
+//! paced scenario and the store run are repeated on a fresh PostgreSQL reporting store beside
+//! it, in the same run.
 //!
 //! Timing is reported, never asserted; the run asserts correctness only (every webhook 200,
 //! every row done, every entity stored at its latest version).
@@ -47,6 +49,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use fenx_sim::testkit::bench::env_or;
+use fenx_sim::testkit::postgres::FreshDatabase;
 use fenx_sim::{Lag, SimConfig, Simulator};
 use fenx_sync::config::{FenergoSettings, Settings, SyncSettings};
 use fenx_sync::fenergo::FenergoClient;
@@ -186,6 +189,19 @@ fn main() {
             outcome.print(scenario);
             outcome
         });
+    // The paced run again with a PostgreSQL reporting store, in the same run.
+    let postgres_db = FreshDatabase::create("sync_bench_paced");
+    let paced_postgres = postgres_db.as_ref().map(|db| {
+        let scenario = Scenario {
+            name: format!("paced {}/s PG", knobs.pace),
+            pace: Some(knobs.pace),
+            postgres: Some(db.url.clone()),
+            ..Scenario::burst(knobs.entities, default_workers)
+        };
+        let outcome = runtime.block_on(run_scenario(&knobs, &scenario));
+        outcome.print(&scenario);
+        outcome
+    });
     println!();
     println!(
         "webhook -> row latency at {} webhooks/s, {default_workers} workers: p50 {:.1} ms, \
@@ -195,6 +211,16 @@ fn main() {
         paced.latency(0.99),
         paced.latency(1.0),
     );
+    match &paced_postgres {
+        Some(pg) => println!(
+            "webhook -> row latency with the PostgreSQL store, same pace: p50 {:.1} ms, \
+             p99 {:.1} ms, max {:.1} ms",
+            pg.latency(0.50),
+            pg.latency(0.99),
+            pg.latency(1.0),
+        ),
+        None => println!("(no PostgreSQL latency row: set FENX_BENCH_POSTGRES_URL)"),
+    }
     println!(
         "burst of {} distinct entities: {:.3} API calls per entity including {} bulk \
          confirmation read(s) (target <= 1.05); provisional row p50 {:.1} ms, p99 {:.1} ms",
@@ -259,16 +285,46 @@ fn main() {
         knobs.claims,
     );
     let samples = runtime.block_on(fetched_samples(STORE_SAMPLES));
-    let store = runtime.block_on(upsert_run(&samples, knobs.upserts));
-    let secs = store.elapsed.as_secs_f64();
-    println!(
-        "store: {} upserts in {secs:.2} s: {:.0} entities/s, {:.0} property+collection rows/s \
-         ({:.1} rows per entity)",
-        knobs.upserts,
-        knobs.upserts as f64 / secs,
-        store.rows as f64 / secs,
-        store.rows as f64 / knobs.upserts as f64,
-    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(fenx_sync::store::FILE_NAME);
+    let sqlite = SqliteStore::open(&path, "bench").unwrap();
+    let elapsed = runtime.block_on(upsert_run(&samples, knobs.upserts, &sqlite));
+    // The same entities give the same rows in either store; SQLite's file counts them.
+    let rows: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT (SELECT count(*) FROM entity_property) + (SELECT count(*) FROM entity_collection)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let print_store = |store: &str, elapsed: Duration| {
+        let secs = elapsed.as_secs_f64();
+        println!(
+            "store ({store}): {} upserts in {secs:.2} s: {:.0} entities/s, {:.0} \
+             property+collection rows/s ({:.1} rows per entity), one transaction each",
+            knobs.upserts,
+            knobs.upserts as f64 / secs,
+            rows as f64 / secs,
+            rows as f64 / knobs.upserts as f64,
+        );
+    };
+    print_store("SQLite", elapsed);
+    match FreshDatabase::create("sync_bench") {
+        Some(db) => {
+            let mut settings = Settings::default();
+            settings.fenergo.tenant_id = "bench".into();
+            settings.store.reporting_url = Some(db.url.clone().into());
+            let elapsed = runtime.block_on(async {
+                let postgres = fenx_sync::store::open(&settings).await.unwrap();
+                upsert_run(&samples, knobs.upserts, &*postgres).await
+            });
+            print_store("PostgreSQL", elapsed);
+        }
+        None => {
+            println!("(no PostgreSQL store row: set FENX_BENCH_POSTGRES_URL to a database URL)")
+        }
+    }
 }
 
 struct Knobs {
@@ -333,6 +389,8 @@ struct Scenario {
     limit: Option<Limit>,
     /// Update every entity once more, inside a [`LAG`], just before its webhooks.
     update_inside_lag: bool,
+    /// The PostgreSQL database to use as the reporting store; `None`: SQLite.
+    postgres: Option<String>,
 }
 
 impl Scenario {
@@ -345,6 +403,7 @@ impl Scenario {
             pace: None,
             limit: None,
             update_inside_lag: false,
+            postgres: None,
         }
     }
 }
@@ -429,6 +488,7 @@ async fn run_scenario(knobs: &Knobs, scenario: &Scenario) -> Outcome {
         scenario.workers,
         scenario.limit.unwrap_or(HIGH_LIMIT),
         knobs.confirm_after,
+        scenario.postgres.as_deref(),
     )
     .await;
     let started = Instant::now();
@@ -441,6 +501,7 @@ async fn run_scenario(knobs: &Knobs, scenario: &Scenario) -> Outcome {
     let progress = watch(
         &sim,
         &service.dir.path().join("outbox.db"),
+        scenario.postgres.as_deref(),
         total,
         started,
         knobs.timeout,
@@ -463,9 +524,13 @@ async fn run_scenario(knobs: &Knobs, scenario: &Scenario) -> Outcome {
         scenario.name,
         knobs.timeout
     );
-    let reporting = dir.path().join(fenx_sync::store::FILE_NAME);
-    let stored = stored_entities(&reporting);
-    let (pending_confirmations, confirmations_changed) = confirmations(&reporting);
+    let (stored, (pending_confirmations, confirmations_changed)) = match &scenario.postgres {
+        Some(url) => postgres_outcome(url).await,
+        None => {
+            let reporting = dir.path().join(fenx_sync::store::FILE_NAME);
+            (stored_entities(&reporting), confirmations(&reporting))
+        }
+    };
     assert_eq!(
         pending_confirmations, 0,
         "{}: confirmations still pending after {:?}",
@@ -524,10 +589,12 @@ impl Service {
         workers: usize,
         limit: Limit,
         confirm_after: Duration,
+        postgres: Option<&str>,
     ) -> Service {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = Settings::default();
         settings.store.dir = dir.path().to_owned();
+        settings.store.reporting_url = postgres.map(|url| url.to_owned().into());
         settings.webhook.secrets = vec![SECRET.into()];
         settings.webhook.signature.recipe = RecipeChoice::Pinned(RECIPE);
         settings.server.shutdown_grace = Duration::from_secs(5);
@@ -667,6 +734,7 @@ struct Progress {
 async fn watch(
     sim: &Simulator,
     outbox: &Path,
+    postgres: Option<&str>,
     total: usize,
     started: Instant,
     timeout: Duration,
@@ -683,13 +751,16 @@ async fn watch(
             last_call = (now, calls);
         }
         let path = outbox.to_owned();
-        let (done, settled, confirming) = tokio::task::spawn_blocking(move || {
+        let (done, settled, mut confirming) = tokio::task::spawn_blocking(move || {
             let (done, settled) = settled_rows(&path);
             let reporting = path.with_file_name(fenx_sync::store::FILE_NAME);
             (done, settled, confirmations(&reporting).0)
         })
         .await
         .unwrap();
+        if let Some(url) = postgres {
+            confirming = postgres_outcome(url).await.1.0;
+        }
         if (settled >= total && confirming == 0) || now - started > timeout {
             let call_rate = match first_call {
                 Some((at, count)) if last_call.0 > at => {
@@ -733,6 +804,37 @@ fn confirmations(reporting: &Path) -> (i64, i64) {
         |r| Ok((r.get(0)?, r.get(1)?)),
     )
     .unwrap_or((0, 0))
+}
+
+/// [`stored_entities`] and [`confirmations`] from a PostgreSQL reporting store; nothing before
+/// the service has created its tables.
+async fn postgres_outcome(url: &str) -> (HashMap<String, (i64, DateTime<Utc>)>, (i64, i64)) {
+    let (db, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("the bench database answers");
+    tokio::spawn(connection);
+    let stored = db
+        .query(
+            "SELECT e.entity_id, e.version,
+                    (SELECT min(stored_at) FROM entity_version AS v
+                      WHERE v.tenant_id = e.tenant_id AND v.entity_id = e.entity_id)
+               FROM entity AS e",
+            &[],
+        )
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let counts = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM entity_confirmation),
+                    (SELECT count(*) FROM sync_log WHERE outcome = 'confirmed-changed')",
+            &[],
+        )
+        .await
+        .map_or((0, 0), |r| (r.get(0), r.get(1)));
+    (stored, counts)
 }
 
 /// Every stored entity's version and when its first (provisional) row was written.
@@ -853,18 +955,13 @@ async fn claim_run(claims: usize, waiting: usize) -> f64 {
     .unwrap()
 }
 
-struct StoreOutcome {
-    elapsed: Duration,
-    /// `entity_property` plus `entity_collection` rows written.
-    rows: usize,
-}
-
 /// Upserts `count` distinct entities (the samples under new ids) into a fresh reporting store,
 /// one transaction each, as the worker does.
-async fn upsert_run(samples: &[EntitySnapshot], count: usize) -> StoreOutcome {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join(fenx_sync::store::FILE_NAME);
-    let store = SqliteStore::open(&path, "bench").unwrap();
+async fn upsert_run(
+    samples: &[EntitySnapshot],
+    count: usize,
+    store: &dyn ReportingStore,
+) -> Duration {
     // Prepared before the clock starts, so only the store's work is timed.
     let snapshots: Vec<EntitySnapshot> = (0..count)
         .map(|i| {
@@ -885,18 +982,5 @@ async fn upsert_run(samples: &[EntitySnapshot], count: usize) -> StoreOutcome {
             UpsertOutcome::Inserted
         );
     }
-    let elapsed = started.elapsed();
-    drop(store);
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    let rows: i64 = conn
-        .query_row(
-            "SELECT (SELECT count(*) FROM entity_property) + (SELECT count(*) FROM entity_collection)",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    StoreOutcome {
-        elapsed,
-        rows: rows as usize,
-    }
+    started.elapsed()
 }
