@@ -239,11 +239,13 @@ fn migrate_creates_the_schema_and_is_idempotent() {
         let out = fenx(&["migrate"], &[("FENX_STORE__DIR", store)]);
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
-    let conn = rusqlite::Connection::open(dir.path().join("outbox.db")).unwrap();
-    let version: i64 = conn
-        .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(version, 2);
+    for (file, current) in [("outbox.db", 3), ("reporting.db", 3)] {
+        let conn = rusqlite::Connection::open(dir.path().join(file)).unwrap();
+        let version: i64 = conn
+            .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, current, "{file}");
+    }
 }
 
 #[test]
