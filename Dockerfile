@@ -26,7 +26,7 @@ RUN mkdir -p src sim/src benches tests/it \
     && for bench in ingest sync backfill hostile faults; do echo 'fn main() {}' > "benches/$bench.rs"; done \
     && cargo build $CARGO_FLAGS \
     && rm -rf src
-COPY schema.sql ./
+COPY schema.sql schema.postgres.sql ./
 COPY src ./src
 # Newer than the placeholders' build, so cargo rebuilds the crate itself.
 RUN touch src/lib.rs src/main.rs \
