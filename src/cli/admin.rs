@@ -261,8 +261,11 @@ impl ReportingReport {
             ReportingReport::Unavailable { store, error } => {
                 format!("{store} UNAVAILABLE: {error}")
             }
+            ReportingReport::Open { store, stats, .. } if stats.entities == 0 => {
+                format!("{store}: no entities yet; {} bytes", stats.bytes)
+            }
             ReportingReport::Open { store, stats, .. } => {
-                let per = |bytes: i64| bytes / stats.entities.max(1);
+                let per = |bytes: i64| bytes / stats.entities;
                 format!(
                     "{store}: {} entities, {} versions; {} bytes per entity ({} without history)",
                     stats.entities,
