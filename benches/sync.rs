@@ -915,11 +915,15 @@ async fn claim_run(claims: usize, waiting: usize) -> f64 {
             .await
             .unwrap();
     }
-    // What a storm of 404s or 429s leaves behind: every one of them scheduled for later.
+    // What a storm of 404s or 429s leaves behind: every one of them claimed once (so in the
+    // entity index, where a claim puts the rows it finds appended) and scheduled for later.
     let later = fenx_sync::time::format(Utc::now() + chrono::Duration::hours(1));
     rusqlite::Connection::open(dir.path().join(fenx_sync::outbox::FILE_NAME))
         .unwrap()
-        .execute("UPDATE notification SET next_attempt_at = ?1", [later])
+        .execute(
+            "UPDATE notification SET next_attempt_at = ?1, entity_indexed = 1",
+            [later],
+        )
         .unwrap();
     for start in (0..claims).step_by(1000) {
         outbox

@@ -246,6 +246,11 @@ impl Reconciler {
                 }
             };
             tracing::info!(next = %due.to_rfc3339(), "next scheduled reconciliation");
+            if let Some(metrics) = &self.metrics {
+                metrics
+                    .reconcile_next_run
+                    .set(crate::telemetry::unix_seconds(due));
+            }
             let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}

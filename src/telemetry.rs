@@ -124,6 +124,8 @@ pub struct Metrics {
     pub reconcile_entities_listed: Family<KindLabel, Gauge>,
     /// Unix time the last run of each kind finished the whole list, in this process.
     pub reconcile_last_success: Family<KindLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Unix time the scheduled reconciliation is next due (0 without `reconcile.every`).
+    pub reconcile_next_run: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// 1 while `/readyz` answers 200, else 0.
     pub ready: Gauge,
     /// Free bytes on the filesystem under `store.dir`.
@@ -179,6 +181,7 @@ impl Metrics {
             reconcile_entities_seen: Family::default(),
             reconcile_entities_listed: Family::default(),
             reconcile_last_success: Family::default(),
+            reconcile_next_run: Gauge::default(),
             ready: Gauge::default(),
             store_free_bytes: Gauge::default(),
             outbox_pruned: Counter::default(),
@@ -326,6 +329,11 @@ impl Metrics {
             "reconcile_last_success_timestamp_seconds",
             "Unix time the last run that walked the whole entity list finished, by kind",
             metrics.reconcile_last_success.clone(),
+        );
+        r.register(
+            "reconcile_next_run_timestamp_seconds",
+            "Unix time the scheduled reconciliation is next due, as recorded in the reporting store (0: no schedule)",
+            metrics.reconcile_next_run.clone(),
         );
         r.register(
             "ready",

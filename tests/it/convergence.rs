@@ -378,17 +378,21 @@ async fn the_reconciliation_schedule_survives_a_restart_instead_of_starting_a_pa
     };
     let start = || {
         let metrics = Arc::new(Metrics::new());
-        let client = Arc::new(FenergoClient::new(&h.settings.fenergo, metrics).unwrap());
+        let client = Arc::new(FenergoClient::new(&h.settings.fenergo, metrics.clone()).unwrap());
         let store = Arc::new(SqliteStore::open(&path, &h.settings.fenergo.tenant_id).unwrap());
         let (stop, stopping) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(Reconciler::new(client, store, 100).run_on_schedule(
-            Duration::from_secs(24 * 60 * 60),
-            Arc::new(tokio::sync::Notify::new()),
-            stopping,
-        ));
-        (stop, task)
+        let task = tokio::spawn(
+            Reconciler::new(client, store, 100)
+                .with_metrics(metrics.clone())
+                .run_on_schedule(
+                    Duration::from_secs(24 * 60 * 60),
+                    Arc::new(tokio::sync::Notify::new()),
+                    stopping,
+                ),
+        );
+        (stop, task, metrics)
     };
-    let (stop, task) = start();
+    let (stop, task, _) = start();
     let mut first = None;
     for _ in 0..500 {
         first = next_due();
@@ -402,9 +406,18 @@ async fn the_reconciliation_schedule_survives_a_restart_instead_of_starting_a_pa
     stop.send(true).unwrap();
     task.await.unwrap();
 
-    // Restarted: the same due time, and no pass was started.
-    let (stop, task) = start();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Restarted: once it is waiting (it says when for), the same due time and no pass started.
+    let (stop, task, metrics) = start();
+    let due = fenx_sync::time::parse(&first).unwrap();
+    let mut waiting_for = 0.0;
+    for _ in 0..500 {
+        waiting_for = metrics.reconcile_next_run.get();
+        if waiting_for > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(waiting_for, fenx_sync::telemetry::unix_seconds(due));
     stop.send(true).unwrap();
     task.await.unwrap();
     assert_eq!(next_due(), Some(first));
