@@ -16,6 +16,7 @@ use fenx_sync::store::{RunKind, SqliteStore};
 use fenx_sync::telemetry::Metrics;
 use serde_json::json;
 
+use crate::helpers::eventually;
 use crate::sync::{Harness, later, new_worker, new_worker_with_metrics, sim_config};
 
 const UPDATED: &str = "entitydata:draftverified";
@@ -393,15 +394,7 @@ async fn the_reconciliation_schedule_survives_a_restart_instead_of_starting_a_pa
         (stop, task, metrics)
     };
     let (stop, task, _) = start();
-    let mut first = None;
-    for _ in 0..500 {
-        first = next_due();
-        if first.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let first = first.expect("the schedule is recorded within 10 s");
+    let first = eventually("the schedule is recorded", || async { next_due() }).await;
     assert!(first > fenx_sync::time::format(later(23 * 60 * 60)));
     stop.send(true).unwrap();
     task.await.unwrap();
@@ -409,14 +402,10 @@ async fn the_reconciliation_schedule_survives_a_restart_instead_of_starting_a_pa
     // Restarted: once it is waiting (it says when for), the same due time and no pass started.
     let (stop, task, metrics) = start();
     let due = fenx_sync::time::parse(&first).unwrap();
-    let mut waiting_for = 0.0;
-    for _ in 0..500 {
-        waiting_for = metrics.reconcile_next_run.get();
-        if waiting_for > 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let waiting_for = eventually("the restarted schedule is waiting", || async {
+        Some(metrics.reconcile_next_run.get()).filter(|&at| at > 0.0)
+    })
+    .await;
     assert_eq!(waiting_for, fenx_sync::telemetry::unix_seconds(due));
     stop.send(true).unwrap();
     task.await.unwrap();
