@@ -9,9 +9,9 @@
 -- newer version than it knows. The tables live in the connection's current schema (the first
 -- entry of search_path; `?options=-c%20search_path%3Dreporting` in the URL picks another).
 --
--- Keys: every table starts its key with tenant_id (Fenergo's tenant, `fenergo.tenant_id`), so
+-- Keys: every table's key includes tenant_id (Fenergo's tenant, `fenergo.tenant_id`), so
 -- instances for several tenants share one database; an instance reads and writes only its own
--- tenant's rows.
+-- tenant's rows. (Since migration 2 the entity tables' keys lead with entity_id.)
 -- Times: every time column is timestamptz. Times Fenergo sent (created, event_when) are converted;
 -- its original strings are kept only in the stored JSON (and the outbox's raw notification).
 -- Text: every text column compares and sorts by byte (COLLATE "C"), as SQLite's do: keys and
@@ -272,3 +272,107 @@ CREATE VIEW absent_entity AS
 SELECT tenant_id, entity_id, entity_type, version, status, absent_since, synced_at, confirmed_at
 FROM entity
 WHERE absent_since IS NOT NULL;
+
+-- migration: 2
+-- Cost flat as the store grows. The columns current_entity shows are stored on the entity row
+-- (fenx-sync fills them on every write; existing rows are filled below), so grouping or
+-- filtering on them is an index scan, not seven property lookups per entity. Property and data
+-- group rows are keyed by a plain index on their entity, which PostgreSQL stores once per entity
+-- with the row pointers after it (B-tree deduplication), where a primary key repeated the whole
+-- key per row; fenx-sync writes each (name) or (property, row_id, field) once per entity. The
+-- indexes on values, which cost more bytes per entity than the values themselves, give way to one
+-- on numbers. Lookups by arbitrary property text are yours to index if you need them:
+--   CREATE INDEX my_property_by_value ON entity_property (name, value);
+ALTER TABLE entity
+    ADD COLUMN previous_version bigint,                   -- the version this one replaced
+                                                          -- (NULL: the first fenx-sync stored)
+    ADD COLUMN legal_entity_name text COLLATE "C",        -- property legalEntityName
+    ADD COLUMN country_of_incorporation text COLLATE "C", -- property countryOfIncorporation
+    ADD COLUMN registration_number text COLLATE "C",      -- property registrationNumber
+    ADD COLUMN first_name text COLLATE "C",               -- property firstName
+    ADD COLUMN last_name text COLLATE "C",                -- property lastName
+    ADD COLUMN date_of_birth date,                        -- property dateOfBirth
+    ADD COLUMN entity_status text COLLATE "C",            -- property entityStatus
+    ADD COLUMN risk_category text COLLATE "C",            -- risk.riskCategory
+    ADD COLUMN risk_level text COLLATE "C";               -- risk.riskLevel
+UPDATE entity AS e SET
+    previous_version = (SELECT max(v.version) FROM entity_version AS v
+        WHERE v.tenant_id = e.tenant_id AND v.entity_id = e.entity_id AND v.version < e.version),
+    legal_entity_name = p.legal_entity_name,
+    country_of_incorporation = p.country_of_incorporation,
+    registration_number = p.registration_number,
+    first_name = p.first_name,
+    last_name = p.last_name,
+    date_of_birth = p.date_of_birth,
+    entity_status = p.entity_status,
+    risk_category = e.json -> 'risk' ->> 'riskCategory',
+    risk_level = e.json -> 'risk' ->> 'riskLevel'
+FROM (
+    SELECT tenant_id, entity_id,
+           max(value) FILTER (WHERE name = 'legalEntityName') AS legal_entity_name,
+           max(value) FILTER (WHERE name = 'countryOfIncorporation') AS country_of_incorporation,
+           max(value) FILTER (WHERE name = 'registrationNumber') AS registration_number,
+           max(value) FILTER (WHERE name = 'firstName') AS first_name,
+           max(value) FILTER (WHERE name = 'lastName') AS last_name,
+           max(value_date) FILTER (WHERE name = 'dateOfBirth') AS date_of_birth,
+           max(value) FILTER (WHERE name = 'entityStatus') AS entity_status
+      FROM entity_property GROUP BY tenant_id, entity_id
+) AS p
+WHERE p.tenant_id = e.tenant_id AND p.entity_id = e.entity_id;
+
+-- Keys lead with entity_id, then tenant_id: PostgreSQL cannot skip a leading column it is not
+-- given, and analysts look entities up by id without naming the tenant.
+ALTER TABLE entity DROP CONSTRAINT entity_pkey, ADD PRIMARY KEY (entity_id, tenant_id);
+ALTER TABLE entity_version DROP CONSTRAINT entity_version_pkey,
+    ADD PRIMARY KEY (entity_id, tenant_id, version);
+ALTER TABLE entity_property DROP CONSTRAINT entity_property_pkey;
+ALTER TABLE entity_collection DROP CONSTRAINT entity_collection_pkey;
+CREATE INDEX entity_property_of_entity ON entity_property (entity_id, tenant_id);
+CREATE INDEX entity_collection_of_entity ON entity_collection (entity_id, tenant_id);
+DROP INDEX entity_by_type;
+DROP INDEX entity_by_last_event_when;
+DROP INDEX entity_property_by_value;
+DROP INDEX entity_collection_by_value;
+-- Companies by country, individuals by date of birth with their names: read from the index
+-- alone (an index-only scan, once VACUUM has marked the pages all-visible; fenx-sync vacuums
+-- entity after a backfill). tenant_id comes after the columns analysts filter on, so a query
+-- that does not name the tenant still seeks.
+CREATE INDEX entity_by_country ON entity (entity_type, country_of_incorporation, tenant_id);
+CREATE INDEX entity_by_date_of_birth ON entity (entity_type, date_of_birth)
+    INCLUDE (tenant_id, entity_id, first_name, last_name, legal_entity_name)
+    WHERE date_of_birth IS NOT NULL;
+-- Entities with an earlier version: what changed in their latest one.
+CREATE INDEX entity_with_previous ON entity (tenant_id, entity_id)
+    WHERE previous_version IS NOT NULL;
+-- "Which entities have a number property above N" (numberOfEmployees > 250).
+CREATE INDEX entity_property_by_number ON entity_property (name, value_number)
+    WHERE value_number IS NOT NULL;
+
+-- Current entities with the most used properties as columns (NULL where an entity does not have
+-- the property). Every other property is in entity_property, or entity.json.
+DROP VIEW current_entity;
+CREATE VIEW current_entity AS
+SELECT
+    tenant_id,
+    entity_id,
+    entity_type,
+    version,
+    previous_version,               -- the version this one replaced (NULL: the first stored)
+    status,
+    created,
+    coalesce(legal_entity_name,
+             nullif(trim(coalesce(first_name, '') || ' ' || coalesce(last_name, '')), ''))
+        AS name,                    -- legal entity name, else first and last name
+    legal_entity_name,
+    country_of_incorporation,
+    registration_number,
+    first_name,
+    last_name,
+    date_of_birth,
+    entity_status,
+    risk_category,
+    risk_level,
+    last_event_type,
+    last_event_when,
+    synced_at
+FROM entity;

@@ -104,7 +104,7 @@ CREATE INDEX notification_pending_entity
     ON notification (entity_key) WHERE status = 'pending' AND entity_indexed = 1;
 CREATE INDEX notification_unindexed ON notification (seq) WHERE entity_indexed = 0;
 
--- section: reporting version: 3
+-- section: reporting version: 4
 
 -- reporting.db: the latest verified copy of every entity fetched from Fenergo, its history, and
 -- a log of the notifications that caused each fetch. Written only by fenx-sync; analysts read it
@@ -114,7 +114,8 @@ CREATE INDEX notification_unindexed ON notification (seq) WHERE entity_indexed =
 --
 -- Its shape is built by the numbered blocks below, applied in order, once each, in one
 -- transaction: a new file gets all of them, an older file those above its recorded version.
--- Block 3 holds the current shape and documents it; blocks 1 and 2 are how older files looked.
+-- Block 3 documents the tables; block 4 gives the entity row its summary columns and the
+-- indexes their current set. Blocks 1 and 2 are how older files looked.
 
 CREATE TABLE IF NOT EXISTS schema_version (
     version     INTEGER NOT NULL PRIMARY KEY,
@@ -645,3 +646,74 @@ CREATE VIEW absent_entity AS
 SELECT tenant_id, entity_id, entity_type, version, status, absent_since, synced_at, confirmed_at
 FROM entity
 WHERE absent_since IS NOT NULL;
+
+-- upgrade: 4
+-- Cost flat as the store grows. The columns current_entity shows are stored on the entity row
+-- (fenx-sync fills them on every write, and for existing rows right after this block), so
+-- grouping or filtering on them is an index scan, not seven property lookups per entity; and the
+-- indexes on values, which cost more bytes per entity than the values themselves, give way to
+-- one on numbers. Lookups by arbitrary property text are yours to index if you need them:
+--   CREATE INDEX my_property_by_value ON entity_property (name, value);
+ALTER TABLE entity ADD COLUMN previous_version INTEGER;  -- the version this one replaced
+                                                         -- (NULL: the first fenx-sync stored)
+ALTER TABLE entity ADD COLUMN legal_entity_name TEXT;          -- property legalEntityName
+ALTER TABLE entity ADD COLUMN country_of_incorporation TEXT;   -- property countryOfIncorporation
+ALTER TABLE entity ADD COLUMN registration_number TEXT;        -- property registrationNumber
+ALTER TABLE entity ADD COLUMN first_name TEXT;                 -- property firstName
+ALTER TABLE entity ADD COLUMN last_name TEXT;                  -- property lastName
+ALTER TABLE entity ADD COLUMN date_of_birth TEXT;              -- property dateOfBirth, 'YYYY-MM-DD'
+ALTER TABLE entity ADD COLUMN entity_status TEXT;              -- property entityStatus
+ALTER TABLE entity ADD COLUMN risk_category TEXT;              -- risk.riskCategory
+ALTER TABLE entity ADD COLUMN risk_level TEXT;                 -- risk.riskLevel
+UPDATE entity SET previous_version = (
+    SELECT max(v.version) FROM entity_version AS v
+     WHERE v.tenant_id = entity.tenant_id AND v.entity_id = entity.entity_id
+       AND v.version < entity.version);
+
+DROP INDEX entity_by_type;
+DROP INDEX entity_by_last_event_when;
+DROP INDEX entity_property_by_value;
+DROP INDEX entity_collection_by_value;
+-- Companies by country, individuals by date of birth with their names: read from the index
+-- alone. tenant_id comes after the columns analysts filter on, so a query that does not name
+-- the tenant still seeks.
+CREATE INDEX entity_by_country ON entity (entity_type, country_of_incorporation, tenant_id);
+CREATE INDEX entity_by_date_of_birth
+    ON entity (entity_type, date_of_birth, tenant_id, entity_id, first_name, last_name,
+               legal_entity_name)
+    WHERE date_of_birth IS NOT NULL;
+-- Entities with an earlier version: what changed in their latest one.
+CREATE INDEX entity_with_previous ON entity (tenant_id, entity_id)
+    WHERE previous_version IS NOT NULL;
+-- "Which entities have a number property above N" (numberOfEmployees > 250).
+CREATE INDEX entity_property_by_number ON entity_property (name, value_number)
+    WHERE value_number IS NOT NULL;
+
+DROP VIEW current_entity;
+-- Current entities with the most used properties as columns (NULL where an entity does not
+-- have the property). Every other property is in entity_property, or entity.json.
+CREATE VIEW current_entity AS
+SELECT
+    tenant_id,
+    entity_id,
+    entity_type,
+    version,
+    previous_version,               -- the version this one replaced (NULL: the first stored)
+    status,
+    created,
+    coalesce(legal_entity_name,
+             nullif(trim(coalesce(first_name, '') || ' ' || coalesce(last_name, '')), ''))
+        AS name,                    -- legal entity name, else first and last name
+    legal_entity_name,
+    country_of_incorporation,
+    registration_number,
+    first_name,
+    last_name,
+    date_of_birth,
+    entity_status,
+    risk_category,
+    risk_level,
+    last_event_type,
+    last_event_when,
+    synced_at
+FROM entity;

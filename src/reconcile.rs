@@ -3,7 +3,8 @@
 //! sync worker, so a new install starts complete and gaps (a disabled webhook, notifications
 //! past their 30-day TTL) are repaired. Progress and the cursor are saved after every page, so
 //! an interrupted backfill resumes where it stopped. A reconciliation that walked the whole list
-//! marks stored entities the list no longer returns (`absent_since`). The schedule counts from
+//! marks stored entities the list no longer returns (`absent_since`); a finished backfill has the
+//! store refresh its planner statistics, as it has just filled it. The schedule counts from
 //! the last recorded run (kept in the store), so a restart does not start a full pass. With
 //! [`Reconciler::with_metrics`] each run reports its progress and its last success as
 //! `fenx_reconcile_*` gauges.
@@ -176,6 +177,9 @@ impl Reconciler {
             }
             on_page(&run);
             if last {
+                if kind == RunKind::Backfill {
+                    self.store.refresh_statistics().await?;
+                }
                 return Ok(run);
             }
         }

@@ -1,5 +1,6 @@
 //! Flattening of an EntityDto's `properties` map into the rows of `entity_property` and
-//! `entity_collection`, so analysts can filter on property values without JSON functions.
+//! `entity_collection`, so analysts can filter on property values without JSON functions, and
+//! into the [`Summary`] columns of `entity` that `current_entity` shows.
 //!
 //! Each value is kept as text and, where it reads as one, also as a number, a boolean and a
 //! date ([`Typed`]), so analysts compare and sum without CAST.
@@ -57,6 +58,43 @@ impl Typed {
             number,
             boolean,
             date,
+        }
+    }
+}
+
+/// The most used properties, kept as columns of the entity row so that grouping and filtering on
+/// them (companies by country, individuals by date of birth) is an index scan rather than a
+/// property lookup per entity.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    pub legal_entity_name: Option<String>,
+    pub country_of_incorporation: Option<String>,
+    pub registration_number: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub date_of_birth: Option<NaiveDate>,
+    pub entity_status: Option<String>,
+    /// The entity's `risk.riskCategory` and `risk.riskLevel`, as text like property values.
+    pub risk_category: Option<String>,
+    pub risk_level: Option<String>,
+}
+
+impl Summary {
+    /// Picks the summary out of an entity's flattened `properties` and its EntityDto `json`.
+    pub fn of(properties: &[PropertyRow], json: &Value) -> Summary {
+        let find = |name: &str| properties.iter().find(|p| p.name == name);
+        let value = |name: &str| find(name).and_then(|p| p.value.clone());
+        let risk = |field: &str| json.get("risk").and_then(|r| r.get(field)).and_then(text);
+        Summary {
+            legal_entity_name: value("legalEntityName"),
+            country_of_incorporation: value("countryOfIncorporation"),
+            registration_number: value("registrationNumber"),
+            first_name: value("firstName"),
+            last_name: value("lastName"),
+            date_of_birth: find("dateOfBirth").and_then(|p| p.typed.date),
+            entity_status: value("entityStatus"),
+            risk_category: risk("riskCategory"),
+            risk_level: risk("riskLevel"),
         }
     }
 }
@@ -424,5 +462,34 @@ mod tests {
         for not_a_map in [json!(null), json!([]), json!("x")] {
             assert_eq!(flatten(&not_a_map), (vec![], vec![]));
         }
+    }
+
+    #[test]
+    fn the_summary_takes_the_current_entity_columns_from_properties_and_risk() {
+        let json = json!({
+            "risk": {"riskCategory": "High", "riskLevel": 3},
+            "properties": {
+                "legalEntityName": {"type": "Single", "value": "Acme Ltd"},
+                "countryOfIncorporation": {"type": "Single", "value": "Ireland"},
+                "dateOfBirth": {"type": "Single", "value": "1960-05-01T00:00:00"},
+                "registeredAddress": {"type": "Custom", "properties": {
+                    "firstName": {"type": "Single", "value": "nested, not the entity's"},
+                }},
+            },
+        });
+        let (props, _) = flatten(&json["properties"]);
+        let summary = Summary::of(&props, &json);
+        assert_eq!(
+            summary,
+            Summary {
+                legal_entity_name: Some("Acme Ltd".into()),
+                country_of_incorporation: Some("Ireland".into()),
+                date_of_birth: NaiveDate::from_ymd_opt(1960, 5, 1),
+                risk_category: Some("High".into()),
+                risk_level: Some("3".into()),
+                ..Summary::default()
+            }
+        );
+        assert_eq!(Summary::of(&[], &json!(null)), Summary::default());
     }
 }

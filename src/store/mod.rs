@@ -437,6 +437,12 @@ pub trait ReportingStore: Send + Sync {
     /// Returns how many were deleted.
     async fn prune_history(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
 
+    /// Refreshes the query planner's statistics (`ANALYZE`; PostgreSQL also vacuums `entity`
+    /// for index-only scans), after a pass that wrote much of the store: without them a freshly
+    /// filled store's planner guesses, and may scan a million entity rows where an index finds a
+    /// few thousand.
+    async fn refresh_statistics(&self) -> Result<(), StoreError>;
+
     /// Proves the store answers (and, for SQLite, that the path still names the open file).
     async fn check(&self) -> Result<StoreCheck, StoreError>;
 

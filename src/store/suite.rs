@@ -10,23 +10,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
 
+pub(crate) use fenx_sim::testkit::cookbook::Dialect;
+
 use super::*;
-
-/// Which SQL dialect a store speaks, as the README cookbook marks its lines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Dialect {
-    Sqlite,
-    Postgres,
-}
-
-impl Dialect {
-    fn marker(self) -> &'static str {
-        match self {
-            Dialect::Sqlite => "-- SQLite",
-            Dialect::Postgres => "-- PostgreSQL",
-        }
-    }
-}
 
 /// A fresh, empty database for one test.
 #[async_trait]
@@ -61,6 +47,7 @@ macro_rules! store_suite {
             recorded_state_round_trips,
             history_is_pruned_but_never_the_current_version,
             stats_count_entities_and_bytes,
+            statistics_are_refreshed_for_the_planner,
             every_readme_cookbook_query_runs_and_finds_rows
         );
     };
@@ -485,6 +472,55 @@ pub(crate) async fn current_entity_shows_the_common_properties_as_columns(db: &d
         .await,
         ["IE|2", "(unknown)|1"]
     );
+    // A newer version replaces the columns (a property it no longer has is NULL) and names
+    // the version it replaced.
+    let renamed = entity(
+        "c-1",
+        3,
+        json!({"legalEntityName": single("Acme Holdings")}),
+    );
+    store
+        .upsert_entity(&renamed, &cause("n-4", "2024-01-02T10:00:00Z"))
+        .await
+        .unwrap();
+    assert_eq!(
+        db.rows(
+            "SELECT previous_version, version, name, country_of_incorporation
+             FROM current_entity WHERE entity_id = 'c-1'"
+        )
+        .await,
+        ["2|3|Acme Holdings|NULL"]
+    );
+    assert_eq!(
+        db.rows("SELECT previous_version FROM current_entity WHERE entity_id = 'p-1'")
+            .await,
+        ["NULL"]
+    );
+}
+
+pub(crate) async fn statistics_are_refreshed_for_the_planner(db: &dyn TestDb) {
+    let store = db.open(TENANT).await;
+    store
+        .upsert_entity(
+            &entity("e-1", 1, json!({"legalEntityName": single("Acme")})),
+            &cause("n-1", "2024-01-01T10:00:00Z"),
+        )
+        .await
+        .unwrap();
+    // SQLite keeps its statistics in a table that ANALYZE creates.
+    let (exists, analyzed) = match db.dialect() {
+        Dialect::Sqlite => (
+            "SELECT 1 FROM sqlite_schema WHERE name = 'sqlite_stat1'",
+            "SELECT DISTINCT tbl FROM sqlite_stat1 WHERE tbl = 'entity'",
+        ),
+        Dialect::Postgres => (
+            "SELECT 1 FROM pg_class WHERE oid = 'entity'::regclass AND reltuples > 0",
+            "SELECT relname FROM pg_class WHERE oid = 'entity'::regclass AND reltuples > 0",
+        ),
+    };
+    assert!(db.rows(exists).await.is_empty(), "not analyzed yet");
+    store.refresh_statistics().await.unwrap();
+    assert_eq!(db.rows(analyzed).await, ["entity"]);
 }
 
 pub(crate) async fn sync_lag_measures_from_when_to_processed_at_per_event_type(db: &dyn TestDb) {
@@ -1004,29 +1040,6 @@ pub(crate) async fn stats_count_entities_and_bytes(db: &dyn TestDb) {
     assert!(!store.describe().is_empty());
 }
 
-/// The statements of the README's cookbook in `dialect`: lines marked for the other store
-/// dropped, `:id` bound to `e-1`.
-fn cookbook(dialect: Dialect) -> Vec<String> {
-    let readme = include_str!("../../README.md");
-    let section = &readme[readme.find("### Cookbook").expect("a cookbook section")..];
-    let start = section.find("```sql\n").expect("a SQL block") + "```sql\n".len();
-    let block = &section[start..start + section[start..].find("```").expect("its end")];
-    let others = [Dialect::Sqlite, Dialect::Postgres]
-        .into_iter()
-        .filter(|d| *d != dialect)
-        .map(Dialect::marker)
-        .collect::<Vec<_>>();
-    let kept: String = block
-        .lines()
-        .filter(|line| !others.iter().any(|m| line.trim_end().ends_with(m)))
-        .map(|line| format!("{line}\n"))
-        .collect();
-    kept.split(";\n")
-        .map(|statement| statement.trim().replace(":id", "'e-1'"))
-        .filter(|statement| statement.lines().any(|l| !l.trim_start().starts_with("--")))
-        .collect()
-}
-
 pub(crate) async fn every_readme_cookbook_query_runs_and_finds_rows(db: &dyn TestDb) {
     let store = db.open(TENANT).await;
     let company = |version, name: &str| {
@@ -1035,7 +1048,7 @@ pub(crate) async fn every_readme_cookbook_query_runs_and_finds_rows(db: &dyn Tes
             version,
             json!({
                 "legalEntityName": single(name),
-                "countryOfIncorporation": single("IE"),
+                "countryOfIncorporation": single("Ireland"),
                 "numberOfEmployees": {"type": "Single", "value": 300},
                 "addresses": {"type": "Collection", "collections": {
                     "r1": {"properties": {"addressLine1": "1 Main St", "city": "Cork", "country": "IE"}},
@@ -1066,9 +1079,10 @@ pub(crate) async fn every_readme_cookbook_query_runs_and_finds_rows(db: &dyn Tes
     store.record_processed(&[synced, dead]).await.unwrap();
     let run = store.start_reconcile(RunKind::Reconcile).await.unwrap();
     store.save_reconcile(&run, true).await.unwrap();
-    let statements = cookbook(db.dialect());
+    let readme = include_str!("../../README.md");
+    let statements = fenx_sim::testkit::cookbook::statements(readme, db.dialect(), "e-1");
     assert!(statements.len() >= 10, "{statements:#?}");
-    for sql in statements {
+    for (_, sql) in statements {
         let found = db.rows(&sql).await;
         assert!(!found.is_empty(), "no rows from:\n{sql}");
     }

@@ -1,12 +1,14 @@
 //! What tests and benchmarks share (feature `testkit`, or this crate's own tests): here a
 //! reqwest client that talks to a started simulator the way fenx-sync does (token, bearer,
 //! tenant, correlation id), so tests exercise real HTTP; fenx-sync as a child process in
-//! [`service`]; benchmark knobs and figures in [`bench`].
+//! [`service`]; benchmark knobs and figures in [`bench`]; the README's SQL cookbook in
+//! [`cookbook`].
 //!
 //! It must never be compiled into the fenx-sync binary (only dev-dependencies enable the
 //! feature) and never hide a status code from a test.
 
 pub mod bench;
+pub mod cookbook;
 pub mod postgres;
 pub mod service;
 

@@ -21,7 +21,7 @@ use serde_json::Value;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
-use crate::store::flatten::{CollectionRow, PropertyRow, Typed, flatten};
+use crate::store::flatten::{CollectionRow, PropertyRow, Summary, Typed, flatten};
 use crate::store::{EntitySnapshot, SyncCause, UpsertOutcome};
 
 /// One entity to write, with the notification that caused it.
@@ -33,6 +33,7 @@ pub(super) struct Write<'a> {
 /// A [`Write`] with its rows flattened, done before a connection is taken.
 pub(super) struct Prepared<'a> {
     write: &'a Write<'a>,
+    summary: Summary,
     properties: Vec<PropertyRow>,
     collections: Vec<CollectionRow>,
 }
@@ -43,6 +44,7 @@ impl<'a> Prepared<'a> {
             flatten(write.entity.json.get("properties").unwrap_or(&Value::Null));
         Prepared {
             write,
+            summary: Summary::of(&properties, &write.entity.json),
             properties,
             collections,
         }
@@ -60,9 +62,13 @@ impl<'a> Prepared<'a> {
 const UPSERT: &str = "
 WITH input AS (
     SELECT * FROM unnest($2::text[], $3::text[], $4::bigint[], $5::text[], $6::timestamptz[],
-                         $7::jsonb[], $8::text[], $9::text[], $10::timestamptz[]) WITH ORDINALITY
+                         $7::jsonb[], $8::text[], $9::text[], $10::timestamptz[], $12::text[],
+                         $13::text[], $14::text[], $15::text[], $16::text[], $17::date[],
+                         $18::text[], $19::text[], $20::text[]) WITH ORDINALITY
         AS i(entity_id, entity_type, version, status, created, json, notification_id,
-             event_type, event_when, ord)
+             event_type, event_when, legal_entity_name, country_of_incorporation,
+             registration_number, first_name, last_name, date_of_birth, entity_status,
+             risk_category, risk_level, ord)
 ),
 prior AS (
     SELECT e.entity_id, e.version FROM entity AS e JOIN input AS i
@@ -70,12 +76,22 @@ prior AS (
 ),
 written AS (
     INSERT INTO entity AS e (tenant_id, entity_id, entity_type, version, status, created, json,
-        last_notification_id, last_event_type, last_event_when, synced_at)
+        last_notification_id, last_event_type, last_event_when, synced_at, legal_entity_name,
+        country_of_incorporation, registration_number, first_name, last_name, date_of_birth,
+        entity_status, risk_category, risk_level)
     SELECT $1, entity_id, entity_type, version, status, created, json, notification_id,
-           event_type, event_when, $11
+           event_type, event_when, $11, legal_entity_name, country_of_incorporation,
+           registration_number, first_name, last_name, date_of_birth, entity_status,
+           risk_category, risk_level
       FROM input ORDER BY ord
     ON CONFLICT (tenant_id, entity_id) DO UPDATE SET entity_type = EXCLUDED.entity_type,
-        version = EXCLUDED.version, status = EXCLUDED.status, created = EXCLUDED.created,
+        previous_version = e.version, version = EXCLUDED.version, status = EXCLUDED.status,
+        created = EXCLUDED.created, legal_entity_name = EXCLUDED.legal_entity_name,
+        country_of_incorporation = EXCLUDED.country_of_incorporation,
+        registration_number = EXCLUDED.registration_number, first_name = EXCLUDED.first_name,
+        last_name = EXCLUDED.last_name, date_of_birth = EXCLUDED.date_of_birth,
+        entity_status = EXCLUDED.entity_status, risk_category = EXCLUDED.risk_category,
+        risk_level = EXCLUDED.risk_level,
         json = EXCLUDED.json, last_notification_id = EXCLUDED.last_notification_id,
         last_event_type = EXCLUDED.last_event_type, last_event_when = EXCLUDED.last_event_when,
         synced_at = EXCLUDED.synced_at, absent_since = NULL
@@ -180,6 +196,11 @@ async fn write_round(
         .iter()
         .map(|p| cause(p).event_when.map(super::ms))
         .collect();
+    let summaries: Vec<&Summary> = items.iter().map(|p| &p.summary).collect();
+    let text_of = |pick: fn(&Summary) -> &Option<String>| -> Vec<Option<&str>> {
+        summaries.iter().map(|s| pick(s).as_deref()).collect()
+    };
+    let births: Vec<_> = summaries.iter().map(|s| s.date_of_birth).collect();
     let upsert = tx.prepare_cached(UPSERT).await?;
     let rows = tx
         .query(
@@ -196,6 +217,15 @@ async fn write_round(
                 &events,
                 &whens,
                 &now,
+                &text_of(|s| &s.legal_entity_name),
+                &text_of(|s| &s.country_of_incorporation),
+                &text_of(|s| &s.registration_number),
+                &text_of(|s| &s.first_name),
+                &text_of(|s| &s.last_name),
+                &births,
+                &text_of(|s| &s.entity_status),
+                &text_of(|s| &s.risk_category),
+                &text_of(|s| &s.risk_level),
             ],
         )
         .await?;

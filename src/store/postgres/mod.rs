@@ -523,6 +523,21 @@ impl ReportingStore for PostgresStore {
         .await
     }
 
+    async fn refresh_statistics(&self) -> Result<(), StoreError> {
+        self.run(|| "refresh the query planner's statistics".into(), async {
+            let client = self.client().await?;
+            // VACUUM marks entity's pages all-visible, which its covering indexes need to
+            // answer from the index alone; the other tables only need their statistics.
+            // One statement each: VACUUM refuses to run in a multi-statement string.
+            client.simple_query("VACUUM (ANALYZE) entity").await?;
+            client
+                .simple_query("ANALYZE entity_property, entity_collection, entity_version")
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn check(&self) -> Result<StoreCheck, StoreError> {
         self.run(|| "answer a trivial query".into(), async {
             let client = self.client().await?;

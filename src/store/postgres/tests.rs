@@ -187,6 +187,49 @@ async fn a_batch_is_written_in_one_go_and_a_repeated_entity_in_order() {
 }
 
 #[tokio::test]
+async fn a_version_1_database_gets_its_summary_columns_and_keeps_working() {
+    let Some(schema) = Schema::fresh("a_version_1_database_upgrades").await else {
+        return;
+    };
+    let full = include_str!("../../../schema.postgres.sql");
+    let version_1 = &full[..full.find("-- migration: 2").expect("a migration 2")];
+    let json = r#"{"id": "e-1", "risk": {"riskLevel": 2}, "properties": {
+        "legalEntityName": {"type": "Single", "value": "Acme v2"}}}"#;
+    schema
+        .rows(&format!(
+            "{version_1};
+             INSERT INTO schema_version VALUES (1, now());
+             INSERT INTO entity (tenant_id, entity_id, entity_type, version, json, synced_at)
+                 VALUES ('t1', 'e-1', 'Company', 2, '{json}', now());
+             INSERT INTO entity_property (tenant_id, entity_id, name, value, value_type)
+                 VALUES ('t1', 'e-1', 'legalEntityName', 'Acme v2', 'Single');
+             INSERT INTO entity_version (tenant_id, entity_id, version, json, stored_at)
+                 VALUES ('t1', 'e-1', 1, '{{}}', now()), ('t1', 'e-1', 2, '{json}', now());"
+        ))
+        .await;
+    let store = schema.open("t1").await;
+    assert_eq!(
+        schema
+            .rows("SELECT previous_version, version, name, risk_level FROM current_entity")
+            .await,
+        ["1|2|Acme v2|2"]
+    );
+    let newer = entity(
+        "e-1",
+        3,
+        json!({"legalEntityName": {"type": "Single", "value": "Acme v3"}}),
+    );
+    store.upsert_entity(&newer, &cause("n-3")).await.unwrap();
+    assert_eq!(
+        schema
+            .rows("SELECT previous_version, version, name FROM current_entity")
+            .await,
+        ["2|3|Acme v3"]
+    );
+    schema.drop().await;
+}
+
+#[tokio::test]
 async fn the_migration_is_recorded_and_a_newer_database_refused() {
     let Some(schema) = Schema::fresh("the_migration_is_recorded").await else {
         return;

@@ -10,7 +10,7 @@ use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
 use serde_json::Value;
 
 use super::{Inner, read_time};
-use crate::store::flatten::{CollectionRow, PropertyRow, Typed, flatten};
+use crate::store::flatten::{CollectionRow, PropertyRow, Summary, Typed, flatten};
 use crate::store::{
     EntitySnapshot, ReadFollowUp, StoreError, StoreStats, StoredState, SyncCause, UpsertOutcome,
 };
@@ -19,16 +19,21 @@ use crate::time;
 /// An entity's JSON text and flattened rows, computed before the write lock is taken.
 pub(super) struct Prepared {
     json: String,
+    summary: Summary,
     properties: Vec<PropertyRow>,
     collections: Vec<CollectionRow>,
 }
 
 impl Prepared {
     pub(super) fn of(entity: &EntitySnapshot) -> Prepared {
-        let (properties, collections) =
-            flatten(entity.json.get("properties").unwrap_or(&Value::Null));
+        Prepared::from_json(entity.json.to_string(), &entity.json)
+    }
+
+    fn from_json(text: String, json: &Value) -> Prepared {
+        let (properties, collections) = flatten(json.get("properties").unwrap_or(&Value::Null));
         Prepared {
-            json: entity.json.to_string(),
+            json: text,
+            summary: Summary::of(&properties, json),
             properties,
             collections,
         }
@@ -144,8 +149,9 @@ impl Inner {
                  last_notification_id, last_event_type, last_event_when, synced_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
              ON CONFLICT (tenant_id, entity_id) DO UPDATE SET
-                 entity_type = excluded.entity_type, version = excluded.version,
-                 status = excluded.status, created = excluded.created, json = excluded.json,
+                 entity_type = excluded.entity_type, previous_version = version,
+                 version = excluded.version, status = excluded.status,
+                 created = excluded.created, json = excluded.json,
                  last_notification_id = excluded.last_notification_id,
                  last_event_type = excluded.last_event_type,
                  last_event_when = excluded.last_event_when, synced_at = excluded.synced_at,
@@ -164,6 +170,7 @@ impl Inner {
             cause.event_when.map(time::format),
             now,
         ])?;
+        write_summary(tx, tenant, id, &rows.summary)?;
         write_flattened(tx, tenant, id, rows)?;
         // OR IGNORE: history is append-only; a version stored before (say, after the entity row
         // was deleted by hand) keeps its first record.
@@ -230,6 +237,37 @@ impl Inner {
     }
 }
 
+/// Sets the entity row's summary columns (the row exists: it was just written).
+fn write_summary(
+    tx: &Transaction<'_>,
+    tenant: &str,
+    id: &str,
+    summary: &Summary,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE entity SET legal_entity_name = ?3, country_of_incorporation = ?4,
+             registration_number = ?5, first_name = ?6, last_name = ?7, date_of_birth = ?8,
+             entity_status = ?9, risk_category = ?10, risk_level = ?11
+          WHERE tenant_id = ?1 AND entity_id = ?2",
+    )?
+    .execute(params![
+        tenant,
+        id,
+        summary.legal_entity_name,
+        summary.country_of_incorporation,
+        summary.registration_number,
+        summary.first_name,
+        summary.last_name,
+        summary
+            .date_of_birth
+            .map(|d| d.format("%Y-%m-%d").to_string()),
+        summary.entity_status,
+        summary.risk_category,
+        summary.risk_level,
+    ])?;
+    Ok(())
+}
+
 /// Replaces an entity's property and data group rows with `rows`'.
 fn write_flattened(
     tx: &Transaction<'_>,
@@ -284,8 +322,8 @@ fn typed_params(typed: &Typed) -> (Option<f64>, Option<bool>, Option<String>) {
     )
 }
 
-/// Flattens every stored entity's JSON into its property and data group rows again: after an
-/// upgrade that changed what flattening writes.
+/// Flattens every stored entity's JSON into its summary columns, property and data group rows
+/// again: after an upgrade that changed what flattening writes.
 pub(super) fn flatten_all(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     let mut select = tx.prepare("SELECT tenant_id, entity_id, json FROM entity")?;
     let entities = select
@@ -298,13 +336,9 @@ pub(super) fn flatten_all(tx: &Transaction<'_>) -> rusqlite::Result<()> {
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     for (tenant, id, json) in entities {
-        let json: Value = serde_json::from_str(&json).unwrap_or(Value::Null);
-        let (properties, collections) = flatten(json.get("properties").unwrap_or(&Value::Null));
-        let rows = Prepared {
-            json: String::new(),
-            properties,
-            collections,
-        };
+        let parsed: Value = serde_json::from_str(&json).unwrap_or(Value::Null);
+        let rows = Prepared::from_json(json, &parsed);
+        write_summary(tx, &tenant, &id, &rows.summary)?;
         write_flattened(tx, &tenant, &id, &rows)?;
     }
     Ok(())

@@ -138,10 +138,10 @@ async fn opening_twice_and_reapplying_the_schema_is_harmless() {
     let mut conn = sqlite::open(&path, Durability::Normal, PageSize::Large, BUSY_TIMEOUT).unwrap();
     conn.execute_batch("CREATE TEMP TABLE migration_tenant AS SELECT 't' AS tenant_id")
         .unwrap();
-    assert_eq!(sqlite::apply_schema(&mut conn, &path, SECTION).unwrap(), 3);
+    assert_eq!(sqlite::apply_schema(&mut conn, &path, SECTION).unwrap(), 4);
     assert_eq!(
         rows(&path, "SELECT max(version) FROM schema_version"),
-        ["3"]
+        ["4"]
     );
     assert_eq!(rows(&path, "SELECT name FROM current_entity"), ["Acme"]);
     let journal: String = Connection::open(&path)
@@ -178,6 +178,7 @@ fn write_version_2_file(path: &Path) {
              '2024-01-01T10:00:01.000Z');
          INSERT INTO entity_property VALUES ('e-1', 'firstName', 'Ann', 'Single');
          INSERT INTO entity_version VALUES ('e-1', 3, '{}', '2024-01-01T10:00:01.000Z', 'n-3', NULL);
+         INSERT INTO entity_version VALUES ('e-1', 2, '{}', '2024-01-01T09:00:01.000Z', 'n-2', NULL);
          INSERT INTO sync_log VALUES ('n-3', NULL, 'e-1', 'synced', 1, '2024-01-01T10:00:00.900Z',
              '2024-01-01t10:00:00.5z', '2024-01-01T10:00:01.000Z', NULL);
          INSERT INTO sync_state VALUES ('reconcile.next_due_at', 'x', '2024-01-01T10:00:01.000Z',
@@ -194,7 +195,7 @@ async fn a_version_2_file_is_upgraded_in_place_under_the_configured_tenant() {
     let store = SqliteStore::open(&path, "bank-1").unwrap();
     assert_eq!(
         rows(&path, "SELECT max(version) FROM schema_version"),
-        ["3"]
+        ["4"]
     );
     assert_eq!(
         rows(
@@ -207,15 +208,15 @@ async fn a_version_2_file_is_upgraded_in_place_under_the_configured_tenant() {
     assert_eq!(
         rows(
             &path,
-            "SELECT first_name, date_of_birth FROM current_entity"
+            "SELECT first_name, date_of_birth, previous_version FROM current_entity"
         ),
-        ["Ann|1980-02-29"]
+        ["Ann|1980-02-29|2"]
     );
     assert_eq!(
         rows(&path, "SELECT tenant_id, event_when FROM sync_log"),
         ["bank-1|2024-01-01T10:00:00.500Z"]
     );
-    assert_eq!(rows(&path, "SELECT count(*) FROM entity_version"), ["1"]);
+    assert_eq!(rows(&path, "SELECT count(*) FROM entity_version"), ["2"]);
     assert!(
         store
             .state(StateKey::ReconcileNextDue)
