@@ -298,15 +298,16 @@ ALTER TABLE entity
 UPDATE entity AS e SET
     previous_version = (SELECT max(v.version) FROM entity_version AS v
         WHERE v.tenant_id = e.tenant_id AND v.entity_id = e.entity_id AND v.version < e.version),
+    risk_category = e.json -> 'risk' ->> 'riskCategory',
+    risk_level = e.json -> 'risk' ->> 'riskLevel';
+UPDATE entity AS e SET
     legal_entity_name = p.legal_entity_name,
     country_of_incorporation = p.country_of_incorporation,
     registration_number = p.registration_number,
     first_name = p.first_name,
     last_name = p.last_name,
     date_of_birth = p.date_of_birth,
-    entity_status = p.entity_status,
-    risk_category = e.json -> 'risk' ->> 'riskCategory',
-    risk_level = e.json -> 'risk' ->> 'riskLevel'
+    entity_status = p.entity_status
 FROM (
     SELECT tenant_id, entity_id,
            max(value) FILTER (WHERE name = 'legalEntityName') AS legal_entity_name,

@@ -663,8 +663,8 @@ ALTER TABLE entity ADD COLUMN first_name TEXT;                 -- property first
 ALTER TABLE entity ADD COLUMN last_name TEXT;                  -- property lastName
 ALTER TABLE entity ADD COLUMN date_of_birth TEXT;              -- property dateOfBirth, 'YYYY-MM-DD'
 ALTER TABLE entity ADD COLUMN entity_status TEXT;              -- property entityStatus
-ALTER TABLE entity ADD COLUMN risk_category TEXT;              -- risk.riskCategory
-ALTER TABLE entity ADD COLUMN risk_level TEXT;                 -- risk.riskLevel
+ALTER TABLE entity ADD COLUMN risk_category;     -- risk.riskCategory, typed as json_extract reads it
+ALTER TABLE entity ADD COLUMN risk_level;        -- risk.riskLevel (a number, usually)
 UPDATE entity SET previous_version = (
     SELECT max(v.version) FROM entity_version AS v
      WHERE v.tenant_id = entity.tenant_id AND v.entity_id = entity.entity_id

@@ -177,8 +177,12 @@ impl Reconciler {
             }
             on_page(&run);
             if last {
-                if kind == RunKind::Backfill {
-                    self.store.refresh_statistics().await?;
+                // The run is recorded as finished: a store that cannot refresh its statistics
+                // only plans queries less well, so the backfill still succeeds.
+                if kind == RunKind::Backfill
+                    && let Err(error) = self.store.refresh_statistics().await
+                {
+                    tracing::warn!(%error, "backfill finished, but the store's query planner statistics were not refreshed; analysts' queries may be slow until ANALYZE runs");
                 }
                 return Ok(run);
             }

@@ -74,9 +74,10 @@ pub struct Summary {
     pub last_name: Option<String>,
     pub date_of_birth: Option<NaiveDate>,
     pub entity_status: Option<String>,
-    /// The entity's `risk.riskCategory` and `risk.riskLevel`, as text like property values.
-    pub risk_category: Option<String>,
-    pub risk_level: Option<String>,
+    /// The entity's `risk.riskCategory` and `risk.riskLevel` as the JSON has them (SQLite keeps
+    /// their type, as `json_extract` reads it; PostgreSQL their [`text`], as `->>` does).
+    pub risk_category: Option<Value>,
+    pub risk_level: Option<Value>,
 }
 
 impl Summary {
@@ -84,7 +85,12 @@ impl Summary {
     pub fn of(properties: &[PropertyRow], json: &Value) -> Summary {
         let find = |name: &str| properties.iter().find(|p| p.name == name);
         let value = |name: &str| find(name).and_then(|p| p.value.clone());
-        let risk = |field: &str| json.get("risk").and_then(|r| r.get(field)).and_then(text);
+        let risk = |field: &str| {
+            json.get("risk")
+                .and_then(|r| r.get(field))
+                .filter(|v| !v.is_null())
+                .cloned()
+        };
         Summary {
             legal_entity_name: value("legalEntityName"),
             country_of_incorporation: value("countryOfIncorporation"),
@@ -246,7 +252,7 @@ fn collection_rows(property: &str, collections: Option<&Value>, out: &mut Vec<Co
 }
 
 /// Strings as they are, null as NULL, anything else as its JSON text.
-fn text(value: &Value) -> Option<String> {
+pub fn text(value: &Value) -> Option<String> {
     match value {
         Value::Null => None,
         Value::String(s) => Some(s.clone()),
@@ -485,8 +491,8 @@ mod tests {
                 legal_entity_name: Some("Acme Ltd".into()),
                 country_of_incorporation: Some("Ireland".into()),
                 date_of_birth: NaiveDate::from_ymd_opt(1960, 5, 1),
-                risk_category: Some("High".into()),
-                risk_level: Some("3".into()),
+                risk_category: Some(json!("High")),
+                risk_level: Some(json!(3)),
                 ..Summary::default()
             }
         );

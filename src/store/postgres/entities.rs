@@ -21,7 +21,7 @@ use serde_json::Value;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
-use crate::store::flatten::{CollectionRow, PropertyRow, Summary, Typed, flatten};
+use crate::store::flatten::{CollectionRow, PropertyRow, Summary, Typed, flatten, text};
 use crate::store::{EntitySnapshot, SyncCause, UpsertOutcome};
 
 /// One entity to write, with the notification that caused it.
@@ -201,6 +201,12 @@ async fn write_round(
         summaries.iter().map(|s| pick(s).as_deref()).collect()
     };
     let births: Vec<_> = summaries.iter().map(|s| s.date_of_birth).collect();
+    let risk_of = |pick: fn(&Summary) -> &Option<Value>| -> Vec<Option<String>> {
+        summaries
+            .iter()
+            .map(|s| pick(s).as_ref().and_then(text))
+            .collect()
+    };
     let upsert = tx.prepare_cached(UPSERT).await?;
     let rows = tx
         .query(
@@ -224,8 +230,8 @@ async fn write_round(
                 &text_of(|s| &s.last_name),
                 &births,
                 &text_of(|s| &s.entity_status),
-                &text_of(|s| &s.risk_category),
-                &text_of(|s| &s.risk_level),
+                &risk_of(|s| &s.risk_category),
+                &risk_of(|s| &s.risk_level),
             ],
         )
         .await?;

@@ -524,18 +524,28 @@ impl ReportingStore for PostgresStore {
     }
 
     async fn refresh_statistics(&self) -> Result<(), StoreError> {
-        self.run(|| "refresh the query planner's statistics".into(), async {
+        self.migrate().await?;
+        // Neither the call timeout nor the pool's statement timeout: VACUUM reads the whole
+        // entity table, which takes minutes on a large store.
+        let work = async {
             let client = self.client().await?;
-            // VACUUM marks entity's pages all-visible, which its covering indexes need to
-            // answer from the index alone; the other tables only need their statistics.
-            // One statement each: VACUUM refuses to run in a multi-statement string.
-            client.simple_query("VACUUM (ANALYZE) entity").await?;
-            client
-                .simple_query("ANALYZE entity_property, entity_collection, entity_version")
-                .await?;
-            Ok(())
+            client.simple_query("SET statement_timeout = 0").await?;
+            // One statement each: VACUUM refuses to run in a multi-statement string. VACUUM
+            // marks entity's pages all-visible, which its covering indexes need to answer from
+            // the index alone; the other tables only need their statistics.
+            let refreshed = match client.simple_query("VACUUM (ANALYZE) entity").await {
+                Ok(_) => client
+                    .simple_query("ANALYZE entity_property, entity_collection, entity_version")
+                    .await
+                    .map(drop),
+                Err(error) => Err(error),
+            };
+            client.simple_query("RESET statement_timeout").await?;
+            refreshed.map_err(Failure::from)
+        };
+        work.await.map_err(|failure| {
+            self.failed("refresh the query planner's statistics".into(), failure)
         })
-        .await
     }
 
     async fn check(&self) -> Result<StoreCheck, StoreError> {

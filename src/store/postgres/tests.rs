@@ -204,15 +204,20 @@ async fn a_version_1_database_gets_its_summary_columns_and_keeps_working() {
              INSERT INTO entity_property (tenant_id, entity_id, name, value, value_type)
                  VALUES ('t1', 'e-1', 'legalEntityName', 'Acme v2', 'Single');
              INSERT INTO entity_version (tenant_id, entity_id, version, json, stored_at)
-                 VALUES ('t1', 'e-1', 1, '{{}}', now()), ('t1', 'e-1', 2, '{json}', now());"
+                 VALUES ('t1', 'e-1', 1, '{{}}', now()), ('t1', 'e-1', 2, '{json}', now());
+             INSERT INTO entity (tenant_id, entity_id, version, json, synced_at)
+                 VALUES ('t1', 'e-2', 1, '{{\"risk\": {{\"riskLevel\": 1}}}}', now());"
         ))
         .await;
     let store = schema.open("t1").await;
     assert_eq!(
         schema
-            .rows("SELECT previous_version, version, name, risk_level FROM current_entity")
+            .rows(
+                "SELECT entity_id, previous_version, version, name, risk_level
+                 FROM current_entity ORDER BY entity_id"
+            )
             .await,
-        ["1|2|Acme v2|2"]
+        ["e-1|1|2|Acme v2|2", "e-2|NULL|1|NULL|1"]
     );
     let newer = entity(
         "e-1",
@@ -222,7 +227,9 @@ async fn a_version_1_database_gets_its_summary_columns_and_keeps_working() {
     store.upsert_entity(&newer, &cause("n-3")).await.unwrap();
     assert_eq!(
         schema
-            .rows("SELECT previous_version, version, name FROM current_entity")
+            .rows(
+                "SELECT previous_version, version, name FROM current_entity WHERE entity_id = 'e-1'"
+            )
             .await,
         ["2|3|Acme v3"]
     );

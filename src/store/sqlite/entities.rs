@@ -262,10 +262,27 @@ fn write_summary(
             .date_of_birth
             .map(|d| d.format("%Y-%m-%d").to_string()),
         summary.entity_status,
-        summary.risk_category,
-        summary.risk_level,
+        summary.risk_category.as_ref().map(json_scalar),
+        summary.risk_level.as_ref().map(json_scalar),
     ])?;
     Ok(())
+}
+
+/// A JSON value as `json_extract` returns it: numbers as numbers, booleans as 1/0, strings as
+/// text, arrays and objects as their JSON text.
+fn json_scalar(value: &Value) -> rusqlite::types::Value {
+    use rusqlite::types::Value as Sql;
+    match value {
+        Value::Null => Sql::Null,
+        Value::Bool(b) => Sql::Integer(i64::from(*b)),
+        Value::Number(n) => n
+            .as_i64()
+            .map(Sql::Integer)
+            .or_else(|| n.as_f64().map(Sql::Real))
+            .unwrap_or_else(|| Sql::Text(n.to_string())),
+        Value::String(s) => Sql::Text(s.clone()),
+        other => Sql::Text(other.to_string()),
+    }
 }
 
 /// Replaces an entity's property and data group rows with `rows`'.

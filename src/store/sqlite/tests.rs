@@ -265,3 +265,24 @@ async fn a_deleted_file_is_reopened_and_counted() {
     assert!(path.exists());
     assert_eq!(rows(&path, "SELECT count(*) FROM sync_log"), ["0"]);
 }
+
+#[tokio::test]
+async fn risk_columns_keep_the_json_type_as_json_extract_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(FILE_NAME);
+    let store = SqliteStore::open(&path, "t").unwrap();
+    for (id, level) in [("e-1", json!(10)), ("e-2", json!(2)), ("e-3", json!(true))] {
+        let mut e = entity(id, 1, "Acme");
+        e.json["risk"] = json!({"riskCategory": "High", "riskLevel": level});
+        store.upsert_entity(&e, &cause(id)).await.unwrap();
+    }
+    assert_eq!(
+        rows(
+            &path,
+            "SELECT entity_id, typeof(risk_level), typeof(risk_category) FROM current_entity
+              WHERE risk_level > 2 ORDER BY entity_id"
+        ),
+        ["e-1|integer|text"],
+        "10 > 2 as numbers; true is 1"
+    );
+}
