@@ -377,3 +377,14 @@ SELECT
     last_event_when,
     synced_at
 FROM entity;
+
+-- migration: 3
+-- Indexes deferred by a bulk load, as in schema.sql's reporting version 5: a backfill into a
+-- store holding no entities (of any tenant) drops the indexes keyed by property values
+-- (entity_by_date_of_birth, entity_property_by_number) and builds them once at its end; while
+-- one is dropped its CREATE INDEX statement waits here.
+CREATE TABLE deferred_index (
+    name        text COLLATE "C" PRIMARY KEY, -- the index
+    definition  text NOT NULL,                -- its CREATE INDEX statement
+    deferred_at timestamptz NOT NULL          -- when the bulk load dropped it
+);

@@ -104,7 +104,7 @@ CREATE INDEX notification_pending_entity
     ON notification (entity_key) WHERE status = 'pending' AND entity_indexed = 1;
 CREATE INDEX notification_unindexed ON notification (seq) WHERE entity_indexed = 0;
 
--- section: reporting version: 4
+-- section: reporting version: 5
 
 -- reporting.db: the latest verified copy of every entity fetched from Fenergo, its history, and
 -- a log of the notifications that caused each fetch. Written only by fenx-sync; analysts read it
@@ -717,3 +717,16 @@ SELECT
     last_event_when,
     synced_at
 FROM entity;
+
+-- upgrade: 5
+-- Indexes deferred by a bulk load. A backfill into a store holding no entities drops the indexes
+-- keyed by property values (entity_by_date_of_birth, entity_property_by_number): each insert
+-- into one lands on a page at random, so keeping them up row by row slows the load as the store
+-- grows, where building them once at its end reads the rows in order. While one is dropped its
+-- CREATE INDEX statement waits here; fenx-sync runs it when the backfill ends (finished or
+-- failed), and at start-up when no backfill is left unfinished.
+CREATE TABLE deferred_index (
+    name        TEXT PRIMARY KEY,      -- the index
+    definition  TEXT NOT NULL,         -- its CREATE INDEX statement
+    deferred_at TEXT NOT NULL          -- when the bulk load dropped it
+) WITHOUT ROWID;

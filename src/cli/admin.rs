@@ -261,18 +261,28 @@ impl ReportingReport {
             ReportingReport::Unavailable { store, error } => {
                 format!("{store} UNAVAILABLE: {error}")
             }
-            ReportingReport::Open { store, stats, .. } if stats.entities == 0 => {
-                format!("{store}: no entities yet; {} bytes", stats.bytes)
-            }
             ReportingReport::Open { store, stats, .. } => {
-                let per = |bytes: i64| bytes / stats.entities;
-                format!(
-                    "{store}: {} entities, {} versions; {} bytes per entity ({} without history)",
-                    stats.entities,
-                    stats.versions,
-                    per(stats.bytes),
-                    per(stats.bytes_without_history)
-                )
+                let size = if stats.entities == 0 {
+                    format!("{store}: no entities yet; {} bytes", stats.bytes)
+                } else {
+                    let per = |bytes: i64| bytes / stats.entities;
+                    format!(
+                        "{store}: {} entities, {} versions; {} bytes per entity ({} without history)",
+                        stats.entities,
+                        stats.versions,
+                        per(stats.bytes),
+                        per(stats.bytes_without_history)
+                    )
+                };
+                match stats.deferred_indexes.as_slice() {
+                    [] => size,
+                    deferred => format!(
+                        "{size}; indexes DEFERRED until the backfill ends: {} (an interrupted \
+                         backfill builds them when resumed; the service builds them at start-up \
+                         when no backfill is unfinished)",
+                        deferred.join(", ")
+                    ),
+                }
             }
         }
     }
@@ -291,6 +301,7 @@ impl ReportingReport {
                 "versions": stats.versions,
                 "bytes": stats.bytes,
                 "bytes_without_history": stats.bytes_without_history,
+                "deferred_indexes": stats.deferred_indexes,
             }),
         }
     }

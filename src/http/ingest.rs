@@ -494,6 +494,11 @@ mod tests {
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
+        // tracing caches each callsite's interest process-wide, decided on the thread that
+        // reaches it first: a sibling test with no subscriber would cache `never` for the
+        // refusal's line. With a global default in place no thread decides against a subscriber
+        // (once per test binary: a later call finds it set).
+        let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
         let _guard = tracing::subscriber::set_default(subscriber);
         let dir = tempfile::tempdir().unwrap();
         let (routes, _) = ingress(dir.path(), HealthRules::default());

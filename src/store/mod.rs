@@ -266,7 +266,7 @@ pub struct StoreCheck {
 }
 
 /// The store's size, for `fenx-sync status` and the benchmarks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StoreStats {
     /// Entities of this tenant.
     pub entities: i64,
@@ -276,7 +276,15 @@ pub struct StoreStats {
     pub bytes: i64,
     /// Bytes of everything but the history (`entity_version` and its indexes).
     pub bytes_without_history: i64,
+    /// Indexes a bulk load dropped and has not built again yet ([`ReportingStore::defer_indexes`]).
+    pub deferred_indexes: Vec<String>,
 }
+
+/// The indexes a bulk load into an empty store builds at its end instead of row by row: the two
+/// whose keys are property values. The others grow at their ends (their keys lead with
+/// low-cardinality columns), are empty during a first load (`entity_with_previous`), or are
+/// the keys the upsert itself looks up.
+pub const BULK_LOAD_INDEXES: [&str; 2] = ["entity_by_date_of_birth", "entity_property_by_number"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -442,6 +450,17 @@ pub trait ReportingStore: Send + Sync {
     /// filled store's planner guesses, and may scan a million entity rows where an index finds a
     /// few thousand.
     async fn refresh_statistics(&self) -> Result<(), StoreError>;
+
+    /// Before a bulk load: when the store holds no entities of any tenant, drops the
+    /// [`BULK_LOAD_INDEXES`], recording each one's definition in `deferred_index`, and returns
+    /// their names; a store with entities keeps them (and `[]` is returned). Their keys are
+    /// property values, so each insert into one dirties a page at random: building them once
+    /// after the load costs a fraction of keeping them up row by row.
+    async fn defer_indexes(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Creates every index recorded in `deferred_index` (by this instance or another) and
+    /// returns their names; `[]` when none is deferred.
+    async fn build_deferred_indexes(&self) -> Result<Vec<String>, StoreError>;
 
     /// Proves the store answers (and, for SQLite, that the path still names the open file).
     async fn check(&self) -> Result<StoreCheck, StoreError>;

@@ -48,6 +48,7 @@ macro_rules! store_suite {
             history_is_pruned_but_never_the_current_version,
             stats_count_entities_and_bytes,
             statistics_are_refreshed_for_the_planner,
+            value_indexes_are_deferred_only_while_no_tenant_has_entities,
             every_readme_cookbook_query_runs_and_finds_rows
         );
     };
@@ -521,6 +522,61 @@ pub(crate) async fn statistics_are_refreshed_for_the_planner(db: &dyn TestDb) {
     assert!(db.rows(exists).await.is_empty(), "not analyzed yet");
     store.refresh_statistics().await.unwrap();
     assert_eq!(db.rows(analyzed).await, ["entity"]);
+}
+
+pub(crate) async fn value_indexes_are_deferred_only_while_no_tenant_has_entities(db: &dyn TestDb) {
+    let names = BULK_LOAD_INDEXES.map(|name| format!("'{name}'")).join(", ");
+    let present = match db.dialect() {
+        Dialect::Sqlite => format!(
+            "SELECT name FROM sqlite_schema WHERE type = 'index' AND name IN ({names}) ORDER BY name"
+        ),
+        Dialect::Postgres => format!(
+            "SELECT indexname FROM pg_indexes
+              WHERE schemaname = current_schema() AND indexname IN ({names}) ORDER BY indexname"
+        ),
+    };
+    let all: Vec<String> = BULK_LOAD_INDEXES.map(String::from).to_vec();
+    let store = db.open(TENANT).await;
+    let other = db.open("tenant-b").await;
+    assert_eq!(db.rows(&present).await, all);
+
+    assert_eq!(store.defer_indexes().await.unwrap(), all);
+    assert!(db.rows(&present).await.is_empty());
+    assert_eq!(store.stats().await.unwrap().deferred_indexes, all);
+    assert_eq!(
+        other.stats().await.unwrap().deferred_indexes,
+        all,
+        "store-wide"
+    );
+    // Writes and the queries the indexes serve go on without them.
+    let mut person = entity(
+        "p-1",
+        1,
+        json!({"dateOfBirth": single("1960-05-01"), "numberOfEmployees": {"type": "Single", "value": 300}}),
+    );
+    person.entity_type = Some("Individual".into());
+    store
+        .upsert_entity(&person, &cause("n-1", "2024-01-01T10:00:00Z"))
+        .await
+        .unwrap();
+    let born_before_1970 = "SELECT entity_id FROM entity
+        WHERE entity_type = 'Individual' AND date_of_birth < '1970-01-01'";
+    assert_eq!(db.rows(born_before_1970).await, ["p-1"]);
+
+    assert_eq!(store.build_deferred_indexes().await.unwrap(), all);
+    assert_eq!(db.rows(&present).await, all);
+    assert_eq!(db.rows(born_before_1970).await, ["p-1"]);
+    assert!(store.stats().await.unwrap().deferred_indexes.is_empty());
+    assert!(store.build_deferred_indexes().await.unwrap().is_empty());
+
+    // Any tenant's entities make the store worth its indexes, for that tenant's analysts.
+    store
+        .upsert_entity(&person, &cause("n-1", "2024-01-01T10:00:00Z"))
+        .await
+        .unwrap();
+    let fresh = db.open("tenant-c").await;
+    assert!(fresh.defer_indexes().await.unwrap().is_empty());
+    assert_eq!(db.rows(&present).await, all);
 }
 
 pub(crate) async fn sync_lag_measures_from_when_to_processed_at_per_event_type(db: &dyn TestDb) {

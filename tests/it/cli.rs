@@ -239,7 +239,7 @@ fn migrate_creates_the_schema_and_is_idempotent() {
         let out = fenx(&["migrate"], &[("FENX_STORE__DIR", store)]);
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
-    for (file, current) in [("outbox.db", 3), ("reporting.db", 4)] {
+    for (file, current) in [("outbox.db", 3), ("reporting.db", 5)] {
         let conn = rusqlite::Connection::open(dir.path().join(file)).unwrap();
         let version: i64 = conn
             .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))

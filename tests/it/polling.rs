@@ -9,8 +9,8 @@ use fenx_sync::config::Settings;
 use fenx_sync::fenergo::FenergoClient;
 use fenx_sync::outbox::{Outbox, OutboxOptions};
 use fenx_sync::poller::{Polled, Poller};
-use fenx_sync::reconcile::Reconciler;
-use fenx_sync::store::{RunKind, SqliteStore};
+use fenx_sync::reconcile::{ReconcileError, Reconciler, build_indexes_left_deferred};
+use fenx_sync::store::{ReportingStore, RunKind, SqliteStore};
 use fenx_sync::telemetry::Metrics;
 use rusqlite::Connection;
 
@@ -29,8 +29,35 @@ fn sim_config(requests_per_second: Option<u32>) -> SimConfig {
     }
 }
 
+/// The SQLite reporting store the settings name.
+fn reporting_store(settings: &Settings) -> Arc<SqliteStore> {
+    Arc::new(
+        SqliteStore::open(
+            &settings.store.reporting_path(),
+            &settings.fenergo.tenant_id,
+        )
+        .unwrap(),
+    )
+}
+
 fn count(conn: &Connection, sql: &str) -> i64 {
     conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+/// How many of the bulk load's indexes are deferred, and how many exist.
+fn bulk_load_indexes(conn: &Connection) -> (i64, i64) {
+    let names = fenx_sync::store::BULK_LOAD_INDEXES
+        .map(|name| format!("'{name}'"))
+        .join(", ");
+    (
+        count(conn, "SELECT count(*) FROM deferred_index"),
+        count(
+            conn,
+            &format!(
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND name IN ({names})"
+            ),
+        ),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,13 +198,7 @@ async fn a_backfill_resumes_after_an_interruption_and_reads_each_page_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = test_settings(dir.path());
     sync_settings(&mut settings, &sim);
-    let store = Arc::new(
-        SqliteStore::open(
-            &settings.store.reporting_path(),
-            &settings.fenergo.tenant_id,
-        )
-        .unwrap(),
-    );
+    let store = reporting_store(&settings);
     let reconciler = Arc::new(Reconciler::new(client(&settings), store.clone(), 100));
 
     // Interrupted after five pages, as if the process were killed.
@@ -198,13 +219,23 @@ async fn a_backfill_resumes_after_an_interruption_and_reads_each_page_once() {
     first.abort();
     let _ = first.await;
     let pages_before = sim.stats().list_pages;
+    let reporting = Connection::open(settings.store.reporting_path()).unwrap();
+    assert_eq!(
+        bulk_load_indexes(&reporting),
+        (2, 0),
+        "a backfill into an empty store builds its value indexes at its end, not row by row"
+    );
 
     let run = reconciler
         .run(RunKind::Backfill, true, |_| {})
         .await
         .unwrap();
-    let reporting = Connection::open(settings.store.reporting_path()).unwrap();
     assert_eq!(count(&reporting, "SELECT count(*) FROM entity"), 2000);
+    assert_eq!(
+        bulk_load_indexes(&reporting),
+        (0, 2),
+        "the resumed backfill built the indexes the interrupted one deferred"
+    );
     assert_eq!(
         (run.counts.seen, run.counts.added),
         (2000, 2000),
@@ -224,6 +255,49 @@ async fn a_backfill_resumes_after_an_interruption_and_reads_each_page_once() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_that_fails_still_builds_the_indexes_it_deferred() {
+    let sim = Simulator::start(sim_config(None)).await;
+    sim.sample_entities(0..10);
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(dir.path());
+    sync_settings(&mut settings, &sim);
+    settings.fenergo.client_secret = Some("not-the-secret".into());
+    let store = reporting_store(&settings);
+    let reconciler = Reconciler::new(client(&settings), store.clone(), 100);
+    let refused = reconciler.run(RunKind::Backfill, true, |_| {}).await;
+    assert!(
+        matches!(refused, Err(ReconcileError::CredentialsRefused(_))),
+        "{refused:?}"
+    );
+    let reporting = Connection::open(settings.store.reporting_path()).unwrap();
+    assert_eq!(bulk_load_indexes(&reporting), (0, 2));
+    assert_eq!(
+        store.stats().await.unwrap().deferred_indexes,
+        Vec::<String>::new()
+    );
+}
+
+#[tokio::test]
+async fn at_start_up_indexes_left_deferred_are_built_unless_a_backfill_is_unfinished() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reporting.db");
+    let store: Arc<dyn ReportingStore> = Arc::new(SqliteStore::open(&path, "tenant").unwrap());
+    store.defer_indexes().await.unwrap();
+    let run = store.start_reconcile(RunKind::Backfill).await.unwrap();
+    let reporting = Connection::open(&path).unwrap();
+
+    build_indexes_left_deferred(store.clone()).await;
+    assert_eq!(
+        bulk_load_indexes(&reporting),
+        (2, 0),
+        "left for the unfinished backfill to build when it is resumed"
+    );
+    store.save_reconcile(&run, true).await.unwrap();
+    build_indexes_left_deferred(store.clone()).await;
+    assert_eq!(bulk_load_indexes(&reporting), (0, 2));
+}
+
 #[tokio::test]
 async fn reconciliation_repairs_missing_and_behind_entities_within_the_rate_limit() {
     let sim = Simulator::start(sim_config(Some(20))).await;
@@ -234,13 +308,7 @@ async fn reconciliation_repairs_missing_and_behind_entities_within_the_rate_limi
     // A little under the tenant's limit: network jitter can bunch two calls at the server.
     settings.fenergo.requests_per_second = 19;
     settings.fenergo.max_concurrent_requests = 10;
-    let store = Arc::new(
-        SqliteStore::open(
-            &settings.store.reporting_path(),
-            &settings.fenergo.tenant_id,
-        )
-        .unwrap(),
-    );
+    let store = reporting_store(&settings);
     let reconciler = Reconciler::new(client(&settings), store, 25);
     let first = reconciler
         .run(RunKind::Backfill, false, |_| {})

@@ -2,7 +2,8 @@
 //! bounded pool of connections to a database that several fenx-sync instances (of one tenant or
 //! of many) share and analysts query. `schema.postgres.sql` holds its tables; `connect.rs` the
 //! URL, TLS and pool; `migrate.rs` the migrations; `entities.rs` the monotonic batch upsert;
-//! `confirmations.rs` the pending confirmation reads; `records.rs` everything else it keeps.
+//! `confirmations.rs` the pending confirmation reads; `indexes.rs` a bulk load's deferred
+//! indexes; `records.rs` everything else it keeps.
 //!
 //! It must never read or write another tenant's rows (every statement is keyed by the tenant the
 //! store was opened with), never let an older or equal version overwrite a stored one, never take
@@ -20,6 +21,7 @@ use deadpool_postgres::{Client, Pool, PoolError};
 mod confirmations;
 mod connect;
 mod entities;
+mod indexes;
 mod migrate;
 mod records;
 
@@ -546,6 +548,25 @@ impl ReportingStore for PostgresStore {
         work.await.map_err(|failure| {
             self.failed("refresh the query planner's statistics".into(), failure)
         })
+    }
+
+    async fn defer_indexes(&self) -> Result<Vec<String>, StoreError> {
+        self.run(|| "defer the bulk load's indexes".into(), async {
+            let mut client = self.client().await?;
+            indexes::defer(&mut client).await
+        })
+        .await
+    }
+
+    async fn build_deferred_indexes(&self) -> Result<Vec<String>, StoreError> {
+        self.migrate().await?;
+        // Not within the call timeout: building takes as long as the tables are big.
+        let work = async {
+            let mut client = self.client().await?;
+            indexes::build(&mut client).await
+        };
+        work.await
+            .map_err(|failure| self.failed("build the deferred indexes".into(), failure))
     }
 
     async fn check(&self) -> Result<StoreCheck, StoreError> {

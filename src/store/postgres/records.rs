@@ -322,7 +322,7 @@ pub(super) async fn prune_history(
 }
 
 /// The reporting tables, for sizes and grants.
-const TABLES: [&str; 9] = [
+const TABLES: [&str; 10] = [
     "entity",
     "entity_property",
     "entity_collection",
@@ -331,6 +331,7 @@ const TABLES: [&str; 9] = [
     "reconcile_run",
     "sync_state",
     "entity_confirmation",
+    "deferred_index",
     "schema_version",
 ];
 
@@ -346,7 +347,9 @@ pub(super) async fn stats(
                        FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
                       WHERE n.nspname = current_schema() AND c.relname = ANY($2)
                         AND c.relkind = 'r'),
-                    pg_total_relation_size('entity_version')",
+                    pg_total_relation_size('entity_version'),
+                    (SELECT coalesce(array_agg(name::text ORDER BY name), '{}')
+                       FROM deferred_index)",
         )
         .await?;
     let row = client.query_one(&select, &[&tenant, &&TABLES[..]]).await?;
@@ -357,6 +360,7 @@ pub(super) async fn stats(
         versions: row.get(1),
         bytes,
         bytes_without_history: bytes - history,
+        deferred_indexes: row.get(4),
     })
 }
 

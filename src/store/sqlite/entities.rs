@@ -231,6 +231,7 @@ impl Inner {
                 versions: count("entity_version")?,
                 bytes,
                 bytes_without_history: bytes - history,
+                deferred_indexes: Inner::deferred_indexes(&conn)?,
             })
         };
         read().map_err(|source| self.error("measure the store".into(), source))

@@ -1,7 +1,7 @@
 //! The SQLite reporting store (`reporting.db`, the default): the [`ReportingStore`] interface
 //! over one file, schema section `reporting` of `schema.sql`. Entity writes are in `entities.rs`,
-//! confirmations in `confirmations.rs`, the processing log, runs and recorded state in
-//! `records.rs`.
+//! confirmations in `confirmations.rs`, a bulk load's deferred indexes in `indexes.rs`, the
+//! processing log, runs and recorded state in `records.rs`.
 //!
 //! It must never write into a file that is no longer `reporting.db` (every use first compares
 //! the path's device and inode with the file it opened, and reopens with an ERROR when it was
@@ -20,6 +20,7 @@ use rusqlite::Connection;
 
 mod confirmations;
 mod entities;
+mod indexes;
 mod records;
 
 use super::{
@@ -360,6 +361,14 @@ impl ReportingStore for SqliteStore {
                 .map_err(|source| s.error("refresh the query planner's statistics".into(), source))
         })
         .await
+    }
+
+    async fn defer_indexes(&self) -> Result<Vec<String>, StoreError> {
+        self.blocking(Inner::defer_indexes).await
+    }
+
+    async fn build_deferred_indexes(&self) -> Result<Vec<String>, StoreError> {
+        self.blocking(Inner::build_deferred_indexes).await
     }
 
     async fn check(&self) -> Result<StoreCheck, StoreError> {

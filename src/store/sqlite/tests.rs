@@ -138,10 +138,10 @@ async fn opening_twice_and_reapplying_the_schema_is_harmless() {
     let mut conn = sqlite::open(&path, Durability::Normal, PageSize::Large, BUSY_TIMEOUT).unwrap();
     conn.execute_batch("CREATE TEMP TABLE migration_tenant AS SELECT 't' AS tenant_id")
         .unwrap();
-    assert_eq!(sqlite::apply_schema(&mut conn, &path, SECTION).unwrap(), 4);
+    assert_eq!(sqlite::apply_schema(&mut conn, &path, SECTION).unwrap(), 5);
     assert_eq!(
         rows(&path, "SELECT max(version) FROM schema_version"),
-        ["4"]
+        ["5"]
     );
     assert_eq!(rows(&path, "SELECT name FROM current_entity"), ["Acme"]);
     let journal: String = Connection::open(&path)
@@ -195,7 +195,7 @@ async fn a_version_2_file_is_upgraded_in_place_under_the_configured_tenant() {
     let store = SqliteStore::open(&path, "bank-1").unwrap();
     assert_eq!(
         rows(&path, "SELECT max(version) FROM schema_version"),
-        ["4"]
+        ["5"]
     );
     assert_eq!(
         rows(
