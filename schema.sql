@@ -723,8 +723,9 @@ FROM entity;
 -- keyed by property values (entity_by_date_of_birth, entity_property_by_number): each insert
 -- into one lands on a page at random, so keeping them up row by row slows the load as the store
 -- grows, where building them once at its end reads the rows in order. While one is dropped its
--- CREATE INDEX statement waits here; fenx-sync runs it when the backfill ends (finished or
--- failed), and at start-up when no backfill is left unfinished.
+-- CREATE INDEX statement waits here; fenx-sync runs it at the end of a backfill or
+-- reconciliation, or at start-up, once no backfill is unfinished (a failed one, resumed, goes
+-- on loading without them).
 CREATE TABLE deferred_index (
     name        TEXT PRIMARY KEY,      -- the index
     definition  TEXT NOT NULL,         -- its CREATE INDEX statement

@@ -165,7 +165,13 @@ pub async fn run(
                 if settings.sync.enabled || settings.reconcile.schedule().is_some() {
                     let opened = store::open_for_service(&settings).await?;
                     tracing::info!(store = %opened.describe(), "reporting store open");
-                    tokio::spawn(reconcile::build_indexes_left_deferred(opened.clone()));
+                    let deferring = opened.clone();
+                    tokio::spawn(async move {
+                        reconcile::build_deferred_indexes_unless_a_backfill_is_unfinished(
+                            &*deferring,
+                        )
+                        .await
+                    });
                     store = Some(opened);
                 }
                 if let (true, Some(store)) = (settings.sync.enabled, &store) {

@@ -4,12 +4,12 @@
 //! past their 30-day TTL) are repaired. Progress and the cursor are saved after every page, so
 //! an interrupted backfill resumes where it stopped. A reconciliation that walked the whole list
 //! marks stored entities the list no longer returns (`absent_since`). A walk into a store holding
-//! no entities defers the indexes on property values and builds them at its end (finished or
-//! not); a finished backfill has the store refresh its planner statistics, as it has just filled
-//! it. The schedule counts from
-//! the last recorded run (kept in the store), so a restart does not start a full pass. With
-//! [`Reconciler::with_metrics`] each run reports its progress and its last success as
-//! `fenx_reconcile_*` gauges.
+//! no entities defers the indexes on property values; they are built at the end of a walk once
+//! no backfill is unfinished (a failed backfill, resumed, goes on without them); a finished
+//! backfill has the store refresh its planner statistics, as it has just filled it. The
+//! schedule counts from the last recorded run (kept in the store), so a restart does not start
+//! a full pass. With [`Reconciler::with_metrics`] each run reports its progress and its last
+//! success as `fenx_reconcile_*` gauges.
 //!
 //! It never lets a listed version overwrite a newer stored one, never deletes an entity, never
 //! retries refused credentials (they stop a run at once), and never goes around the client's
@@ -138,20 +138,7 @@ impl Reconciler {
             }
         }
         let walked = self.walk_pages(kind, resume, on_page).await;
-        // Whether the walk finished or failed (and whichever run deferred them): a store left
-        // without these indexes answers some analysts' queries a hundred times slower.
-        let built = match self.store.build_deferred_indexes().await {
-            Ok(built) => {
-                if !built.is_empty() {
-                    tracing::info!(indexes = built.join(", "), "built the deferred indexes");
-                }
-                !built.is_empty()
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot build the deferred indexes on property values; queries on them scan every row until the next backfill, reconciliation or start of the service builds them");
-                false
-            }
-        };
+        let built = build_deferred_indexes_unless_a_backfill_is_unfinished(&*self.store).await;
         // A store that cannot refresh its statistics only plans queries less well, so the walk
         // still succeeds.
         if walked.is_ok()
@@ -269,31 +256,47 @@ impl Reconciler {
     }
 }
 
-/// At start-up: builds the indexes a bulk load left deferred (it stopped before its end could),
-/// unless a backfill is still unfinished, as resuming it builds them when it ends.
-pub async fn build_indexes_left_deferred(store: Arc<dyn ReportingStore>) {
+/// Builds the indexes a bulk load deferred, unless a backfill is unfinished: resumed, it goes on
+/// loading without them and builds them when it finishes. Runs at the end of every walk and at
+/// the service's start-up (after a crash or a build that failed). Returns whether it built any.
+pub async fn build_deferred_indexes_unless_a_backfill_is_unfinished(
+    store: &dyn ReportingStore,
+) -> bool {
+    let deferred = match store.deferred_indexes().await {
+        Ok(deferred) if deferred.is_empty() => return false,
+        Ok(deferred) => deferred.join(", "),
+        Err(error) => {
+            tracing::error!(%error, "cannot read which indexes are deferred");
+            return false;
+        }
+    };
     match store.running_reconcile(RunKind::Backfill).await {
         Ok(None) => {}
         Ok(Some(run)) => {
-            tracing::debug!(
+            tracing::warn!(
                 run = run.run_id,
-                "a backfill is unfinished; deferred indexes wait for its end"
+                indexes = deferred,
+                "indexes on property values stay deferred until the unfinished backfill is resumed (fenx-sync backfill) and finishes; queries on them scan every row meanwhile"
             );
-            return;
+            return false;
         }
         Err(error) => {
-            tracing::warn!(%error, "cannot tell whether a backfill is unfinished; deferred indexes, if any, are built at the end of the next backfill or reconciliation");
-            return;
+            tracing::error!(%error, indexes = deferred, "cannot tell whether a backfill is unfinished, so the deferred indexes are not built yet");
+            return false;
         }
     }
+    tracing::info!(
+        indexes = deferred,
+        "building the deferred indexes: on a store of millions of entities this takes a minute or more, and writes wait for it"
+    );
     match store.build_deferred_indexes().await {
-        Ok(built) if !built.is_empty() => tracing::warn!(
-            indexes = built.join(", "),
-            "built the indexes an interrupted bulk load had left deferred"
-        ),
-        Ok(_) => {}
+        Ok(built) => {
+            tracing::info!(indexes = built.join(", "), "built the deferred indexes");
+            !built.is_empty()
+        }
         Err(error) => {
-            tracing::error!(%error, "cannot build the indexes a bulk load left deferred; queries on them scan every row until the next backfill or reconciliation builds them")
+            tracing::error!(%error, "cannot build the deferred indexes on property values; queries on them scan every row until the next walk's end or the service's next start builds them");
+            false
         }
     }
 }

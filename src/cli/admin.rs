@@ -277,9 +277,8 @@ impl ReportingReport {
                 match stats.deferred_indexes.as_slice() {
                     [] => size,
                     deferred => format!(
-                        "{size}; indexes DEFERRED until the backfill ends: {} (an interrupted \
-                         backfill builds them when resumed; the service builds them at start-up \
-                         when no backfill is unfinished)",
+                        "{size}; indexes DEFERRED until the backfill finishes: {} (resume an \
+                         interrupted one with `fenx-sync backfill`)",
                         deferred.join(", ")
                     ),
                 }

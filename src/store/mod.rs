@@ -458,9 +458,12 @@ pub trait ReportingStore: Send + Sync {
     /// after the load costs a fraction of keeping them up row by row.
     async fn defer_indexes(&self) -> Result<Vec<String>, StoreError>;
 
-    /// Creates every index recorded in `deferred_index` (by this instance or another) and
-    /// returns their names; `[]` when none is deferred.
+    /// Creates every index recorded in `deferred_index` (by this instance or another), one
+    /// transaction each, and returns their names; `[]` when none is deferred.
     async fn build_deferred_indexes(&self) -> Result<Vec<String>, StoreError>;
+
+    /// The indexes recorded in `deferred_index`.
+    async fn deferred_indexes(&self) -> Result<Vec<String>, StoreError>;
 
     /// Proves the store answers (and, for SQLite, that the path still names the open file).
     async fn check(&self) -> Result<StoreCheck, StoreError>;

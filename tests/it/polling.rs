@@ -9,7 +9,9 @@ use fenx_sync::config::Settings;
 use fenx_sync::fenergo::FenergoClient;
 use fenx_sync::outbox::{Outbox, OutboxOptions};
 use fenx_sync::poller::{Polled, Poller};
-use fenx_sync::reconcile::{ReconcileError, Reconciler, build_indexes_left_deferred};
+use fenx_sync::reconcile::{
+    ReconcileError, Reconciler, build_deferred_indexes_unless_a_backfill_is_unfinished,
+};
 use fenx_sync::store::{ReportingStore, RunKind, SqliteStore};
 use fenx_sync::telemetry::Metrics;
 use rusqlite::Connection;
@@ -256,30 +258,40 @@ async fn a_backfill_resumes_after_an_interruption_and_reads_each_page_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backfill_that_fails_still_builds_the_indexes_it_deferred() {
+async fn a_failed_backfill_leaves_its_indexes_deferred_for_the_resumed_run_to_build() {
     let sim = Simulator::start(sim_config(None)).await;
     sim.sample_entities(0..10);
     let dir = tempfile::tempdir().unwrap();
     let mut settings = test_settings(dir.path());
     sync_settings(&mut settings, &sim);
-    settings.fenergo.client_secret = Some("not-the-secret".into());
     let store = reporting_store(&settings);
-    let reconciler = Reconciler::new(client(&settings), store.clone(), 100);
-    let refused = reconciler.run(RunKind::Backfill, true, |_| {}).await;
+    let mut refused_settings = settings.clone();
+    refused_settings.fenergo.client_secret = Some("not-the-secret".into());
+    let refused = Reconciler::new(client(&refused_settings), store.clone(), 100)
+        .run(RunKind::Backfill, true, |_| {})
+        .await;
     assert!(
         matches!(refused, Err(ReconcileError::CredentialsRefused(_))),
         "{refused:?}"
     );
     let reporting = Connection::open(settings.store.reporting_path()).unwrap();
-    assert_eq!(bulk_load_indexes(&reporting), (0, 2));
+    assert_eq!(bulk_load_indexes(&reporting), (2, 0));
     assert_eq!(
         store.stats().await.unwrap().deferred_indexes,
-        Vec::<String>::new()
+        fenx_sync::store::BULK_LOAD_INDEXES.map(String::from),
+        "fenx-sync status names them"
     );
+
+    let run = Reconciler::new(client(&settings), store.clone(), 100)
+        .run(RunKind::Backfill, true, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(run.counts.added, 10);
+    assert_eq!(bulk_load_indexes(&reporting), (0, 2));
 }
 
 #[tokio::test]
-async fn at_start_up_indexes_left_deferred_are_built_unless_a_backfill_is_unfinished() {
+async fn deferred_indexes_are_built_unless_a_backfill_is_unfinished() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("reporting.db");
     let store: Arc<dyn ReportingStore> = Arc::new(SqliteStore::open(&path, "tenant").unwrap());
@@ -287,14 +299,14 @@ async fn at_start_up_indexes_left_deferred_are_built_unless_a_backfill_is_unfini
     let run = store.start_reconcile(RunKind::Backfill).await.unwrap();
     let reporting = Connection::open(&path).unwrap();
 
-    build_indexes_left_deferred(store.clone()).await;
+    build_deferred_indexes_unless_a_backfill_is_unfinished(&*store).await;
     assert_eq!(
         bulk_load_indexes(&reporting),
         (2, 0),
         "left for the unfinished backfill to build when it is resumed"
     );
     store.save_reconcile(&run, true).await.unwrap();
-    build_indexes_left_deferred(store.clone()).await;
+    build_deferred_indexes_unless_a_backfill_is_unfinished(&*store).await;
     assert_eq!(bulk_load_indexes(&reporting), (0, 2));
 }
 

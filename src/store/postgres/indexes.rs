@@ -19,8 +19,12 @@ pub(super) async fn defer(client: &mut Client) -> Result<Vec<String>, Failure> {
         return Ok(Vec::new());
     }
     let tx = client.transaction().await?;
-    tx.batch_execute("LOCK TABLE entity, entity_property IN ACCESS EXCLUSIVE MODE")
-        .await?;
+    // An analyst's open transaction must not hold every writer of the store up behind this.
+    tx.batch_execute(
+        "SET LOCAL lock_timeout = '5s';
+         LOCK TABLE entity, entity_property IN ACCESS EXCLUSIVE MODE",
+    )
+    .await?;
     if !tx.query_one(EMPTY, &[]).await?.get::<_, bool>(0) {
         return Ok(Vec::new());
     }
@@ -48,21 +52,24 @@ pub(super) async fn defer(client: &mut Client) -> Result<Vec<String>, Failure> {
     Ok(deferred)
 }
 
-/// Without a statement timeout: an index over a million entities takes longer than one query
-/// should. Writers to the indexed table wait while it builds.
+/// One transaction per index, without a statement timeout: an index over a million entities
+/// takes longer than one query should. Writers to the indexed table wait while it builds.
 pub(super) async fn build(client: &mut Client) -> Result<Vec<String>, Failure> {
-    let tx = client.transaction().await?;
-    tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
-    // Row locks: a second instance building at once waits, then finds nothing left to build.
-    let deferred = tx
-        .query(
-            "SELECT name, definition FROM deferred_index ORDER BY name FOR UPDATE",
-            &[],
-        )
-        .await?;
-    let mut built = Vec::with_capacity(deferred.len());
-    for row in deferred {
-        let (name, definition): (String, String) = (row.get(0), row.get(1));
+    let mut built = Vec::new();
+    for name in list(client).await? {
+        let tx = client.transaction().await?;
+        tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
+        // A row lock: a second instance building at once waits, then finds the row gone.
+        let Some(row) = tx
+            .query_opt(
+                "SELECT definition FROM deferred_index WHERE name = $1 FOR UPDATE",
+                &[&name],
+            )
+            .await?
+        else {
+            continue;
+        };
+        let definition: String = row.get(0);
         // An operator may have created it by hand meanwhile.
         let exists: bool = tx
             .query_one(
@@ -77,8 +84,15 @@ pub(super) async fn build(client: &mut Client) -> Result<Vec<String>, Failure> {
         }
         tx.execute("DELETE FROM deferred_index WHERE name = $1", &[&name])
             .await?;
+        tx.commit().await?;
         built.push(name);
     }
-    tx.commit().await?;
     Ok(built)
+}
+
+pub(super) async fn list(client: &Client) -> Result<Vec<String>, Failure> {
+    let rows = client
+        .query("SELECT name FROM deferred_index ORDER BY name", &[])
+        .await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
 }

@@ -569,6 +569,14 @@ impl ReportingStore for PostgresStore {
             .map_err(|failure| self.failed("build the deferred indexes".into(), failure))
     }
 
+    async fn deferred_indexes(&self) -> Result<Vec<String>, StoreError> {
+        self.run(|| "list the deferred indexes".into(), async {
+            let client = self.client().await?;
+            indexes::list(&client).await
+        })
+        .await
+    }
+
     async fn check(&self) -> Result<StoreCheck, StoreError> {
         self.run(|| "answer a trivial query".into(), async {
             let client = self.client().await?;

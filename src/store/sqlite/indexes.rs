@@ -47,32 +47,45 @@ impl Inner {
         defer().map_err(|source| self.error("defer the bulk load's indexes".into(), source))
     }
 
-    /// Holds the write lock while the indexes build: a few seconds per million entities, which
-    /// the worker's writes wait out.
+    /// One transaction per index, each holding the write lock while it builds (seconds to tens
+    /// of seconds per million entities; the worker's writes wait it out).
     pub(super) fn build_deferred_indexes(&self) -> Result<Vec<String>, StoreError> {
         let mut conn = self.lock();
         let mut build = || -> rusqlite::Result<Vec<String>> {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let deferred: Vec<(String, String)> = tx
-                .prepare("SELECT name, definition FROM deferred_index ORDER BY name")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?;
-            for (name, definition) in &deferred {
+            let mut built = Vec::new();
+            for name in Inner::deferred_indexes(&conn)? {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let definition: Option<String> = tx
+                    .query_row(
+                        "SELECT definition FROM deferred_index WHERE name = ?1",
+                        [&name],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let Some(definition) = definition else {
+                    continue;
+                };
                 // An operator may have created it by hand meanwhile.
                 let exists: bool = tx.query_row(
                     "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'index' AND name = ?1)",
-                    [name],
+                    [&name],
                     |r| r.get(0),
                 )?;
                 if !exists {
-                    tx.execute_batch(definition)?;
+                    tx.execute_batch(&definition)?;
                 }
-                tx.execute("DELETE FROM deferred_index WHERE name = ?1", [name])?;
+                tx.execute("DELETE FROM deferred_index WHERE name = ?1", [&name])?;
+                tx.commit()?;
+                built.push(name);
             }
-            tx.commit()?;
-            Ok(deferred.into_iter().map(|(name, _)| name).collect())
+            Ok(built)
         };
         build().map_err(|source| self.error("build the deferred indexes".into(), source))
+    }
+
+    pub(super) fn list_deferred_indexes(&self) -> Result<Vec<String>, StoreError> {
+        Inner::deferred_indexes(&self.lock())
+            .map_err(|source| self.error("list the deferred indexes".into(), source))
     }
 
     pub(super) fn deferred_indexes(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<String>> {

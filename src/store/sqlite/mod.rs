@@ -371,6 +371,10 @@ impl ReportingStore for SqliteStore {
         self.blocking(Inner::build_deferred_indexes).await
     }
 
+    async fn deferred_indexes(&self) -> Result<Vec<String>, StoreError> {
+        self.blocking(Inner::list_deferred_indexes).await
+    }
+
     async fn check(&self) -> Result<StoreCheck, StoreError> {
         self.blocking(|s| {
             drop(s.lock());
