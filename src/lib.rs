@@ -331,6 +331,15 @@ async fn watch_reporting_store(watch: ReportingStoreWatch, mut stopping: watch::
                 seen
             }
         };
+        if available {
+            match watch.store.deferred_indexes().await {
+                Ok(deferred) => {
+                    let count = i64::try_from(deferred.len()).unwrap_or(i64::MAX);
+                    watch.metrics.reporting_deferred_indexes.set(count);
+                }
+                Err(error) => tracing::warn!(%error, "cannot read which indexes are deferred"),
+            }
+        }
         if let Some(retention) = watch.history_retention
             && available
             && last_prune.is_none_or(|at| at.elapsed() >= HISTORY_PRUNE_EVERY)

@@ -136,6 +136,8 @@ pub struct Metrics {
     pub reporting_store_reopened: Counter,
     /// 1 while the reporting store does not answer (checked every `store.probe_interval`).
     pub reporting_store_unavailable: Gauge,
+    /// Indexes a bulk load dropped and has not built again yet (checked with the store).
+    pub reporting_deferred_indexes: Gauge,
     /// 1 while Fenergo's identity service refuses our client credentials, else 0.
     pub credentials_refused: Gauge,
     /// Confirmation reads by result (`changed`: a newer version was found, `unchanged`).
@@ -187,6 +189,7 @@ impl Metrics {
             outbox_pruned: Counter::default(),
             reporting_store_reopened: Counter::default(),
             reporting_store_unavailable: Gauge::default(),
+            reporting_deferred_indexes: Gauge::default(),
             credentials_refused: Gauge::default(),
             confirmations: Family::default(),
         };
@@ -359,6 +362,11 @@ impl Metrics {
             "reporting_store_unavailable",
             "1 while the reporting store (SQLite or PostgreSQL) does not answer: rows wait, ingest continues",
             metrics.reporting_store_unavailable.clone(),
+        );
+        r.register(
+            "reporting_deferred_indexes",
+            "Indexes on property values a backfill into an empty store dropped and has not built yet: queries on them scan every row",
+            metrics.reporting_deferred_indexes.clone(),
         );
         r.register(
             "fenergo_credentials_refused",

@@ -538,3 +538,38 @@ fn config_check_fails_when_serve_would_refuse_and_names_its_file_and_missing_syn
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn status_names_the_indexes_a_backfill_deferred() {
+    let store = tempfile::tempdir().unwrap();
+    let dir = store.path().to_str().unwrap().to_owned();
+    let env = [("FENX_STORE__DIR", dir.as_str())];
+    assert!(fenx(&["migrate"], &env).status.success());
+    let reporting =
+        fenx_sync::store::SqliteStore::open(&store.path().join("reporting.db"), "").unwrap();
+    fenx_sync::store::ReportingStore::defer_indexes(&reporting)
+        .await
+        .unwrap();
+
+    let table = text(&fenx(&["status"], &env).stdout);
+    assert!(
+        table.contains(
+            "indexes DEFERRED until the backfill finishes: entity_by_date_of_birth, entity_property_by_number"
+        ),
+        "{table}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&fenx(&["status", "--json"], &env).stdout).unwrap();
+    let deferred = json
+        .as_object()
+        .and_then(|o| o.values().find_map(|v| v.get("deferred_indexes")))
+        .cloned();
+    assert_eq!(
+        deferred,
+        Some(serde_json::json!([
+            "entity_by_date_of_birth",
+            "entity_property_by_number"
+        ])),
+        "{json}"
+    );
+}

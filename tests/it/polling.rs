@@ -16,7 +16,7 @@ use fenx_sync::store::{ReportingStore, RunKind, SqliteStore};
 use fenx_sync::telemetry::Metrics;
 use rusqlite::Connection;
 
-use crate::helpers::{TestApp, test_settings, wait_for};
+use crate::helpers::{TestApp, eventually, test_settings, wait_for};
 use crate::sync::sync_settings;
 
 fn client(settings: &Settings) -> Arc<FenergoClient> {
@@ -44,6 +44,15 @@ fn reporting_store(settings: &Settings) -> Arc<SqliteStore> {
 
 fn count(conn: &Connection, sql: &str) -> i64 {
     conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+/// The service's `fenx_reporting_deferred_indexes` gauge.
+async fn deferred_gauge(app: &TestApp) -> Option<i64> {
+    app.metrics().await.lines().find_map(|l| {
+        l.strip_prefix("fenx_reporting_deferred_indexes ")?
+            .parse()
+            .ok()
+    })
 }
 
 /// How many of the bulk load's indexes are deferred, and how many exist.
@@ -308,6 +317,41 @@ async fn deferred_indexes_are_built_unless_a_backfill_is_unfinished() {
     store.save_reconcile(&run, true).await.unwrap();
     build_deferred_indexes_unless_a_backfill_is_unfinished(&*store).await;
     assert_eq!(bulk_load_indexes(&reporting), (0, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_reports_deferred_indexes_and_builds_them_once_no_backfill_is_unfinished() {
+    let sim = Simulator::start(sim_config(None)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(dir.path());
+    sync_settings(&mut settings, &sim);
+    let store = reporting_store(&settings);
+    store.defer_indexes().await.unwrap();
+    let run = store.start_reconcile(RunKind::Backfill).await.unwrap();
+    let path = settings.store.reporting_path();
+    drop(store);
+    let app = TestApp::start_in(dir, |s| sync_settings(s, &sim)).await;
+    eventually("the gauge counts both deferred indexes", || async {
+        deferred_gauge(&app).await.filter(|&n| n == 2)
+    })
+    .await;
+    let reporting = Connection::open(&path).unwrap();
+    assert_eq!(
+        bulk_load_indexes(&reporting),
+        (2, 0),
+        "the unfinished backfill builds them"
+    );
+    let dir = app.stop().await;
+
+    let store = reporting_store(&settings);
+    store.save_reconcile(&run, true).await.unwrap();
+    drop(store);
+    let app = TestApp::start_in(dir, |s| sync_settings(s, &sim)).await;
+    eventually("start-up builds them", || async {
+        (bulk_load_indexes(&reporting) == (0, 2)).then_some(())
+    })
+    .await;
+    app.stop().await;
 }
 
 #[tokio::test]
