@@ -140,7 +140,8 @@ pub fn apply_schema(
 }
 
 /// [`apply_schema`], then `then` in the same transaction with the version the file was recorded
-/// at before (`None`: a new file), for the owner's own upgrade steps that SQL cannot express.
+/// at before (`None`: a new file), for the owner's own upgrade steps that SQL cannot express. A
+/// file already at the section's version is only read: neither the SQL nor `then` runs.
 pub fn apply_schema_then(
     conn: &mut Connection,
     path: &Path,
@@ -148,19 +149,13 @@ pub fn apply_schema_then(
     then: impl FnOnce(&rusqlite::Transaction<'_>, Option<i64>) -> rusqlite::Result<()>,
 ) -> Result<i64, DbError> {
     let (version, sql) = schema_section(section).ok_or(DbError::NoSection(section))?;
+    // A file already at this version needs no write, so opening it (`fenx-sync status`, a
+    // restart) never waits on a writer holding the lock for long, such as an index build.
+    if recorded_version(conn)? == Some(version) {
+        return Ok(version);
+    }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let has_table: bool = tx.query_row(
-        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'",
-        [],
-        |r| r.get(0),
-    )?;
-    let found: Option<i64> = if has_table {
-        tx.query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
-            .optional()?
-            .flatten()
-    } else {
-        None
-    };
+    let found = recorded_version(&tx)?;
     if let Some(found) = found.filter(|&f| f > version) {
         return Err(DbError::SchemaTooNew {
             path: path.to_owned(),
@@ -184,6 +179,21 @@ pub fn apply_schema_then(
     )?;
     tx.commit()?;
     Ok(version)
+}
+
+/// The schema version recorded in the file; `None` for a new file.
+fn recorded_version(conn: &Connection) -> rusqlite::Result<Option<i64>> {
+    let has_table: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_table {
+        return Ok(None);
+    }
+    conn.query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
+        .optional()
+        .map(Option::flatten)
 }
 
 /// A section's idempotent part (`CREATE … IF NOT EXISTS`), and its `-- upgrade: N` blocks in

@@ -286,3 +286,15 @@ async fn risk_columns_keep_the_json_type_as_json_extract_did() {
         "10 > 2 as numbers; true is 1"
     );
 }
+
+#[tokio::test]
+async fn a_current_file_opens_while_another_writer_holds_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(FILE_NAME);
+    SqliteStore::open(&path, "t").unwrap();
+    // As a long index build or ANALYZE in another process holds it.
+    let writer = Connection::open(&path).unwrap();
+    writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let reader = SqliteStore::open(&path, "t").unwrap();
+    assert_eq!(reader.stats().await.unwrap().entities, 0);
+}
