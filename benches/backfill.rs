@@ -10,7 +10,8 @@
 //!
 //! Knobs: FENX_BENCH_ENTITIES (default 5000), FENX_BENCH_LATENCY_MS (default 20),
 //! FENX_BENCH_RPS (the tenant limit, default 50 as on a Fenergo SDLC tenant),
-//! FENX_BENCH_PAGE_SIZE (default 100).
+//! FENX_BENCH_PAGE_SIZE (default 100), FENX_BENCH_STORES (default "sqlite,postgres": which stores'
+//! scenarios run).
 //!
 //! Growth (`FENX_BENCH_GROWTH=1`): does the store's cost stay flat as it grows? The unlimited
 //! scenarios only, by default 1,000,000 entities, 500 per page, no API latency (the store is
@@ -60,11 +61,18 @@ fn main() {
         page_size,
         growth,
     };
-    if !growth {
-        let name = format!("tenant limit {rps} rps");
-        runtime.block_on(run.scenario(&name, Some(rps), None));
+    let stores = std::env::var("FENX_BENCH_STORES").unwrap_or_else(|_| "sqlite,postgres".into());
+    let stores: Vec<&str> = stores.split(',').map(str::trim).collect();
+    if stores.contains(&"sqlite") {
+        if !growth {
+            let name = format!("tenant limit {rps} rps");
+            runtime.block_on(run.scenario(&name, Some(rps), None));
+        }
+        runtime.block_on(run.scenario("no rate limit", None, None));
     }
-    runtime.block_on(run.scenario("no rate limit", None, None));
+    if !stores.contains(&"postgres") {
+        return;
+    }
     match FreshDatabase::create("backfill_bench") {
         Some(db) => {
             runtime.block_on(run.scenario("no limit, PostgreSQL", None, Some(&db.url)));

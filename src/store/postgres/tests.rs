@@ -187,6 +187,41 @@ async fn a_batch_is_written_in_one_go_and_a_repeated_entity_in_order() {
 }
 
 #[tokio::test]
+async fn rewriting_an_entity_leaves_another_tenants_entity_of_the_same_id_alone() {
+    let Some(schema) = Schema::fresh("rewriting_an_entity_leaves_another_tenant").await else {
+        return;
+    };
+    let (a, b) = (schema.open("t1").await, schema.open("t2").await);
+    let with_address = |name: &str| {
+        let mut properties = company(name);
+        properties["addresses"] = json!({"type": "Collection",
+            "collections": {"r1": {"properties": {"city": name}}}});
+        properties
+    };
+    for (store, name) in [(&a, "A"), (&b, "B")] {
+        store
+            .upsert_entity(&entity("e", 1, with_address(name)), &cause("n-1"))
+            .await
+            .unwrap();
+    }
+    // Their property and data group rows are found by entity id alone.
+    b.upsert_entity(&entity("e", 2, with_address("B2")), &cause("n-2"))
+        .await
+        .unwrap();
+    assert_eq!(
+        schema
+            .rows(
+                "SELECT tenant_id, p.value, c.value FROM entity_property AS p
+                   JOIN entity_collection AS c USING (tenant_id, entity_id)
+                  WHERE p.name = 'legalEntityName' ORDER BY tenant_id"
+            )
+            .await,
+        ["t1|A|A", "t2|B2|B2"]
+    );
+    schema.drop().await;
+}
+
+#[tokio::test]
 async fn a_version_1_database_gets_its_summary_columns_and_keeps_working() {
     let Some(schema) = Schema::fresh("a_version_1_database_upgrades").await else {
         return;
