@@ -21,7 +21,8 @@
 //!
 //! Knobs: FENX_BENCH_SECONDS (per scenario, default 4), FENX_BENCH_REQUESTS (cap per scenario,
 //! default 300000), FENX_BENCH_CONNECTIONS (default "1,16,64"), FENX_BENCH_ROUNDS (default 3),
-//! FENX_BENCH_LOAD_THREADS (load generator threads, default 2).
+//! FENX_BENCH_LOAD_THREADS (load generator threads, default 2); TOKIO_WORKER_THREADS, when set, is
+//! passed to fenx-sync (its runtime's threads; by default one fewer than the cores).
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -604,6 +605,7 @@ impl Server {
             .current_dir(store)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(std::env::var_os("TOKIO_WORKER_THREADS").map(|n| ("TOKIO_WORKER_THREADS", n)))
             .env("FENX_SERVER__LISTEN", "127.0.0.1:0")
             .env("FENX_ADMIN__LISTEN", "127.0.0.1:0")
             .env("FENX_WEBHOOK__SECRETS", SECRET)
