@@ -152,12 +152,21 @@ fn progress_rate(entities: i64, elapsed: Duration) -> f64 {
 /// waits on, then has a core to itself instead of being preempted by the threads feeding it
 /// (on 2 cores, 15-20% more requests per second at 1 and 16 connections; README, Benchmarks).
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        builder.worker_threads(async_worker_threads(cores));
-    }
-    builder
+    // Read here rather than by tokio, which panics on a value it cannot use.
+    let threads = match std::env::var("TOKIO_WORKER_THREADS") {
+        Ok(value) => value
+            .trim()
+            .parse::<std::num::NonZeroUsize>()
+            .map(usize::from)
+            .with_context(|| {
+                format!(
+                    "TOKIO_WORKER_THREADS={value:?}: expected a whole number of threads, 1 or more"
+                )
+            })?,
+        Err(_) => async_worker_threads(std::thread::available_parallelism().map_or(1, usize::from)),
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
         .context("cannot start the async runtime")
