@@ -38,7 +38,9 @@ pub struct Typed {
 impl Typed {
     /// The typed readings of a stored text value (see [`text`]).
     pub fn of(text: Option<&str>) -> Typed {
-        let Some(text) = text.map(str::trim) else {
+        // ASCII whitespace only, as the view `entity_collection` trims it in PostgreSQL
+        // (schema.postgres.sql, migration 5), so both readings of a boolean agree.
+        let Some(text) = text.map(|t| t.trim_matches(|c: char| c.is_ascii_whitespace())) else {
             return Typed::default();
         };
         let number = serde_json::from_str::<serde_json::Number>(text)

@@ -114,14 +114,14 @@ const DELETE_ROWS: &str = "
 WITH properties AS (
     DELETE FROM entity_property WHERE tenant_id = $1 AND entity_id = ANY($2)
 )
-DELETE FROM entity_collection WHERE tenant_id = $1 AND entity_id = ANY($2)";
+DELETE FROM entity_collection_field WHERE tenant_id = $1 AND entity_id = ANY($2)";
 
 /// The rows of the entities just written, once [`DELETE_ROWS`] made room: COPY, the fastest way
 /// in (backfill pages carry tens of thousands of rows).
 const COPY_PROPERTIES: &str = "COPY entity_property (tenant_id, entity_id, name, value, value_type,
     value_number, value_bool, value_date) FROM STDIN BINARY";
-const COPY_COLLECTIONS: &str = "COPY entity_collection (tenant_id, entity_id, property, row_id,
-    field, value, value_number, value_bool, value_date) FROM STDIN BINARY";
+const COPY_COLLECTIONS: &str = "COPY entity_collection_field (tenant_id, entity_id, property,
+    row_id, field, value, value_number, value_date) FROM STDIN BINARY";
 
 /// Writes `batch` by the monotonic rule; outcomes in the order given.
 pub(super) async fn write(
@@ -329,7 +329,7 @@ async fn insert_rows(
             }
         }
     }
-    let mut copy = Copy::start(tx, COPY_PROPERTIES, &[Type::TEXT; 5]).await?;
+    let mut copy = Copy::start(tx, COPY_PROPERTIES, &[Type::TEXT; 5], Readings::All).await?;
     for (id, row) in properties {
         let keys: [&(dyn ToSql + Sync); 5] = [
             &tenant,
@@ -341,7 +341,7 @@ async fn insert_rows(
         copy.row(&keys, row.typed).await?;
     }
     copy.finish().await?;
-    let mut copy = Copy::start(tx, COPY_COLLECTIONS, &[Type::TEXT; 6]).await?;
+    let mut copy = Copy::start(tx, COPY_COLLECTIONS, &[Type::TEXT; 6], Readings::NoBoolean).await?;
     for (id, row) in fields {
         let keys: [&(dyn ToSql + Sync); 6] = [
             &tenant,
@@ -356,9 +356,19 @@ async fn insert_rows(
     copy.finish().await
 }
 
-/// A binary COPY of rows that end in a value's typed readings (number, boolean, date).
+/// Which of a value's typed readings a table's rows end in.
+#[derive(Clone, Copy)]
+enum Readings {
+    /// Number, boolean and date (`entity_property`).
+    All,
+    /// Number and date: the view `entity_collection` derives the boolean from the text.
+    NoBoolean,
+}
+
+/// A binary COPY of rows that end in a value's typed readings.
 struct Copy {
     writer: Pin<Box<BinaryCopyInWriter>>,
+    readings: Readings,
 }
 
 impl Copy {
@@ -366,12 +376,18 @@ impl Copy {
         tx: &Transaction<'_>,
         statement: &str,
         text_columns: &[Type],
+        readings: Readings,
     ) -> Result<Copy, tokio_postgres::Error> {
         let sink = tx.copy_in(statement).await?;
         let mut types = text_columns.to_vec();
-        types.extend([Type::FLOAT8, Type::BOOL, Type::DATE]);
+        types.push(Type::FLOAT8);
+        if let Readings::All = readings {
+            types.push(Type::BOOL);
+        }
+        types.push(Type::DATE);
         Ok(Copy {
             writer: Box::pin(BinaryCopyInWriter::new(sink, &types)),
+            readings,
         })
     }
 
@@ -381,7 +397,11 @@ impl Copy {
         typed: Typed,
     ) -> Result<(), tokio_postgres::Error> {
         let mut row: Vec<&(dyn ToSql + Sync)> = columns.to_vec();
-        row.extend::<[&(dyn ToSql + Sync); 3]>([&typed.number, &typed.boolean, &typed.date]);
+        row.push(&typed.number);
+        if let Readings::All = self.readings {
+            row.push(&typed.boolean);
+        }
+        row.push(&typed.date);
         self.writer.as_mut().write(&row).await
     }
 

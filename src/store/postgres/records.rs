@@ -321,11 +321,12 @@ pub(super) async fn prune_history(
     Ok(client.execute(&delete, &[&tenant, &before]).await?)
 }
 
-/// The reporting tables, for sizes and grants.
+/// The reporting tables, for their size (`entity_collection` is a view over
+/// `entity_collection_field`).
 const TABLES: [&str; 10] = [
     "entity",
     "entity_property",
-    "entity_collection",
+    "entity_collection_field",
     "entity_version",
     "sync_log",
     "reconcile_run",
