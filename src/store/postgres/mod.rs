@@ -537,7 +537,9 @@ impl ReportingStore for PostgresStore {
             // the index alone; the other tables only need their statistics.
             let refreshed = match client.simple_query("VACUUM (ANALYZE) entity").await {
                 Ok(_) => client
-                    .simple_query("ANALYZE entity_property, entity_collection_field, entity_version")
+                    .simple_query(
+                        "ANALYZE entity_property, entity_collection_field, entity_version",
+                    )
                     .await
                     .map(drop),
                 Err(error) => Err(error),
