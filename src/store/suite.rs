@@ -335,8 +335,9 @@ pub(crate) async fn values_are_typed_where_they_parse(db: &dyn TestDb) {
         "isRegulated": single("False"),
         "dateOfIncorporation": single("1999-12-31T00:00:00"),
         "ubos": {"type": "Collection", "collections": {
-            "u1": {"properties": {"name": "Ann", "share": 60}},
-            "u2": {"properties": {"name": "Bob", "share": "40"}},
+            "u1": {"properties": {"name": "Ann", "share": 60, "isDirector": true}},
+            "u2": {"properties": {"name": "Bob", "share": "40", "isDirector": " False\t"}},
+            "u3": {"properties": {"name": "Cy", "isDirector": "yes"}},
         }},
     });
     store
@@ -382,6 +383,16 @@ pub(crate) async fn values_are_typed_where_they_parse(db: &dyn TestDb) {
         )
         .await,
         ["2|100"]
+    );
+    // Data group booleans read as property ones do (PostgreSQL derives them in a view).
+    assert_eq!(
+        db.rows(
+            "SELECT row_id, CASE WHEN value_bool THEN 'yes' WHEN NOT value_bool THEN 'no' ELSE '-' END
+               FROM entity_collection
+              WHERE property = 'ubos' AND field = 'isDirector' ORDER BY row_id"
+        )
+        .await,
+        ["u1|yes", "u2|no", "u3|-"]
     );
 }
 
